@@ -1,0 +1,22 @@
+//! cloudcore: attaches to a Kubernetes cluster and serves edge nodes over the cloud–edge link.
+#![forbid(unsafe_code)]
+
+mod cli;
+mod config;
+mod crds;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let cli = cli::Cli::parse();
+    match cli::run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            // `{:#}` prints the whole cause chain on one line.
+            eprintln!("cloudcore: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

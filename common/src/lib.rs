@@ -1,0 +1,13 @@
+//! What cloudcore and edgecore share: the cloud–edge message envelope and resource paths, the
+//! WebSocket wire codec, the custom resource types, and config/logging helpers.
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod crd;
+pub mod logging;
+pub mod message;
+pub mod resource;
+pub mod wire;
+
+pub use message::{Message, MessageError, Operation};
+pub use resource::{PathError, ResourcePath};

@@ -1,0 +1,21 @@
+//! edgecore: the edge daemon: keeps the cloud link, stores what the node holds, runs its pods and devices.
+#![forbid(unsafe_code)]
+
+mod cli;
+mod config;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let cli = cli::Cli::parse();
+    match cli::run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            // `{:#}` prints the whole cause chain on one line.
+            eprintln!("edgecore: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

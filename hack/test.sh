@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The whole test suite, as CI runs it: installs what the tests need on a fresh Debian machine,
+# then formatting, lints and every test.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source hack/lib.sh
+
+need_cmd cargo "install the Rust toolchain (rustup) first"
+cargo fmt --version >/dev/null 2>&1 || { echo "error: rustfmt missing (rustup component add rustfmt)" >&2; exit 1; }
+cargo clippy --version >/dev/null 2>&1 || { echo "error: clippy missing (rustup component add clippy)" >&2; exit 1; }
+# System packages used by the tests so far: none beyond the toolchain and a C compiler for ring.
+need_cmd cc "apt-get install gcc"
+
+echo ">> cargo fmt --check"
+cargo fmt --all -- --check
+
+echo ">> cargo clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+echo ">> tests"
+if cargo nextest --version >/dev/null 2>&1; then
+  # nextest does not run doctests; run them first so nextest's summary is the closing line.
+  cargo test --workspace --locked --doc --quiet
+  cargo nextest run --workspace --locked --no-fail-fast
+else
+  cargo test --workspace --locked --no-fail-fast
+fi
