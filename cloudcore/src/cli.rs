@@ -2,12 +2,13 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use kedge_common::logging::{self, LogFormat};
 
-use crate::config::{CloudCoreConfig, DEFAULT_CONFIG_YAML};
+use cloudcore::config::{CloudCoreConfig, DEFAULT_CONFIG_YAML};
 
 const DEFAULT_CONFIG_PATH: &str = "/etc/kedge/cloudcore.yaml";
 
@@ -51,6 +52,12 @@ pub enum Command {
     },
     /// Check a configuration file and print it with all defaults filled in.
     CheckConfig,
+    /// Print a join token for `edgecore join` (creates the CA on first use).
+    Token {
+        /// How long the token stays valid, in hours (default: tokenRefreshDuration).
+        #[arg(long, value_name = "HOURS")]
+        ttl_hours: Option<u64>,
+    },
 }
 
 /// Loads the config named on the command line, or the default file, or the built-in defaults.
@@ -90,21 +97,28 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
+        Some(Command::Token { ttl_hours }) => {
+            let cfg = load_config(&cli)?;
+            let hours = ttl_hours.unwrap_or(cfg.modules.cloud_hub.token_refresh_duration);
+            let runtime = runtime()?;
+            let pki = runtime.block_on(crate::daemon::load_pki(&cfg))?;
+            println!("{}", pki.issue_token(Duration::from_secs(hours * 3600)));
+            Ok(ExitCode::SUCCESS)
+        }
         None => {
             let cfg = load_config(&cli)?;
             logging::init(cli.log_format, "info")?;
-            tracing::info!(
-                version = env!("CARGO_PKG_VERSION"),
-                websocket_port = cfg.modules.cloud_hub.websocket.port,
-                https_port = cfg.modules.cloud_hub.https.port,
-                "configuration loaded"
-            );
-            // The modules (cloudhub, edgecontroller, synccontroller) land with their issues;
-            // say so plainly instead of pretending to serve.
-            anyhow::bail!(
-                "this build has no cloud modules yet (cloudhub arrives with the link issue); \
-                 only `crds`, `check-config` and `--defaultconfig` work"
-            )
+            tracing::info!(version = env!("CARGO_PKG_VERSION"), "starting cloudcore");
+            runtime()?.block_on(crate::daemon::run(cfg))?;
+            Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    kedge_common::tls::install_crypto_provider();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
 }

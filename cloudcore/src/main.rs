@@ -2,8 +2,8 @@
 #![forbid(unsafe_code)]
 
 mod cli;
-mod config;
 mod crds;
+mod daemon;
 
 use std::process::ExitCode;
 

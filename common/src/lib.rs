@@ -2,11 +2,14 @@
 //! WebSocket wire codec, the custom resource types, and config/logging helpers.
 #![forbid(unsafe_code)]
 
+pub mod backoff;
 pub mod config;
 pub mod crd;
 pub mod logging;
 pub mod message;
+pub mod pki;
 pub mod resource;
+pub mod tls;
 pub mod wire;
 
 pub use message::{Message, MessageError, Operation};

@@ -71,12 +71,8 @@ pub struct CloudHubConfig {
     pub max_message_bytes: usize,
     pub node_limit: u32,
     pub namespace: String,
-    #[serde(rename = "tlsCAFile")]
-    pub tls_ca_file: String,
-    #[serde(rename = "tlsCAKeyFile")]
-    pub tls_ca_key_file: String,
-    pub tls_cert_file: String,
-    pub tls_private_key_file: String,
+    /// Keep CA, server certificate and token secret as files here instead of in Secrets.
+    pub cert_dir: String,
     /// Hours.
     pub token_refresh_duration: u64,
     /// Days.
@@ -93,10 +89,7 @@ impl Default for CloudHubConfig {
             max_message_bytes: kedge_common::message::DEFAULT_MAX_MESSAGE_BYTES,
             node_limit: 10_000,
             namespace: "kubeedge".to_owned(),
-            tls_ca_file: String::new(),
-            tls_ca_key_file: String::new(),
-            tls_cert_file: String::new(),
-            tls_private_key_file: String::new(),
+            cert_dir: String::new(),
             token_refresh_duration: 24,
             edge_cert_signing_duration: 365,
             websocket: WebSocketListener::default(),
@@ -235,23 +228,6 @@ impl CloudCoreConfig {
                 "must not be empty".into(),
             ));
         }
-        let files = [
-            ("tlsCAFile", &hub.tls_ca_file),
-            ("tlsCAKeyFile", &hub.tls_ca_key_file),
-            ("tlsCertFile", &hub.tls_cert_file),
-            ("tlsPrivateKeyFile", &hub.tls_private_key_file),
-        ];
-        let set = files.iter().filter(|(_, v)| !v.is_empty()).count();
-        if set != 0 && set != files.len() {
-            let missing = files
-                .iter()
-                .find(|(_, v)| v.is_empty())
-                .map_or("", |(n, _)| n);
-            return Err(bad(
-                &format!("modules.cloudHub.{missing}"),
-                "file-based certificates need all of tlsCAFile, tlsCAKeyFile, tlsCertFile and tlsPrivateKeyFile".into(),
-            ));
-        }
         let listeners = [
             (
                 "websocket",
@@ -349,10 +325,6 @@ mod tests {
         );
         assert_eq!(field_of("kubeAPIConfig:\n  qps: -1\n"), "kubeAPIConfig.qps");
         assert_eq!(field_of("kind: EdgeCore\n"), "kind");
-        assert_eq!(
-            field_of("modules:\n  cloudHub:\n    tlsCAFile: /ca.crt\n"),
-            "modules.cloudHub.tlsCAKeyFile"
-        );
         assert_eq!(
             field_of("modules:\n  cloudHub:\n    https:\n      address: localhost\n"),
             "modules.cloudHub.https.address"

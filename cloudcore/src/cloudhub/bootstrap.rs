@@ -1,0 +1,211 @@
+//! The bootstrap HTTPS endpoint (port 10002), compatible with KubeEdge's edgecore:
+//!
+//! - `GET /ca.crt` → the CA certificate, DER.
+//! - `GET /edge.crt` with headers `NodeName`, `Authorization: Bearer <jwt>` (or a current client
+//!   certificate, for rotation), optional `ExtKeyUsages` (JSON list of Go `x509.ExtKeyUsage`
+//!   numbers) and a PEM CSR as the body → the signed node certificate, DER.
+//!
+//! Refused: a CSR whose subject is not the node's, an expired or forged token, a client
+//! certificate for another node, a body over 16 KiB.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use kedge_common::pki::{self, JoinToken, MAX_CSR_BYTES, PkiError};
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+
+use super::certs::CloudPki;
+
+#[derive(Clone)]
+pub struct Bootstrap {
+    pki: Arc<CloudPki>,
+    cert_validity: Duration,
+}
+
+impl Bootstrap {
+    pub fn new(pki: Arc<CloudPki>, cert_validity: Duration) -> Self {
+        Bootstrap { pki, cert_validity }
+    }
+
+    /// Serves until `shutdown` is cancelled. `tls` should accept optional client certificates
+    /// ([`CloudPki::bootstrap_acceptor`]).
+    pub async fn serve(self, listener: TcpListener, tls: TlsAcceptor, shutdown: CancellationToken) {
+        loop {
+            let (tcp, peer) = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                a = listener.accept() => match a {
+                    Ok(x) => x,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "bootstrap accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let this = self.clone();
+            let tls = tls.clone();
+            tokio::spawn(async move {
+                let stream =
+                    match tokio::time::timeout(Duration::from_secs(10), tls.accept(tcp)).await {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => {
+                            tracing::debug!(%peer, error = %e, "bootstrap TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => return,
+                    };
+                let peer_cert = stream
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                    .map(|c| c.to_vec());
+                let svc = service_fn(move |req| {
+                    let this = this.clone();
+                    let peer_cert = peer_cert.clone();
+                    async move { Ok::<_, std::convert::Infallible>(this.handle(req, peer_cert).await) }
+                });
+                if let Err(e) = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await
+                {
+                    tracing::debug!(%peer, error = %e, "bootstrap connection ended with an error");
+                }
+            });
+        }
+    }
+
+    async fn handle(
+        &self,
+        req: Request<Incoming>,
+        peer_cert: Option<Vec<u8>>,
+    ) -> Response<Full<Bytes>> {
+        match (req.method(), req.uri().path()) {
+            (&Method::GET, "/ca.crt") => der(self.pki.ca.cert_der().to_vec()),
+            (&Method::GET | &Method::POST, "/edge.crt") => match self.sign(req, peer_cert).await {
+                Ok(cert) => der(cert),
+                Err((status, why)) => {
+                    tracing::warn!(%status, reason = %why, "refused a certificate request");
+                    text(status, why)
+                }
+            },
+            _ => text(StatusCode::NOT_FOUND, "not found".into()),
+        }
+    }
+
+    async fn sign(
+        &self,
+        req: Request<Incoming>,
+        peer_cert: Option<Vec<u8>>,
+    ) -> Result<Vec<u8>, (StatusCode, String)> {
+        let bad = |s: StatusCode, m: &str| (s, m.to_owned());
+        let headers = req.headers();
+        let node = headers
+            .get("NodeName")
+            .and_then(|v| v.to_str().ok())
+            .ok_or_else(|| bad(StatusCode::BAD_REQUEST, "NodeName header missing"))?
+            .to_owned();
+        kedge_common::resource::validate_node_name(&node).map_err(|r| {
+            (
+                StatusCode::BAD_REQUEST,
+                format!("NodeName `{node}` is invalid: it {r}"),
+            )
+        })?;
+
+        // Authenticate: a current node certificate (rotation) or a join token.
+        match peer_cert {
+            Some(der) => {
+                let cert_node = pki::node_name_from_cert(&der)
+                    .map_err(|e| (StatusCode::FORBIDDEN, format!("client certificate: {e}")))?;
+                if cert_node != node {
+                    return Err((
+                        StatusCode::FORBIDDEN,
+                        format!("client certificate is for node `{cert_node}`, not `{node}`"),
+                    ));
+                }
+            }
+            None => {
+                let auth = headers
+                    .get(http::header::AUTHORIZATION)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.strip_prefix("Bearer "))
+                    .ok_or_else(|| {
+                        bad(
+                            StatusCode::UNAUTHORIZED,
+                            "Authorization: Bearer <token> missing",
+                        )
+                    })?
+                    .trim();
+                // Accept the bare JWT (KubeEdge's edgecore) or the whole join token.
+                let jwt = if auth.split('.').count() > 3 {
+                    let t = JoinToken::parse(auth)
+                        .map_err(|e| (StatusCode::UNAUTHORIZED, e.to_string()))?;
+                    t.check_ca(self.pki.ca.cert_der())
+                        .map_err(|e| (StatusCode::UNAUTHORIZED, e.to_string()))?;
+                    t.jwt
+                } else {
+                    auth.to_owned()
+                };
+                pki::verify_jwt(&jwt, self.pki.token_secret())
+                    .map_err(|e| (StatusCode::UNAUTHORIZED, e.to_string()))?;
+            }
+        }
+
+        let ext_key_usages: Vec<i64> = match headers.get("ExtKeyUsages") {
+            None => Vec::new(),
+            Some(v) => serde_json::from_slice(v.as_bytes()).map_err(|e| {
+                (
+                    StatusCode::BAD_REQUEST,
+                    format!("ExtKeyUsages is not a JSON list of numbers: {e}"),
+                )
+            })?,
+        };
+        let body = Limited::new(req.into_body(), MAX_CSR_BYTES)
+            .collect()
+            .await
+            .map_err(|e| {
+                (
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("CSR body unreadable or over {MAX_CSR_BYTES} bytes: {e}"),
+                )
+            })?
+            .to_bytes();
+        self.pki
+            .ca
+            .sign_node_csr(&body, &node, &ext_key_usages, self.cert_validity)
+            .map_err(|e| {
+                let status = match e {
+                    PkiError::CsrSubjectMismatch { .. } | PkiError::ExtKeyUsageNotAllowed(_) => {
+                        StatusCode::FORBIDDEN
+                    }
+                    PkiError::CsrTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+                    PkiError::Generate(_) | PkiError::Random => StatusCode::INTERNAL_SERVER_ERROR,
+                    _ => StatusCode::BAD_REQUEST,
+                };
+                (status, e.to_string())
+            })
+    }
+}
+
+fn der(body: Vec<u8>) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/octet-stream"),
+    );
+    r
+}
+
+fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r
+}

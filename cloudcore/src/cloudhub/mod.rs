@@ -1,0 +1,618 @@
+//! CloudHub: the cloud end of the cloud–edge link.
+//!
+//! - `wss://<host>:10000/<project>/<node>/events` with mutual TLS. The node is the one named in
+//!   the client certificate (`CN=system:node:<node>`); a URL or `node_id` header naming another
+//!   node is refused during the handshake.
+//! - One session per node: a new connection replaces the old one, which is closed; the node's
+//!   [`queue::NodeQueue`] outlives both, so nothing queued or in flight is lost.
+//! - Upstream messages are re-tagged `node/<node>/…` from the session and handed to the
+//!   controllers over one bounded, typed channel ([`Upstream`]), together with acks and
+//!   connect/disconnect events. A node can only ever speak for itself.
+//! - Malformed frames close only the offending connection.
+
+pub mod bootstrap;
+pub mod certs;
+pub mod queue;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use kedge_common::wire::{Incoming, WireCodec};
+use kedge_common::{Message, Operation, ResourcePath};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Notify, mpsc};
+use tokio_rustls::TlsAcceptor;
+use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
+use tokio_tungstenite::tungstenite::http::StatusCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_util::sync::CancellationToken;
+
+pub use queue::{Acked, ObjectKey, Pushed, QueueError, QueueLimits};
+
+/// What the hub hands to the controllers, in order, per node.
+#[derive(Debug)]
+pub enum Upstream {
+    /// A node's session started.
+    Connected { node: String },
+    /// A node's session ended (and no newer one replaced it).
+    Disconnected { node: String },
+    /// A message from the node; its `route.resource` is in cloud form (`node/<node>/…`).
+    Message { node: String, message: Box<Message> },
+    /// The node acknowledged (durably stored) a keyed object version.
+    Acked { node: String, acked: Acked },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HubError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("message resource `{resource}` is not a cloud path `node/<node>/…`: {source}")]
+    BadResource {
+        resource: String,
+        #[source]
+        source: kedge_common::PathError,
+    },
+    #[error(transparent)]
+    Queue(#[from] QueueError),
+}
+
+#[derive(Debug, Clone)]
+pub struct HubSettings {
+    pub keepalive_timeout: Duration,
+    pub node_limit: usize,
+    pub codec: WireCodec,
+    pub queue: QueueLimits,
+    pub handshake_timeout: Duration,
+}
+
+impl Default for HubSettings {
+    fn default() -> Self {
+        HubSettings {
+            keepalive_timeout: Duration::from_secs(30),
+            node_limit: 10_000,
+            codec: WireCodec::default(),
+            queue: QueueLimits::default(),
+            handshake_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+struct NodeSlot {
+    queue: Mutex<queue::NodeQueue>,
+    wake: Notify,
+    session: Mutex<Option<(u64, CancellationToken)>>,
+}
+
+impl NodeSlot {
+    fn queue(&self) -> MutexGuard<'_, queue::NodeQueue> {
+        // A panic while holding the lock leaves the queue consistent (every method finishes its
+        // bookkeeping before returning), so recover from poisoning instead of cascading panics.
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn session(&self) -> MutexGuard<'_, Option<(u64, CancellationToken)>> {
+        self.session.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+struct Hub {
+    settings: HubSettings,
+    nodes: Mutex<HashMap<String, Arc<NodeSlot>>>,
+    upstream: mpsc::Sender<Upstream>,
+    next_session: std::sync::atomic::AtomicU64,
+    connected: std::sync::atomic::AtomicUsize,
+}
+
+impl Hub {
+    fn slot(&self, node: &str) -> Arc<NodeSlot> {
+        let mut nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
+        nodes
+            .entry(node.to_owned())
+            .or_insert_with(|| {
+                Arc::new(NodeSlot {
+                    queue: Mutex::new(queue::NodeQueue::new(node, self.settings.queue)),
+                    wake: Notify::new(),
+                    session: Mutex::new(None),
+                })
+            })
+            .clone()
+    }
+}
+
+/// The controllers' handle on the hub: queue messages for nodes, ask who is connected.
+#[derive(Clone)]
+pub struct CloudHubHandle {
+    hub: Arc<Hub>,
+}
+
+impl CloudHubHandle {
+    /// Queues a message for the node named in its cloud-form resource (`node/<node>/…`). The
+    /// prefix is stripped before sending. With a key the message needs an ack and coalesces with
+    /// older versions of the same object.
+    pub fn enqueue(&self, key: Option<ObjectKey>, mut msg: Message) -> Result<Pushed, HubError> {
+        let path = ResourcePath::parse_cloud(&msg.route.resource).map_err(|source| {
+            HubError::BadResource {
+                resource: msg.route.resource.clone(),
+                source,
+            }
+        })?;
+        let node = path.node().unwrap_or_default().to_owned();
+        msg.route.resource = path.edge_str().to_owned();
+        let slot = self.hub.slot(&node);
+        let pushed = slot.queue().push(key, msg)?;
+        if pushed == Pushed::Queued {
+            slot.wake.notify_one();
+        }
+        Ok(pushed)
+    }
+
+    pub fn is_connected(&self, node: &str) -> bool {
+        let nodes = self.hub.nodes.lock().unwrap_or_else(|p| p.into_inner());
+        nodes.get(node).is_some_and(|s| s.session().is_some())
+    }
+
+    pub fn connected_count(&self) -> usize {
+        self.hub
+            .connected
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Messages waiting to be sent or acked for `node`.
+    pub fn outstanding(&self, node: &str) -> usize {
+        let nodes = self.hub.nodes.lock().unwrap_or_else(|p| p.into_inner());
+        nodes.get(node).map_or(0, |s| s.queue().outstanding())
+    }
+
+    /// The resourceVersion `node` last acked for `key`, as far as this process has seen.
+    pub fn last_acked(&self, node: &str, key: &ObjectKey) -> Option<String> {
+        let nodes = self.hub.nodes.lock().unwrap_or_else(|p| p.into_inner());
+        nodes
+            .get(node)
+            .and_then(|s| s.queue().last_acked(key).map(str::to_owned))
+    }
+}
+
+/// The WebSocket side of CloudHub. Create with [`CloudHub::new`], then [`CloudHub::serve`].
+pub struct CloudHub {
+    hub: Arc<Hub>,
+}
+
+impl CloudHub {
+    /// A hub whose upstream traffic goes to the returned receiver (bounded: a slow controller
+    /// slows the nodes' readers down, nothing is dropped).
+    pub fn new(
+        settings: HubSettings,
+        upstream_capacity: usize,
+    ) -> (Self, mpsc::Receiver<Upstream>) {
+        let (tx, rx) = mpsc::channel(upstream_capacity);
+        let hub = Arc::new(Hub {
+            settings,
+            nodes: Mutex::new(HashMap::new()),
+            upstream: tx,
+            next_session: std::sync::atomic::AtomicU64::new(1),
+            connected: std::sync::atomic::AtomicUsize::new(0),
+        });
+        (CloudHub { hub }, rx)
+    }
+
+    pub fn handle(&self) -> CloudHubHandle {
+        CloudHubHandle {
+            hub: self.hub.clone(),
+        }
+    }
+
+    /// Binds the WebSocket listener.
+    pub async fn bind(addr: SocketAddr) -> Result<TcpListener, HubError> {
+        TcpListener::bind(addr)
+            .await
+            .map_err(|source| HubError::Bind { addr, source })
+    }
+
+    /// Accepts connections until `shutdown` is cancelled. `tls` must require client
+    /// certificates signed by the cloud CA ([`kedge_common::tls::ClientAuth::Required`]).
+    pub async fn serve(self, listener: TcpListener, tls: TlsAcceptor, shutdown: CancellationToken) {
+        loop {
+            let accepted = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                a = listener.accept() => a,
+            };
+            let (tcp, peer) = match accepted {
+                Ok(x) => x,
+                Err(e) => {
+                    // EMFILE and friends: back off briefly rather than spin.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let _ = tcp.set_nodelay(true);
+            let hub = self.hub.clone();
+            let tls = tls.clone();
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move {
+                if let Err(reason) = handle_connection(hub, tcp, tls, shutdown).await {
+                    tracing::info!(%peer, %reason, "connection refused or ended");
+                }
+            });
+        }
+    }
+}
+
+/// Where and how to run CloudHub's two listeners.
+#[derive(Debug, Clone)]
+pub struct CloudHubOptions {
+    pub websocket_addr: SocketAddr,
+    /// `None`: no bootstrap endpoint (certificates are provisioned some other way).
+    pub bootstrap_addr: Option<SocketAddr>,
+    pub settings: HubSettings,
+    /// Validity of node certificates signed at bootstrap.
+    pub node_cert_validity: Duration,
+    pub upstream_capacity: usize,
+}
+
+/// A started CloudHub: the handle for the controllers, the upstream channel and the bound
+/// addresses (useful with port 0).
+pub struct RunningCloudHub {
+    pub handle: CloudHubHandle,
+    pub upstream: mpsc::Receiver<Upstream>,
+    pub websocket_addr: SocketAddr,
+    pub bootstrap_addr: Option<SocketAddr>,
+    pub tasks: tokio::task::JoinSet<()>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Hub(#[from] HubError),
+    #[error(transparent)]
+    Certs(#[from] certs::CertError),
+}
+
+/// Binds both listeners and serves until `shutdown` is cancelled.
+pub async fn start(
+    pki: Arc<certs::CloudPki>,
+    opts: CloudHubOptions,
+    shutdown: CancellationToken,
+) -> Result<RunningCloudHub, StartError> {
+    let ws_listener = CloudHub::bind(opts.websocket_addr).await?;
+    let websocket_addr = ws_listener.local_addr().map_err(|source| HubError::Bind {
+        addr: opts.websocket_addr,
+        source,
+    })?;
+    let (hub, upstream) = CloudHub::new(opts.settings, opts.upstream_capacity);
+    let handle = hub.handle();
+    let mut tasks = tokio::task::JoinSet::new();
+    let ws_tls = pki.websocket_acceptor()?;
+    tasks.spawn(hub.serve(ws_listener, ws_tls, shutdown.clone()));
+    let mut bootstrap_addr = None;
+    if let Some(addr) = opts.bootstrap_addr {
+        let listener = CloudHub::bind(addr).await?;
+        bootstrap_addr = Some(
+            listener
+                .local_addr()
+                .map_err(|source| HubError::Bind { addr, source })?,
+        );
+        let tls = pki.bootstrap_acceptor()?;
+        let server = bootstrap::Bootstrap::new(pki.clone(), opts.node_cert_validity);
+        tasks.spawn(server.serve(listener, tls, shutdown.clone()));
+    }
+    Ok(RunningCloudHub {
+        handle,
+        upstream,
+        websocket_addr,
+        bootstrap_addr,
+        tasks,
+    })
+}
+
+/// Parses `/<project>/<node>/events`.
+fn node_from_path(path: &str) -> Option<&str> {
+    let mut parts = path.trim_start_matches('/').split('/');
+    let (_project, node, events) = (parts.next()?, parts.next()?, parts.next()?);
+    (events == "events" && parts.next().is_none()).then_some(node)
+}
+
+fn refuse(status: StatusCode, why: &str) -> ErrorResponse {
+    let mut r = ErrorResponse::new(Some(why.to_owned()));
+    *r.status_mut() = status;
+    r
+}
+
+async fn handle_connection(
+    hub: Arc<Hub>,
+    tcp: TcpStream,
+    tls: TlsAcceptor,
+    shutdown: CancellationToken,
+) -> Result<(), String> {
+    let timeout = hub.settings.handshake_timeout;
+    let tls_stream = tokio::time::timeout(timeout, tls.accept(tcp))
+        .await
+        .map_err(|_| "TLS handshake timed out".to_owned())?
+        .map_err(|e| format!("TLS handshake failed: {e}"))?;
+    let cert_node = {
+        let (_, conn) = tls_stream.get_ref();
+        let der = conn
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .ok_or("no client certificate")?;
+        kedge_common::pki::node_name_from_cert(der)
+            .map_err(|e| format!("client certificate does not name a node: {e}"))?
+    };
+    if kedge_common::resource::validate_node_name(&cert_node).is_err() {
+        return Err(format!("certificate names an invalid node `{cert_node}`"));
+    }
+    let at_limit =
+        hub.connected.load(std::sync::atomic::Ordering::Relaxed) >= hub.settings.node_limit;
+    let expected = cert_node.clone();
+    // The callback's signature is tungstenite's; its error type is an HTTP response.
+    #[allow(clippy::result_large_err)]
+    let callback = move |req: &Request, resp: Response| -> Result<Response, ErrorResponse> {
+        let Some(url_node) = node_from_path(req.uri().path()) else {
+            return Err(refuse(
+                StatusCode::NOT_FOUND,
+                "path must be /<project>/<node>/events",
+            ));
+        };
+        if url_node != expected {
+            return Err(refuse(
+                StatusCode::FORBIDDEN,
+                "URL node does not match the client certificate",
+            ));
+        }
+        if let Some(h) = req.headers().get("node_id")
+            && h.as_bytes() != expected.as_bytes()
+        {
+            return Err(refuse(
+                StatusCode::FORBIDDEN,
+                "node_id header does not match the client certificate",
+            ));
+        }
+        if at_limit {
+            return Err(refuse(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "node limit reached",
+            ));
+        }
+        Ok(resp)
+    };
+    let ws = tokio::time::timeout(
+        timeout,
+        tokio_tungstenite::accept_hdr_async_with_config(
+            tls_stream,
+            callback,
+            Some(hub.settings.codec.websocket_config()),
+        ),
+    )
+    .await
+    .map_err(|_| "WebSocket handshake timed out".to_owned())?
+    .map_err(|e| format!("WebSocket handshake for {cert_node} refused: {e}"))?;
+
+    run_session(hub, cert_node, ws, shutdown).await
+}
+
+async fn run_session<S>(
+    hub: Arc<Hub>,
+    node: String,
+    ws: tokio_tungstenite::WebSocketStream<S>,
+    shutdown: CancellationToken,
+) -> Result<(), String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let slot = hub.slot(&node);
+    let session_id = hub
+        .next_session
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let cancel = shutdown.child_token();
+    let replaced = slot.session().replace((session_id, cancel.clone()));
+    match replaced {
+        Some((old_id, old)) => {
+            tracing::info!(%node, old_session = old_id, session = session_id, "new connection replaces the old session");
+            old.cancel();
+        }
+        None => {
+            hub.connected
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+    slot.queue().session_started(Instant::now());
+    slot.wake.notify_one();
+    // Tell the controllers; await so that Connected is ordered before this node's messages.
+    let _ = hub
+        .upstream
+        .send(Upstream::Connected { node: node.clone() })
+        .await;
+    tracing::info!(%node, session = session_id, "edge node connected");
+
+    let result = session_loop(&hub, &slot, &node, ws, &cancel).await;
+
+    // Only the newest session unregisters; a replaced one just goes away.
+    let was_current = {
+        let mut current = slot.session();
+        if current.as_ref().is_some_and(|(id, _)| *id == session_id) {
+            *current = None;
+            true
+        } else {
+            false
+        }
+    };
+    if was_current {
+        hub.connected
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        let _ = hub
+            .upstream
+            .send(Upstream::Disconnected { node: node.clone() })
+            .await;
+        tracing::info!(%node, session = session_id, "edge node disconnected");
+    }
+    result
+}
+
+async fn session_loop<S>(
+    hub: &Hub,
+    slot: &NodeSlot,
+    node: &str,
+    ws: tokio_tungstenite::WebSocketStream<S>,
+    cancel: &CancellationToken,
+) -> Result<(), String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let (mut sink, mut stream) = ws.split();
+    let codec = hub.settings.codec;
+    let keepalive = hub.settings.keepalive_timeout;
+    let mut last_heard = Instant::now();
+    loop {
+        // Write everything that is due now.
+        loop {
+            if cancel.is_cancelled() {
+                break;
+            }
+            let next = slot.queue().next_to_send(Instant::now());
+            let Some(msg) = next else { break };
+            let frame = match codec.encode(&msg) {
+                Ok(f) => f,
+                Err(e) => {
+                    // Too big for the wire: it can never be delivered; say so loudly and drop it
+                    // from flight by treating it as refused (it stays in backoff).
+                    tracing::error!(%node, resource = %msg.route.resource, error = %e, "message cannot be sent");
+                    slot.queue().nack(&msg.header.id, Instant::now());
+                    continue;
+                }
+            };
+            sink.feed(frame)
+                .await
+                .map_err(|e| format!("write to {node} failed: {e}"))?;
+        }
+        sink.flush()
+            .await
+            .map_err(|e| format!("write to {node} failed: {e}"))?;
+
+        let retry_at = slot.queue().next_deadline();
+        let keepalive_deadline = last_heard + keepalive;
+        let wake_at = retry_at.map_or(keepalive_deadline, |r| r.min(keepalive_deadline));
+        tokio::select! {
+            _ = cancel.cancelled() => {
+                let _ = sink.send(close_frame(CloseCode::Away, "session replaced or server stopping")).await;
+                return Ok(());
+            }
+            _ = slot.wake.notified() => {}
+            _ = tokio::time::sleep_until(wake_at.into()) => {
+                if Instant::now() >= last_heard + keepalive {
+                    let _ = sink.send(close_frame(CloseCode::Policy, "keepalive timeout")).await;
+                    return Err(format!("{node} sent nothing for {keepalive:?}"));
+                }
+            }
+            frame = stream.next() => {
+                let frame = match frame {
+                    None => return Ok(()),
+                    Some(Err(e)) => return Err(format!("read from {node} failed: {e}")),
+                    Some(Ok(f)) => f,
+                };
+                last_heard = Instant::now();
+                match codec.decode(frame) {
+                    Ok(Incoming::Message(msg)) => handle_incoming(hub, slot, node, *msg).await?,
+                    Ok(Incoming::Control) => {}
+                    Ok(Incoming::Close(_)) => return Ok(()),
+                    Err(e) => {
+                        let _ = sink.send(close_frame(CloseCode::Invalid, "malformed message")).await;
+                        return Err(format!("malformed frame from {node}: {e}"));
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn close_frame(code: CloseCode, reason: &'static str) -> tokio_tungstenite::tungstenite::Message {
+    tokio_tungstenite::tungstenite::Message::Close(Some(CloseFrame {
+        code,
+        reason: reason.into(),
+    }))
+}
+
+async fn handle_incoming(
+    hub: &Hub,
+    slot: &NodeSlot,
+    node: &str,
+    mut msg: Message,
+) -> Result<(), String> {
+    if msg.route.operation == Operation::Keepalive {
+        return Ok(());
+    }
+    if !msg.header.parent_id.is_empty() {
+        match msg.route.operation {
+            Operation::Response => {
+                let acked = slot.queue().ack(&msg.header.parent_id);
+                if let Some(acked) = acked {
+                    slot.wake.notify_one();
+                    let _ = hub
+                        .upstream
+                        .send(Upstream::Acked {
+                            node: node.to_owned(),
+                            acked,
+                        })
+                        .await;
+                }
+                return Ok(());
+            }
+            Operation::Error => {
+                tracing::warn!(%node, parent = %msg.header.parent_id, content = %msg.content, "edge refused a message");
+                slot.queue().nack(&msg.header.parent_id, Instant::now());
+                return Ok(());
+            }
+            _ => {}
+        }
+    }
+    // A sync message (our edge's durable outbox) is acked once the controllers have it.
+    let ack = msg
+        .header
+        .sync
+        .then(|| msg.response(kedge_common::message::module::CLOUD_HUB, "OK".into()));
+    // Everything else goes up, tagged with the session's node: the edge cannot name another.
+    let path = msg
+        .edge_resource()
+        .map_err(|e| format!("bad resource from {node}: {e}"))?;
+    let cloud = path
+        .with_node(node)
+        .map_err(|e| format!("bad node name {node}: {e}"))?;
+    msg.route.resource = cloud.to_string();
+    hub.upstream
+        .send(Upstream::Message {
+            node: node.to_owned(),
+            message: Box::new(msg),
+        })
+        .await
+        .map_err(|_| "controllers stopped".to_owned())?;
+    if let Some(ack) = ack {
+        if let Err(e) = slot.queue().push(None, ack) {
+            tracing::warn!(%node, error = %e, "cannot queue ack; the edge will re-send");
+        }
+        slot.wake.notify_one();
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_from_path_accepts_only_the_events_path() {
+        assert_eq!(
+            node_from_path("/e632aba927ea4ac2b575ec1603d56f10/edge-1/events"),
+            Some("edge-1")
+        );
+        assert_eq!(node_from_path("/p/edge-1/events/x"), None);
+        assert_eq!(node_from_path("/p/edge-1"), None);
+        assert_eq!(node_from_path("/p/edge-1/other"), None);
+    }
+}

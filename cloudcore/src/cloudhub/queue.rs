@@ -1,0 +1,461 @@
+//! The per-node send queue. It outlives sessions: a node that reconnects (or a session that is
+//! replaced) picks up exactly where the last one stopped.
+//!
+//! - Objects that need an ack are keyed by [`ObjectKey`]; only the newest version of an object is
+//!   pending, and a version older than (or equal to) the last acknowledged one is never sent.
+//! - A sent message stays in flight until the edge acks it (`response` with `parent_msg_id`);
+//!   unacked messages are re-sent with exponential backoff, and all of them at once when a new
+//!   session starts.
+//! - Memory is bounded: at most `max_objects` keyed objects and `max_unkeyed` unkeyed messages
+//!   per node. Beyond that [`NodeQueue::push`] refuses with [`QueueError::Full`] and the caller
+//!   (the controllers) must retry later; nothing already queued is dropped. A keyed entry is
+//!   forgotten once a delete of it is acked, so churn does not grow the queue.
+//!
+//! Time is passed in, so the logic is tested without sleeping.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use kedge_common::backoff::Backoff;
+use kedge_common::{Message, Operation};
+
+/// Identity of an object on a node: kind, namespace, name and UID (a re-created object with a new
+/// UID is a different object).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ObjectKey {
+    pub kind: String,
+    pub namespace: Option<String>,
+    pub name: String,
+    pub uid: String,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct QueueLimits {
+    pub max_objects: usize,
+    pub max_unkeyed: usize,
+    /// Messages sent but not yet acked; beyond this the queue waits for acks.
+    pub max_in_flight: usize,
+    pub ack_timeout: Duration,
+    pub max_retry_interval: Duration,
+}
+
+impl Default for QueueLimits {
+    fn default() -> Self {
+        QueueLimits {
+            max_objects: 100_000,
+            max_unkeyed: 1_000,
+            max_in_flight: 512,
+            ack_timeout: Duration::from_secs(5),
+            max_retry_interval: Duration::from_secs(60),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum QueueError {
+    #[error("send queue for node {node} is full ({limit} {what})")]
+    Full {
+        node: String,
+        limit: usize,
+        what: &'static str,
+    },
+}
+
+/// What happened to a pushed message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pushed {
+    /// Queued (replacing an older pending version, if any).
+    Queued,
+    /// Dropped: the node already acked this or a newer version, or a newer one is queued.
+    Stale,
+}
+
+/// An ack matched to what it acknowledged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Acked {
+    pub key: ObjectKey,
+    pub resource_version: String,
+    pub operation: Operation,
+}
+
+#[derive(Debug, Default)]
+struct Entry {
+    pending: Option<Message>,
+    /// msg_id of the version in flight.
+    in_flight: Option<String>,
+    /// resourceVersion of the version in flight.
+    in_flight_rv: Option<String>,
+    last_acked_rv: Option<String>,
+}
+
+#[derive(Debug)]
+struct InFlight {
+    key: ObjectKey,
+    message: Message,
+    due: Instant,
+    backoff: Backoff,
+}
+
+/// Compares Kubernetes resourceVersions. They are opaque strings, but every API server in
+/// practice uses integers (KubeEdge compares them as such); non-numeric ones count as newer when
+/// they differ, so an update is never held back.
+pub fn rv_is_newer(candidate: &str, than: &str) -> bool {
+    match (candidate.parse::<u64>(), than.parse::<u64>()) {
+        (Ok(a), Ok(b)) => a > b,
+        _ => candidate != than,
+    }
+}
+
+#[derive(Debug)]
+pub struct NodeQueue {
+    node: String,
+    limits: QueueLimits,
+    entries: HashMap<ObjectKey, Entry>,
+    /// Keys with a pending version, in the order they became pending.
+    order: VecDeque<ObjectKey>,
+    unkeyed: VecDeque<Message>,
+    in_flight: HashMap<String, InFlight>,
+}
+
+impl NodeQueue {
+    pub fn new(node: impl Into<String>, limits: QueueLimits) -> Self {
+        NodeQueue {
+            node: node.into(),
+            limits,
+            entries: HashMap::new(),
+            order: VecDeque::new(),
+            unkeyed: VecDeque::new(),
+            in_flight: HashMap::new(),
+        }
+    }
+
+    /// Queues `msg`. With a key it needs an ack and coalesces with older versions of that object;
+    /// without a key it is sent once, in order.
+    pub fn push(&mut self, key: Option<ObjectKey>, msg: Message) -> Result<Pushed, QueueError> {
+        let Some(key) = key else {
+            if self.unkeyed.len() >= self.limits.max_unkeyed {
+                return Err(QueueError::Full {
+                    node: self.node.clone(),
+                    limit: self.limits.max_unkeyed,
+                    what: "unkeyed messages",
+                });
+            }
+            self.unkeyed.push_back(msg);
+            return Ok(Pushed::Queued);
+        };
+        if !self.entries.contains_key(&key) && self.entries.len() >= self.limits.max_objects {
+            return Err(QueueError::Full {
+                node: self.node.clone(),
+                limit: self.limits.max_objects,
+                what: "objects",
+            });
+        }
+        let rv = msg.header.resource_version.clone();
+        let entry = self.entries.entry(key.clone()).or_default();
+        let newer_than = |old: &Option<String>| match old {
+            Some(old) if !rv.is_empty() => rv_is_newer(&rv, old),
+            _ => true,
+        };
+        let pending_rv = entry
+            .pending
+            .as_ref()
+            .map(|m| m.header.resource_version.clone());
+        if !newer_than(&entry.last_acked_rv)
+            || !newer_than(&entry.in_flight_rv)
+            || !newer_than(&pending_rv)
+        {
+            return Ok(Pushed::Stale);
+        }
+        let was_pending = entry.pending.replace(msg).is_some();
+        if !was_pending {
+            self.order.push_back(key);
+        }
+        Ok(Pushed::Queued)
+    }
+
+    /// A new session started: everything in flight falls due at once (it may never have reached
+    /// the edge), oldest retry first.
+    pub fn session_started(&mut self, now: Instant) {
+        for f in self.in_flight.values_mut() {
+            f.due = now;
+            f.backoff.reset();
+        }
+    }
+
+    /// The next message to write to the session, if any is due now.
+    pub fn next_to_send(&mut self, now: Instant) -> Option<Message> {
+        // 1. Retries that are due.
+        let mut due: Option<(&String, &InFlight)> = None;
+        for (id, f) in &self.in_flight {
+            if f.due <= now && due.is_none_or(|(did, d)| (f.due, id) < (d.due, did)) {
+                due = Some((id, f));
+            }
+        }
+        if let Some((id, _)) = due {
+            let id = id.clone();
+            if let Some(f) = self.in_flight.get_mut(&id) {
+                f.due = now + f.backoff.next_plain();
+                return Some(f.message.clone());
+            }
+        }
+        // 2. Unkeyed messages, in order.
+        if let Some(m) = self.unkeyed.pop_front() {
+            return Some(m);
+        }
+        // 3. Pending object versions, if the in-flight window has room.
+        if self.in_flight.len() >= self.limits.max_in_flight {
+            return None;
+        }
+        while let Some(key) = self.order.pop_front() {
+            let Some(entry) = self.entries.get_mut(&key) else {
+                continue;
+            };
+            let Some(msg) = entry.pending.take() else {
+                continue;
+            };
+            // A newer version supersedes the one in flight; a late ack of the old one is ignored.
+            if let Some(old) = entry.in_flight.take() {
+                self.in_flight.remove(&old);
+            }
+            entry.in_flight = Some(msg.header.id.clone());
+            entry.in_flight_rv = Some(msg.header.resource_version.clone());
+            let mut backoff = Backoff::new(self.limits.ack_timeout, self.limits.max_retry_interval);
+            let due = now + backoff.next_plain();
+            self.in_flight.insert(
+                msg.header.id.clone(),
+                InFlight {
+                    key,
+                    message: msg.clone(),
+                    due,
+                    backoff,
+                },
+            );
+            return Some(msg);
+        }
+        None
+    }
+
+    /// Records an ack for `parent_id`. Returns what was acknowledged, or `None` for an unknown or
+    /// superseded message id.
+    pub fn ack(&mut self, parent_id: &str) -> Option<Acked> {
+        let f = self.in_flight.remove(parent_id)?;
+        let rv = f.message.header.resource_version.clone();
+        let operation = f.message.route.operation.clone();
+        if let Some(entry) = self.entries.get_mut(&f.key) {
+            if entry.in_flight.as_deref() == Some(parent_id) {
+                entry.in_flight = None;
+                entry.in_flight_rv = None;
+            }
+            let newer = match &entry.last_acked_rv {
+                Some(old) => rv.is_empty() || rv_is_newer(&rv, old),
+                None => true,
+            };
+            if newer {
+                entry.last_acked_rv = Some(rv.clone());
+            }
+            if operation == Operation::Delete
+                && entry.pending.is_none()
+                && entry.in_flight.is_none()
+            {
+                self.entries.remove(&f.key);
+            }
+        }
+        Some(Acked {
+            key: f.key,
+            resource_version: rv,
+            operation,
+        })
+    }
+
+    /// The edge refused a message (`error` response): retry it later with backoff.
+    pub fn nack(&mut self, parent_id: &str, now: Instant) {
+        if let Some(f) = self.in_flight.get_mut(parent_id) {
+            f.due = now + f.backoff.next_plain();
+        }
+    }
+
+    /// When the next retry falls due, if anything is in flight.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.in_flight.values().map(|f| f.due).min()
+    }
+
+    /// Whether something can be sent right now without waiting.
+    pub fn has_sendable(&self, now: Instant) -> bool {
+        !self.unkeyed.is_empty()
+            || (!self.order.is_empty() && self.in_flight.len() < self.limits.max_in_flight)
+            || self.next_deadline().is_some_and(|d| d <= now)
+    }
+
+    pub fn in_flight_len(&self) -> usize {
+        self.in_flight.len()
+    }
+
+    /// Messages waiting to be sent or acked.
+    pub fn outstanding(&self) -> usize {
+        self.unkeyed.len()
+            + self.in_flight.len()
+            + self
+                .entries
+                .values()
+                .filter(|e| e.pending.is_some())
+                .count()
+    }
+
+    pub fn last_acked(&self, key: &ObjectKey) -> Option<&str> {
+        self.entries
+            .get(key)
+            .and_then(|e| e.last_acked_rv.as_deref())
+    }
+
+    /// Number of objects tracked (pending, in flight or remembered as acked).
+    pub fn tracked_objects(&self) -> usize {
+        self.entries.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn key(name: &str) -> ObjectKey {
+        ObjectKey {
+            kind: "pod".into(),
+            namespace: Some("default".into()),
+            name: name.into(),
+            uid: format!("uid-{name}"),
+        }
+    }
+
+    fn msg(name: &str, rv: u64) -> Message {
+        Message::new(
+            "edgecontroller",
+            "resource",
+            Operation::Update,
+            format!("default/pod/{name}"),
+            json!({"rv": rv}),
+        )
+        .with_resource_version(rv.to_string())
+    }
+
+    fn limits() -> QueueLimits {
+        QueueLimits {
+            max_objects: 3,
+            max_unkeyed: 2,
+            max_in_flight: 2,
+            ack_timeout: Duration::from_secs(5),
+            max_retry_interval: Duration::from_secs(20),
+        }
+    }
+
+    #[test]
+    fn only_the_newest_pending_version_is_sent() {
+        let mut q = NodeQueue::new("n1", limits());
+        let t = Instant::now();
+        q.push(Some(key("a")), msg("a", 1)).unwrap();
+        q.push(Some(key("a")), msg("a", 3)).unwrap();
+        assert_eq!(q.push(Some(key("a")), msg("a", 2)).unwrap(), Pushed::Stale);
+        let sent = q.next_to_send(t).unwrap();
+        assert_eq!(sent.header.resource_version, "3");
+        assert!(q.next_to_send(t).is_none());
+    }
+
+    #[test]
+    fn acked_or_older_versions_are_never_sent_again() {
+        let mut q = NodeQueue::new("n1", limits());
+        let t = Instant::now();
+        q.push(Some(key("a")), msg("a", 5)).unwrap();
+        let sent = q.next_to_send(t).unwrap();
+        let acked = q.ack(&sent.header.id).unwrap();
+        assert_eq!(acked.resource_version, "5");
+        assert_eq!(q.last_acked(&key("a")), Some("5"));
+        assert_eq!(q.push(Some(key("a")), msg("a", 4)).unwrap(), Pushed::Stale);
+        assert_eq!(q.push(Some(key("a")), msg("a", 5)).unwrap(), Pushed::Stale);
+        assert_eq!(q.push(Some(key("a")), msg("a", 6)).unwrap(), Pushed::Queued);
+    }
+
+    #[test]
+    fn unacked_messages_are_retried_with_backoff_and_on_new_session() {
+        let mut q = NodeQueue::new("n1", limits());
+        let t0 = Instant::now();
+        q.push(Some(key("a")), msg("a", 1)).unwrap();
+        let first = q.next_to_send(t0).unwrap();
+        assert!(q.next_to_send(t0 + Duration::from_secs(4)).is_none());
+        let retry = q.next_to_send(t0 + Duration::from_secs(5)).unwrap();
+        assert_eq!(retry.header.id, first.header.id, "retries keep the msg_id");
+        // Next retry 10 s later.
+        assert!(q.next_to_send(t0 + Duration::from_secs(14)).is_none());
+        assert!(q.next_to_send(t0 + Duration::from_secs(15)).is_some());
+        // A new session re-sends immediately.
+        q.session_started(t0 + Duration::from_secs(16));
+        assert!(q.next_to_send(t0 + Duration::from_secs(16)).is_some());
+        assert!(q.ack(&first.header.id).is_some());
+        assert_eq!(q.next_deadline(), None);
+    }
+
+    #[test]
+    fn newer_version_supersedes_the_one_in_flight() {
+        let mut q = NodeQueue::new("n1", limits());
+        let t = Instant::now();
+        q.push(Some(key("a")), msg("a", 1)).unwrap();
+        let old = q.next_to_send(t).unwrap();
+        q.push(Some(key("a")), msg("a", 2)).unwrap();
+        let new = q.next_to_send(t).unwrap();
+        assert_eq!(new.header.resource_version, "2");
+        assert!(q.ack(&old.header.id).is_none(), "superseded ack ignored");
+        assert_eq!(q.ack(&new.header.id).unwrap().resource_version, "2");
+    }
+
+    #[test]
+    fn in_flight_window_and_limits() {
+        let mut q = NodeQueue::new("n1", limits());
+        let t = Instant::now();
+        for n in ["a", "b", "c"] {
+            q.push(Some(key(n)), msg(n, 1)).unwrap();
+        }
+        assert!(matches!(
+            q.push(Some(key("d")), msg("d", 1)),
+            Err(QueueError::Full {
+                what: "objects",
+                ..
+            })
+        ));
+        let a = q.next_to_send(t).unwrap();
+        let _b = q.next_to_send(t).unwrap();
+        assert!(q.next_to_send(t).is_none(), "window of 2 is full");
+        q.ack(&a.header.id);
+        assert_eq!(q.next_to_send(t).unwrap().route.resource, "default/pod/c");
+        q.push(None, msg("x", 0)).unwrap();
+        q.push(None, msg("y", 0)).unwrap();
+        assert!(matches!(
+            q.push(None, msg("z", 0)),
+            Err(QueueError::Full {
+                what: "unkeyed messages",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn acked_deletes_are_forgotten() {
+        let mut q = NodeQueue::new("n1", limits());
+        let t = Instant::now();
+        let mut del = msg("a", 9);
+        del.route.operation = Operation::Delete;
+        q.push(Some(key("a")), del).unwrap();
+        let sent = q.next_to_send(t).unwrap();
+        assert_eq!(q.tracked_objects(), 1);
+        let acked = q.ack(&sent.header.id).unwrap();
+        assert_eq!(acked.operation, Operation::Delete);
+        assert_eq!(q.tracked_objects(), 0);
+    }
+
+    #[test]
+    fn rv_comparison() {
+        assert!(rv_is_newer("10", "9"));
+        assert!(!rv_is_newer("9", "10"));
+        assert!(!rv_is_newer("9", "9"));
+        assert!(rv_is_newer("abc", "abd"));
+        assert!(!rv_is_newer("abc", "abc"));
+    }
+}

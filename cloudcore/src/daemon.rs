@@ -1,0 +1,110 @@
+//! Wiring of the cloudcore daemon: PKI, CloudHub, and (as they land) the controllers.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use cloudcore::cloudhub::{self, CloudHubOptions, HubSettings, QueueLimits, Upstream, certs};
+use cloudcore::config::CloudCoreConfig;
+use kedge_common::wire::WireCodec;
+use tokio_util::sync::CancellationToken;
+
+/// Loads (or creates) the CA, server certificate and token secret where the config says.
+pub async fn load_pki(cfg: &CloudCoreConfig) -> anyhow::Result<certs::CloudPki> {
+    let hub = &cfg.modules.cloud_hub;
+    let sans = certs::server_sans(&hub.advertise_address);
+    if hub.cert_dir.is_empty() {
+        let client = cloudcore::kubeclient::client(&cfg.kube_api_config).await?;
+        Ok(certs::load_or_create_in_secrets(client, &hub.namespace, &sans).await?)
+    } else {
+        Ok(certs::load_or_create_in_dir(
+            std::path::Path::new(&hub.cert_dir),
+            &sans,
+        )?)
+    }
+}
+
+fn listen_addr(address: &str, port: u16) -> anyhow::Result<SocketAddr> {
+    let ip: std::net::IpAddr = address
+        .parse()
+        .with_context(|| format!("listen address `{address}`"))?;
+    Ok(SocketAddr::new(ip, port))
+}
+
+pub async fn run(cfg: CloudCoreConfig) -> anyhow::Result<()> {
+    let hub_cfg = &cfg.modules.cloud_hub;
+    let pki = Arc::new(load_pki(&cfg).await?);
+    tracing::info!(ca_hash = %pki.ca.cert_hash(), "PKI ready");
+    let shutdown = CancellationToken::new();
+    let opts = CloudHubOptions {
+        websocket_addr: listen_addr(&hub_cfg.websocket.address, hub_cfg.websocket.port)?,
+        bootstrap_addr: if hub_cfg.https.enable {
+            Some(listen_addr(&hub_cfg.https.address, hub_cfg.https.port)?)
+        } else {
+            None
+        },
+        settings: HubSettings {
+            keepalive_timeout: Duration::from_secs(hub_cfg.keepalive_interval),
+            node_limit: hub_cfg.node_limit as usize,
+            codec: WireCodec::new(hub_cfg.max_message_bytes),
+            queue: QueueLimits::default(),
+            handshake_timeout: Duration::from_secs(10),
+        },
+        node_cert_validity: Duration::from_secs(hub_cfg.edge_cert_signing_duration * 86_400),
+        upstream_capacity: 4096,
+    };
+    let mut running = cloudhub::start(pki, opts, shutdown.clone()).await?;
+    tracing::info!(
+        websocket = %running.websocket_addr,
+        bootstrap = ?running.bootstrap_addr,
+        "cloudhub listening"
+    );
+
+    // The controllers (edgecontroller, synccontroller) consume this channel once they land;
+    // until then cloudcore logs what its nodes say.
+    let mut upstream = running.upstream;
+    let consumer = tokio::spawn(async move {
+        while let Some(event) = upstream.recv().await {
+            match event {
+                Upstream::Connected { node } => tracing::info!(%node, "node connected"),
+                Upstream::Disconnected { node } => tracing::info!(%node, "node disconnected"),
+                Upstream::Message { node, message } => tracing::debug!(
+                    %node,
+                    resource = %message.route.resource,
+                    operation = %message.route.operation,
+                    "message from node"
+                ),
+                Upstream::Acked { node, acked } => tracing::debug!(
+                    %node,
+                    object = %acked.key.name,
+                    resource_version = %acked.resource_version,
+                    "acked"
+                ),
+            }
+        }
+    });
+
+    wait_for_signal().await;
+    tracing::info!("shutting down");
+    shutdown.cancel();
+    while running.tasks.join_next().await.is_some() {}
+    consumer.abort();
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch SIGTERM; only Ctrl-C stops cloudcore");
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

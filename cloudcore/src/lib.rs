@@ -1,0 +1,6 @@
+//! cloudcore: attaches to a Kubernetes cluster and serves edge nodes over the cloud–edge link.
+#![forbid(unsafe_code)]
+
+pub mod cloudhub;
+pub mod config;
+pub mod kubeclient;
