@@ -7,7 +7,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use kedge_common::logging::{self, LogFormat};
 
-use crate::config::{DEFAULT_CONFIG_YAML, EdgeCoreConfig};
+use edgecore::config::{DEFAULT_CONFIG_YAML, EdgeCoreConfig};
 
 const DEFAULT_CONFIG_PATH: &str = "/etc/kedge/edgecore.yaml";
 
@@ -40,6 +40,16 @@ pub struct Cli {
 pub enum Command {
     /// Check a configuration file and print it with all defaults filled in.
     CheckConfig,
+    /// Join a cluster: fetch the CA and a node certificate from cloudcore using a join token
+    /// (from `cloudcore token`), and store them where the configuration says.
+    Join {
+        /// The join token.
+        #[arg(long)]
+        token: String,
+        /// cloudcore's bootstrap address, host or host:port (default: modules.edgeHub.httpServer).
+        #[arg(long, value_name = "HOST[:PORT]")]
+        cloud: Option<String>,
+    },
 }
 
 fn load_config(cli: &Cli) -> anyhow::Result<EdgeCoreConfig> {
@@ -66,21 +76,34 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
+        Some(Command::Join { token, cloud }) => {
+            let cfg = load_config(&cli)?;
+            let server = match cloud {
+                None => cfg.modules.edge_hub.http_server.clone(),
+                Some(c) if c.contains(':') && !c.starts_with('[') => format!("https://{c}"),
+                Some(c) => format!("https://{c}:10002"),
+            };
+            let node = runtime()?.block_on(crate::daemon::join(&cfg, token, &server))?;
+            println!(
+                "node {node} joined via {server}; certificate stored at {}",
+                cfg.modules.edge_hub.tls_cert_file.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         None => {
             let cfg = load_config(&cli)?;
             logging::init(cli.log_format, "info")?;
-            tracing::info!(
-                version = env!("CARGO_PKG_VERSION"),
-                database = %cfg.database.data_source.display(),
-                cloud = %cfg.modules.edge_hub.websocket.server,
-                "configuration loaded"
-            );
-            // EdgeHub, MetaManager and Edged land with their issues; say so plainly instead of
-            // pretending to run.
-            anyhow::bail!(
-                "this build has no edge modules yet (edgehub arrives with the link issue); \
-                 only `check-config` and `--defaultconfig` work"
-            )
+            tracing::info!(version = env!("CARGO_PKG_VERSION"), "starting edgecore");
+            runtime()?.block_on(crate::daemon::run(cfg))?;
+            Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    kedge_common::tls::install_crypto_provider();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
 }

@@ -2,7 +2,7 @@
 #![forbid(unsafe_code)]
 
 mod cli;
-mod config;
+mod daemon;
 
 use std::process::ExitCode;
 

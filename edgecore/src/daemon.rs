@@ -1,0 +1,166 @@
+//! Wiring of the edgecore daemon: identity, EdgeHub, MetaManager (and, as they land, Edged and
+//! DeviceTwin).
+
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use anyhow::Context;
+use edgecore::config::EdgeCoreConfig;
+use edgecore::edgehub::credentials::{self, CredentialPaths, NodeCredentials};
+use edgecore::edgehub::outbox::MemoryOutbox;
+use edgecore::edgehub::{EdgeHub, EdgeHubSettings};
+use edgecore::metamanager::store::MemoryStore;
+use kedge_common::wire::WireCodec;
+use tokio_util::sync::CancellationToken;
+
+const BOOTSTRAP_TIMEOUT: Duration = Duration::from_secs(30);
+/// Rotate when less than this is left (node certificates live a year by default).
+const ROTATE_BEFORE: Duration = Duration::from_secs(30 * 86_400);
+
+/// The node's name: `hostnameOverride`, else the host name.
+pub fn node_name(cfg: &EdgeCoreConfig) -> anyhow::Result<String> {
+    let name = if cfg.modules.edged.hostname_override.is_empty() {
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .context("reading the host name (set modules.edged.hostnameOverride)")?
+            .trim()
+            .to_ascii_lowercase()
+    } else {
+        cfg.modules.edged.hostname_override.clone()
+    };
+    kedge_common::resource::validate_node_name(&name).map_err(|reason| {
+        anyhow::anyhow!(
+            "node name `{name}` is invalid: it {reason}; set modules.edged.hostnameOverride"
+        )
+    })?;
+    Ok(name)
+}
+
+pub fn credential_paths(cfg: &EdgeCoreConfig) -> CredentialPaths {
+    let hub = &cfg.modules.edge_hub;
+    CredentialPaths {
+        ca: hub.tls_ca_file.clone(),
+        cert: hub.tls_cert_file.clone(),
+        key: hub.tls_private_key_file.clone(),
+    }
+}
+
+/// `edgecore join`: fetch CA and certificate with a token, store them.
+pub async fn join(cfg: &EdgeCoreConfig, token: &str, server: &str) -> anyhow::Result<String> {
+    let node = node_name(cfg)?;
+    let creds = credentials::join(server, token, &node, BOOTSTRAP_TIMEOUT).await?;
+    creds.save(&credential_paths(cfg))?;
+    Ok(node)
+}
+
+pub async fn run(cfg: EdgeCoreConfig) -> anyhow::Result<()> {
+    let node = node_name(&cfg)?;
+    let hub_cfg = &cfg.modules.edge_hub;
+    let paths = credential_paths(&cfg);
+    let creds = match NodeCredentials::load(&paths)? {
+        Some(c) => c,
+        None if !hub_cfg.token.is_empty() => {
+            tracing::info!(%node, server = %hub_cfg.http_server, "no certificate yet; joining with the configured token");
+            let c = credentials::join(
+                &hub_cfg.http_server,
+                &hub_cfg.token,
+                &node,
+                BOOTSTRAP_TIMEOUT,
+            )
+            .await?;
+            c.save(&paths)?;
+            c
+        }
+        None => anyhow::bail!(
+            "no node certificate at {} and no modules.edgeHub.token: run `edgecore join --token <token>` first",
+            paths.cert.display()
+        ),
+    };
+    let creds = Arc::new(RwLock::new(creds));
+    let shutdown = CancellationToken::new();
+
+    if hub_cfg.rotate_certificates {
+        tokio::spawn(rotate_when_due(
+            hub_cfg.http_server.clone(),
+            node.clone(),
+            paths.clone(),
+            creds.clone(),
+            shutdown.clone(),
+        ));
+    }
+
+    let mut settings = EdgeHubSettings::new(hub_cfg.websocket.server.clone(), node.clone());
+    settings.project_id = hub_cfg.project_id.clone();
+    settings.heartbeat = Duration::from_secs(hub_cfg.heartbeat);
+    settings.codec = WireCodec::new(hub_cfg.max_message_bytes);
+    settings.handshake_timeout = Duration::from_secs(hub_cfg.websocket.handshake_timeout);
+    // MetaManager's SQLite store replaces these in-memory ones with its issue.
+    let store = Arc::new(MemoryStore::new());
+    let outbox = Arc::new(MemoryOutbox::new());
+    let hub = EdgeHub::new(settings, creds, store, outbox);
+    let hub_task = tokio::spawn(hub.run(shutdown.clone()));
+    tracing::info!(%node, cloud = %hub_cfg.websocket.server, "edgecore running");
+
+    wait_for_signal().await;
+    tracing::info!("shutting down");
+    shutdown.cancel();
+    let _ = hub_task.await;
+    Ok(())
+}
+
+async fn rotate_when_due(
+    server: String,
+    node: String,
+    paths: CredentialPaths,
+    creds: Arc<RwLock<NodeCredentials>>,
+    shutdown: CancellationToken,
+) {
+    let mut backoff =
+        kedge_common::backoff::Backoff::new(Duration::from_secs(10), Duration::from_secs(3600));
+    loop {
+        let current = creds.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let left = current.seconds_left().unwrap_or(0);
+        let wait = if left > ROTATE_BEFORE.as_secs() as i64 {
+            // Check again later; certificates are long-lived, so once an hour is plenty.
+            Duration::from_secs((left as u64 - ROTATE_BEFORE.as_secs()).min(3600))
+        } else {
+            match credentials::rotate(&server, &current, &node, BOOTSTRAP_TIMEOUT).await {
+                Ok(fresh) => match fresh.save(&paths) {
+                    Ok(()) => {
+                        tracing::info!(%node, "node certificate rotated");
+                        *creds.write().unwrap_or_else(|p| p.into_inner()) = fresh;
+                        backoff.reset();
+                        continue;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot store the rotated certificate");
+                        backoff.next_delay()
+                    }
+                },
+                Err(e) => {
+                    tracing::warn!(error = %e, "certificate rotation failed; will retry");
+                    backoff.next_delay()
+                }
+            }
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch SIGTERM; only Ctrl-C stops edgecore");
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

@@ -1,0 +1,324 @@
+//! EdgeHub: the edge end of the cloud–edge link.
+//!
+//! - Connects to `wss://<server>/<project>/<node>/events` with the node's certificate, sends a
+//!   keepalive every heartbeat, and reconnects with exponential backoff and jitter capped at
+//!   2 s, so a node is back within about 2 s of the cloud becoming reachable (KubeEdge's edgecore
+//!   waits for two heartbeats after five failures, 16–17 s here).
+//! - `resource` messages go to the [`ObjectStore`]; the ack (`response`, content "OK") is sent
+//!   only after the store has them.
+//! - Upstream reports wait in the [`Outbox`] and are sent in order whenever the link is up, each
+//!   with `sync: true`, and removed only when the cloud acknowledges them.
+//! - Link changes are published on a `watch` channel ([`LinkState`]) for the other modules.
+
+pub mod credentials;
+pub mod outbox;
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use kedge_common::backoff::Backoff;
+use kedge_common::message::{group, module};
+use kedge_common::wire::{Incoming, WireCodec};
+use kedge_common::{Message, Operation};
+use rustls::pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_util::sync::CancellationToken;
+
+use crate::metamanager::store::ObjectStore;
+use credentials::NodeCredentials;
+use outbox::Outbox;
+
+/// Whether the cloud link is up (KubeEdge's `cloud_connected` / `cloud_disconnected`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkState {
+    Connected,
+    Disconnected,
+}
+
+#[derive(Debug, Clone)]
+pub struct EdgeHubSettings {
+    /// `host:port` of cloudcore's WebSocket listener.
+    pub server: String,
+    pub project_id: String,
+    pub node: String,
+    pub heartbeat: Duration,
+    pub codec: WireCodec,
+    pub connect_timeout: Duration,
+    pub handshake_timeout: Duration,
+    pub backoff_initial: Duration,
+    pub backoff_max: Duration,
+}
+
+impl EdgeHubSettings {
+    pub fn new(server: impl Into<String>, node: impl Into<String>) -> Self {
+        EdgeHubSettings {
+            server: server.into(),
+            project_id: crate::config::DEFAULT_PROJECT_ID.to_owned(),
+            node: node.into(),
+            heartbeat: Duration::from_secs(15),
+            codec: WireCodec::default(),
+            connect_timeout: Duration::from_secs(2),
+            handshake_timeout: Duration::from_secs(30),
+            backoff_initial: Duration::from_millis(200),
+            backoff_max: Duration::from_secs(2),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    #[error("connecting to {server}: {reason}")]
+    Connect { server: String, reason: String },
+    #[error("link lost: {0}")]
+    Lost(String),
+    #[error("cloud sent a malformed frame: {0}")]
+    Malformed(String),
+}
+
+pub struct EdgeHub<S: ObjectStore, O: Outbox> {
+    settings: EdgeHubSettings,
+    credentials: Arc<RwLock<NodeCredentials>>,
+    store: Arc<S>,
+    outbox: Arc<O>,
+    link: watch::Sender<LinkState>,
+}
+
+impl<S: ObjectStore, O: Outbox> EdgeHub<S, O> {
+    pub fn new(
+        settings: EdgeHubSettings,
+        credentials: Arc<RwLock<NodeCredentials>>,
+        store: Arc<S>,
+        outbox: Arc<O>,
+    ) -> Self {
+        EdgeHub {
+            settings,
+            credentials,
+            store,
+            outbox,
+            link: watch::channel(LinkState::Disconnected).0,
+        }
+    }
+
+    /// Follow link changes.
+    pub fn link_state(&self) -> watch::Receiver<LinkState> {
+        self.link.subscribe()
+    }
+
+    /// Keeps the link up until `shutdown` is cancelled.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let mut backoff = Backoff::new(self.settings.backoff_initial, self.settings.backoff_max);
+        while !shutdown.is_cancelled() {
+            match self.connect().await {
+                Ok(ws) => {
+                    backoff.reset();
+                    self.link.send_replace(LinkState::Connected);
+                    tracing::info!(server = %self.settings.server, node = %self.settings.node, "connected to the cloud");
+                    let result = self.session(ws, &shutdown).await;
+                    self.link.send_replace(LinkState::Disconnected);
+                    match result {
+                        Ok(()) => tracing::info!("cloud link closed"),
+                        Err(e) => tracing::warn!(error = %e, "cloud link lost"),
+                    }
+                }
+                Err(e) => tracing::debug!(error = %e, "cannot connect to the cloud"),
+            }
+            let delay = backoff.next_delay();
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tokio::time::sleep(delay) => {}
+            }
+        }
+    }
+
+    async fn connect(
+        &self,
+    ) -> Result<
+        tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<TcpStream>>,
+        LinkError,
+    > {
+        let s = &self.settings;
+        let fail = |reason: String| LinkError::Connect {
+            server: s.server.clone(),
+            reason,
+        };
+        let tls_config = {
+            let creds = self.credentials.read().unwrap_or_else(|p| p.into_inner());
+            creds.client_config().map_err(|e| fail(e.to_string()))?
+        };
+        let (host, _port) = s
+            .server
+            .rsplit_once(':')
+            .ok_or_else(|| fail("server is not host:port".into()))?;
+        let host = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned();
+        let tcp = tokio::time::timeout(s.connect_timeout, TcpStream::connect(&s.server))
+            .await
+            .map_err(|_| {
+                fail(format!(
+                    "TCP connect timed out after {:?}",
+                    s.connect_timeout
+                ))
+            })?
+            .map_err(|e| fail(e.to_string()))?;
+        let _ = tcp.set_nodelay(true);
+        let name = ServerName::try_from(host).map_err(|e| fail(e.to_string()))?;
+        let handshake = async {
+            let tls = tokio_rustls::TlsConnector::from(tls_config)
+                .connect(name, tcp)
+                .await
+                .map_err(|e| fail(format!("TLS: {e}")))?;
+            let url = format!("wss://{}/{}/{}/events", s.server, s.project_id, s.node);
+            let mut req = url.into_client_request().map_err(|e| fail(e.to_string()))?;
+            let headers = req.headers_mut();
+            for (k, v) in [("node_id", &s.node), ("project_id", &s.project_id)] {
+                headers.insert(
+                    k,
+                    HeaderValue::from_str(v).map_err(|e| fail(e.to_string()))?,
+                );
+            }
+            let (ws, _resp) = tokio_tungstenite::client_async_with_config(
+                req,
+                tls,
+                Some(s.codec.websocket_config()),
+            )
+            .await
+            .map_err(|e| fail(format!("WebSocket: {e}")))?;
+            Ok(ws)
+        };
+        tokio::time::timeout(s.handshake_timeout, handshake)
+            .await
+            .map_err(|_| fail("handshake timed out".into()))?
+    }
+
+    async fn session<T>(
+        &self,
+        ws: tokio_tungstenite::WebSocketStream<T>,
+        shutdown: &CancellationToken,
+    ) -> Result<(), LinkError>
+    where
+        T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        let codec = self.settings.codec;
+        let heartbeat = self.settings.heartbeat;
+        // The cloud answers our pings; silence for this long means the link is dead.
+        let silence_limit = heartbeat * 2 + Duration::from_secs(5);
+        let (mut sink, mut stream) = ws.split();
+        let mut ticker = tokio::time::interval(heartbeat);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut outbox_changes = self.outbox.subscribe();
+        let mut sent_up_to = 0u64;
+        // msg_id -> (outbox key, seq) of reports waiting for the cloud's ack.
+        let mut awaiting: HashMap<String, (String, u64)> = HashMap::new();
+        let mut last_heard = Instant::now();
+        let lost = |e: tokio_tungstenite::tungstenite::Error| LinkError::Lost(e.to_string());
+
+        loop {
+            // Send outbox entries not yet sent on this session, oldest first.
+            let pending = self
+                .outbox
+                .pending_after(sent_up_to)
+                .await
+                .map_err(|e| LinkError::Lost(format!("outbox: {e}")))?;
+            if !pending.is_empty() {
+                for entry in pending {
+                    let mut msg = entry.message;
+                    msg.header.sync = true;
+                    sent_up_to = sent_up_to.max(entry.seq);
+                    awaiting.insert(msg.header.id.clone(), (entry.key, entry.seq));
+                    let frame = codec
+                        .encode(&msg)
+                        .map_err(|e| LinkError::Lost(format!("outbox entry too large: {e}")))?;
+                    sink.feed(frame).await.map_err(lost)?;
+                }
+                sink.flush().await.map_err(lost)?;
+            }
+
+            tokio::select! {
+                _ = shutdown.cancelled() => {
+                    let _ = sink.close().await;
+                    return Ok(());
+                }
+                _ = ticker.tick() => {
+                    if last_heard.elapsed() > silence_limit {
+                        return Err(LinkError::Lost(format!("nothing from the cloud for {silence_limit:?}")));
+                    }
+                    let ka = codec.encode(&Message::keepalive()).map_err(|e| LinkError::Lost(e.to_string()))?;
+                    sink.feed(ka).await.map_err(lost)?;
+                    sink.send(tokio_tungstenite::tungstenite::Message::Ping(Default::default())).await.map_err(lost)?;
+                }
+                changed = outbox_changes.changed() => {
+                    if changed.is_err() {
+                        return Err(LinkError::Lost("outbox closed".into()));
+                    }
+                }
+                frame = stream.next() => {
+                    let frame = match frame {
+                        None => return Ok(()),
+                        Some(Err(e)) => return Err(lost(e)),
+                        Some(Ok(f)) => f,
+                    };
+                    last_heard = Instant::now();
+                    let msg = match codec.decode(frame) {
+                        Ok(Incoming::Message(m)) => *m,
+                        Ok(Incoming::Control) => continue,
+                        Ok(Incoming::Close(_)) => return Ok(()),
+                        Err(e) => return Err(LinkError::Malformed(e.to_string())),
+                    };
+                    if let Some(reply) = self.handle_downstream(msg, &mut awaiting).await {
+                        let frame = codec.encode(&reply).map_err(|e| LinkError::Lost(e.to_string()))?;
+                        sink.send(frame).await.map_err(lost)?;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Handles one message from the cloud; returns the reply to send, if any.
+    async fn handle_downstream(
+        &self,
+        msg: Message,
+        awaiting: &mut HashMap<String, (String, u64)>,
+    ) -> Option<Message> {
+        if !msg.header.parent_id.is_empty()
+            && matches!(msg.route.operation, Operation::Response | Operation::Error)
+        {
+            // The cloud acknowledged one of our reports.
+            if let Some((key, seq)) = awaiting.remove(&msg.header.parent_id) {
+                if msg.route.operation == Operation::Response {
+                    if let Err(e) = self.outbox.remove(&key, seq).await {
+                        tracing::warn!(%key, error = %e, "cannot remove an acknowledged report; it will be re-sent");
+                    }
+                } else {
+                    tracing::warn!(%key, content = %msg.content, "cloud refused a report; it stays queued");
+                }
+            }
+            return None;
+        }
+        if msg.route.group != group::RESOURCE {
+            return Some(error_reply(
+                &msg,
+                format!("no module for group `{}` on this node", msg.route.group),
+            ));
+        }
+        match self.store.apply(&msg).await {
+            Ok(_) => Some(msg.response(module::META_MANAGER, "OK".into())),
+            Err(e) => {
+                tracing::warn!(resource = %msg.route.resource, error = %e, "cannot store message");
+                Some(error_reply(&msg, e.to_string()))
+            }
+        }
+    }
+}
+
+fn error_reply(msg: &Message, why: String) -> Message {
+    let mut r = msg.response(module::META_MANAGER, why.into());
+    r.route.operation = Operation::Error;
+    r
+}

@@ -1,0 +1,7 @@
+//! edgecore: the edge daemon. It keeps the cloud link (EdgeHub), stores what the node holds
+//! (MetaManager), and, as later issues land, runs its pods (Edged) and devices (DeviceTwin).
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod edgehub;
+pub mod metamanager;

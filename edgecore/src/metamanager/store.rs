@@ -1,0 +1,188 @@
+//! The object store EdgeHub hands `resource` messages to. A message is acked only after
+//! [`ObjectStore::apply`] returns `Ok`, i.e. after the store has it.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Mutex;
+
+use kedge_common::{Message, Operation, ResourcePath};
+use serde_json::Value;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("resource path: {0}")]
+    Path(#[from] kedge_common::PathError),
+    #[error("operation `{0}` is not something the store applies")]
+    Unsupported(Operation),
+    #[error("storage failed: {0}")]
+    Storage(String),
+}
+
+/// What applying a message did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    Stored,
+    Deleted,
+    /// The store already holds this or a newer version (duplicates and reordering are normal
+    /// with at-least-once delivery); nothing changed, and the message is still acked.
+    Stale,
+}
+
+/// An object as the store keeps it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredObject {
+    pub resource_version: String,
+    pub content: Value,
+}
+
+pub trait ObjectStore: Send + Sync + 'static {
+    /// Applies an insert/update/patch/delete of the object at the message's edge resource path.
+    fn apply(&self, msg: &Message) -> impl Future<Output = Result<Applied, StoreError>> + Send;
+}
+
+/// The resourceVersion a message carries: the header's, else the object's own.
+pub fn message_rv(msg: &Message) -> String {
+    if !msg.header.resource_version.is_empty() {
+        return msg.header.resource_version.clone();
+    }
+    msg.content
+        .pointer("/metadata/resourceVersion")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// True when `candidate` is strictly newer than `stored` (numeric when both are numbers).
+pub fn rv_newer(candidate: &str, stored: &str) -> bool {
+    match (candidate.parse::<u64>(), stored.parse::<u64>()) {
+        (Ok(a), Ok(b)) => a > b,
+        _ => candidate != stored,
+    }
+}
+
+/// In-memory store: correct semantics (newest version wins, deletes remembered as tombstones
+/// so a late insert cannot resurrect an object) without durability.
+#[derive(Debug, Default)]
+pub struct MemoryStore {
+    objects: Mutex<HashMap<String, Entry>>,
+}
+
+#[derive(Debug, Clone)]
+enum Entry {
+    Live(StoredObject),
+    Deleted { resource_version: String },
+}
+
+impl MemoryStore {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn get(&self, path: &str) -> Option<StoredObject> {
+        let objects = self.objects.lock().unwrap_or_else(|p| p.into_inner());
+        match objects.get(path) {
+            Some(Entry::Live(o)) => Some(o.clone()),
+            _ => None,
+        }
+    }
+
+    /// All live objects by edge resource path.
+    pub fn snapshot(&self) -> HashMap<String, StoredObject> {
+        let objects = self.objects.lock().unwrap_or_else(|p| p.into_inner());
+        objects
+            .iter()
+            .filter_map(|(k, v)| match v {
+                Entry::Live(o) => Some((k.clone(), o.clone())),
+                Entry::Deleted { .. } => None,
+            })
+            .collect()
+    }
+
+    fn apply_now(&self, msg: &Message) -> Result<Applied, StoreError> {
+        let path = ResourcePath::parse_edge(&msg.route.resource)?;
+        let key = path.edge_str().to_owned();
+        let rv = message_rv(msg);
+        let mut objects = self.objects.lock().unwrap_or_else(|p| p.into_inner());
+        let stored_rv = objects.get(&key).map(|e| match e {
+            Entry::Live(o) => o.resource_version.clone(),
+            Entry::Deleted { resource_version } => resource_version.clone(),
+        });
+        if let Some(stored) = &stored_rv
+            && !rv.is_empty()
+            && !rv_newer(&rv, stored)
+        {
+            return Ok(Applied::Stale);
+        }
+        match msg.route.operation {
+            Operation::Insert | Operation::Update | Operation::Patch => {
+                objects.insert(
+                    key,
+                    Entry::Live(StoredObject {
+                        resource_version: rv,
+                        content: msg.content.clone(),
+                    }),
+                );
+                Ok(Applied::Stored)
+            }
+            Operation::Delete => {
+                objects.insert(
+                    key,
+                    Entry::Deleted {
+                        resource_version: rv,
+                    },
+                );
+                Ok(Applied::Deleted)
+            }
+            ref other => Err(StoreError::Unsupported(other.clone())),
+        }
+    }
+}
+
+impl ObjectStore for MemoryStore {
+    async fn apply(&self, msg: &Message) -> Result<Applied, StoreError> {
+        self.apply_now(msg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn m(op: Operation, rv: u64) -> Message {
+        Message::new("cloud", "resource", op, "default/pod/web", json!({"v": rv}))
+            .with_resource_version(rv.to_string())
+    }
+
+    #[tokio::test]
+    async fn newest_version_wins_and_deletes_are_not_resurrected() {
+        let s = MemoryStore::new();
+        assert_eq!(
+            s.apply(&m(Operation::Insert, 2)).await.unwrap(),
+            Applied::Stored
+        );
+        assert_eq!(
+            s.apply(&m(Operation::Update, 1)).await.unwrap(),
+            Applied::Stale
+        );
+        assert_eq!(
+            s.apply(&m(Operation::Update, 2)).await.unwrap(),
+            Applied::Stale
+        );
+        assert_eq!(
+            s.apply(&m(Operation::Update, 3)).await.unwrap(),
+            Applied::Stored
+        );
+        assert_eq!(s.get("default/pod/web").unwrap().content, json!({"v": 3}));
+        assert_eq!(
+            s.apply(&m(Operation::Delete, 4)).await.unwrap(),
+            Applied::Deleted
+        );
+        assert_eq!(
+            s.apply(&m(Operation::Insert, 3)).await.unwrap(),
+            Applied::Stale
+        );
+        assert!(s.get("default/pod/web").is_none());
+        assert!(s.apply(&m(Operation::Query, 9)).await.is_err());
+    }
+}
