@@ -180,8 +180,8 @@ fn split_server(server: &str) -> Result<(String, u16), CredentialError> {
     Ok((host.to_owned(), port))
 }
 
-/// One HTTPS request to the bootstrap endpoint; returns the body of a 200 response.
-async fn request(
+/// One HTTPS request to the bootstrap endpoint; returns the body of a 2xx response.
+pub async fn bootstrap_request(
     server: &str,
     tls_config: Arc<ClientConfig>,
     path: &'static str,
@@ -255,7 +255,7 @@ pub async fn join(
 ) -> Result<NodeCredentials, CredentialError> {
     let token = JoinToken::parse(token)?;
     // The CA comes over an unverified connection; the token's hash is what makes it trusted.
-    let ca_der = request(
+    let ca_der = bootstrap_request(
         server,
         tls::unverified_client_config()?,
         "/ca.crt",
@@ -267,7 +267,7 @@ pub async fn join(
     token.check_ca(&ca_der)?;
     let (key_pem, csr_pem) = pki::node_csr(node)?;
     let trusted = tls::client_config(&ca_der, None)?;
-    let cert_der = request(
+    let cert_der = bootstrap_request(
         server,
         trusted,
         "/edge.crt",
@@ -295,7 +295,7 @@ pub async fn rotate(
     timeout: Duration,
 ) -> Result<NodeCredentials, CredentialError> {
     let (key_pem, csr_pem) = pki::node_csr(node)?;
-    let cert_der = request(
+    let cert_der = bootstrap_request(
         server,
         current.client_config()?,
         "/edge.crt",

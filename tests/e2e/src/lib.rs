@@ -1,7 +1,11 @@
 //! Test support for kedge and its end-to-end scenarios. Nothing here ships: cloudcore and edgecore
 //! never depend on this crate.
 //!
-//! What lives here as the issues land: the test Kubernetes API server (real list/watch
-//! semantics, so cloudcore is tested through kube-rs exactly as against a real cluster), process
-//! and fixture helpers (containerd, mosquitto, network namespaces) and the edge-node simulator.
+//! - [`proxy::ChaosProxy`]: a loopback TCP proxy that can cut every connection or refuse new ones,
+//!   to kill links mid-stream and simulate an unreachable cloud.
+//! - [`cloud::TestCloud`]: cloudhub started in-process with a throw-away PKI on random ports.
+//! - [`cloud::RawEdge`]: a bare WebSocket client with a node certificate, for protocol-level tests.
 #![forbid(unsafe_code)]
+
+pub mod cloud;
+pub mod proxy;

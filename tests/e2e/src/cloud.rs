@@ -1,0 +1,143 @@
+//! cloudhub in-process for tests, and a bare protocol-level edge client.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cloudcore::cloudhub::certs::{self, CloudPki};
+use cloudcore::cloudhub::{self, CloudHubHandle, CloudHubOptions, HubSettings, Upstream};
+use edgecore::edgehub::credentials::NodeCredentials;
+use kedge_common::pki;
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_util::sync::CancellationToken;
+
+pub const PROJECT: &str = "e632aba927ea4ac2b575ec1603d56f10";
+
+/// A running cloudhub with its own PKI in a temporary directory.
+pub struct TestCloud {
+    pub pki: Arc<CloudPki>,
+    pub handle: CloudHubHandle,
+    pub upstream: mpsc::Receiver<Upstream>,
+    pub websocket_addr: SocketAddr,
+    pub bootstrap_addr: SocketAddr,
+    pub shutdown: CancellationToken,
+    /// The listeners' tasks (dropping a JoinSet aborts them, so the cloud holds it).
+    _tasks: tokio::task::JoinSet<()>,
+    _dir: tempfile::TempDir,
+}
+
+impl TestCloud {
+    pub async fn start(settings: HubSettings) -> anyhow::Result<Self> {
+        kedge_common::tls::install_crypto_provider();
+        let dir = tempfile::tempdir()?;
+        let pki = Arc::new(certs::load_or_create_in_dir(
+            dir.path(),
+            &["127.0.0.1".to_owned()],
+        )?);
+        Self::start_with(pki, settings, dir).await
+    }
+
+    /// Starts a hub on the given PKI (e.g. to "restart" cloudcore with the same CA).
+    pub async fn start_with(
+        pki: Arc<CloudPki>,
+        settings: HubSettings,
+        dir: tempfile::TempDir,
+    ) -> anyhow::Result<Self> {
+        Self::start_on(pki, settings, dir, "127.0.0.1:0".parse()?).await
+    }
+
+    pub async fn start_on(
+        pki: Arc<CloudPki>,
+        settings: HubSettings,
+        dir: tempfile::TempDir,
+        websocket_addr: SocketAddr,
+    ) -> anyhow::Result<Self> {
+        let shutdown = CancellationToken::new();
+        let opts = CloudHubOptions {
+            websocket_addr,
+            bootstrap_addr: Some("127.0.0.1:0".parse()?),
+            settings,
+            node_cert_validity: Duration::from_secs(86_400),
+            upstream_capacity: 65_536,
+        };
+        let running = cloudhub::start(pki.clone(), opts, shutdown.clone()).await?;
+        Ok(TestCloud {
+            pki,
+            handle: running.handle,
+            upstream: running.upstream,
+            websocket_addr: running.websocket_addr,
+            bootstrap_addr: running
+                .bootstrap_addr
+                .ok_or_else(|| anyhow::anyhow!("no bootstrap listener"))?,
+            shutdown,
+            _tasks: running.tasks,
+            _dir: dir,
+        })
+    }
+
+    pub fn bootstrap_url(&self) -> String {
+        format!("https://{}", self.bootstrap_addr)
+    }
+
+    pub fn token(&self) -> String {
+        self.pki.issue_token(Duration::from_secs(3600))
+    }
+
+    /// A node identity signed directly by the CA (no bootstrap round trip).
+    pub fn node_credentials(&self, node: &str) -> anyhow::Result<NodeCredentials> {
+        let (key_pem, csr) = pki::node_csr(node)?;
+        let der =
+            self.pki
+                .ca
+                .sign_node_csr(csr.as_bytes(), node, &[], Duration::from_secs(86_400))?;
+        Ok(NodeCredentials {
+            ca_der: self.pki.ca.cert_der().to_vec(),
+            cert_pem: pki::der_to_pem(&der, "CERTIFICATE"),
+            key_pem,
+        })
+    }
+
+    /// Waits for the next upstream event matching `pred`, up to `timeout`.
+    pub async fn expect_upstream(
+        &mut self,
+        timeout: Duration,
+        mut pred: impl FnMut(&Upstream) -> bool,
+    ) -> anyhow::Result<Upstream> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let ev = tokio::time::timeout_at(deadline, self.upstream.recv())
+                .await
+                .map_err(|_| anyhow::anyhow!("no matching upstream event within {timeout:?}"))?
+                .ok_or_else(|| anyhow::anyhow!("upstream channel closed"))?;
+            if pred(&ev) {
+                return Ok(ev);
+            }
+        }
+    }
+}
+
+impl Drop for TestCloud {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+pub type RawWs = WebSocketStream<tokio_rustls::client::TlsStream<TcpStream>>;
+
+/// Connects a bare WebSocket client presenting `creds`, asking for `url_node`'s events path.
+pub async fn raw_connect(
+    addr: SocketAddr,
+    creds: &NodeCredentials,
+    url_node: &str,
+) -> anyhow::Result<RawWs> {
+    let tcp = TcpStream::connect(addr).await?;
+    let tls = tokio_rustls::TlsConnector::from(creds.client_config()?)
+        .connect(rustls::pki_types::ServerName::try_from("127.0.0.1")?, tcp)
+        .await?;
+    let req = format!("wss://{addr}/{PROJECT}/{url_node}/events").into_client_request()?;
+    let (ws, _) = tokio_tungstenite::client_async(req, tls).await?;
+    Ok(ws)
+}
