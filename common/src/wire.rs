@@ -11,6 +11,11 @@ use tokio_tungstenite::tungstenite::protocol::frame::CloseFrame;
 
 use crate::message::{DEFAULT_MAX_MESSAGE_BYTES, Message, MessageError};
 
+/// Initial read buffer per WebSocket connection.
+const READ_BUFFER_BYTES: usize = 4 * 1024;
+/// Frames are batched up to this many bytes before a write (the buffer grows only when used).
+const WRITE_BUFFER_BYTES: usize = 16 * 1024;
+
 /// What one incoming frame turned out to be.
 #[derive(Debug)]
 pub enum Incoming {
@@ -62,11 +67,16 @@ impl WireCodec {
     }
 
     /// tungstenite settings that make the transport itself refuse frames and messages over the
-    /// limit, before they are buffered whole.
+    /// limit, before they are buffered whole. Buffers start small: cloudhub holds one connection
+    /// per edge node, and tungstenite's default 128 KiB read and write buffers would cost about
+    /// 256 KiB per idle node; they grow on demand for large messages.
     pub fn websocket_config(&self) -> WebSocketConfig {
         WebSocketConfig::default()
             .max_message_size(Some(self.max_frame_bytes))
             .max_frame_size(Some(self.max_frame_bytes))
+            .read_buffer_size(READ_BUFFER_BYTES)
+            .write_buffer_size(WRITE_BUFFER_BYTES)
+            .max_write_buffer_size(self.max_frame_bytes.saturating_mul(2))
     }
 
     /// Turns one frame into a message, a control frame, or a close.
