@@ -8,8 +8,11 @@ source hack/lib.sh
 need_cmd cargo "install the Rust toolchain (rustup) first"
 cargo fmt --version >/dev/null 2>&1 || { echo "error: rustfmt missing (rustup component add rustfmt)" >&2; exit 1; }
 cargo clippy --version >/dev/null 2>&1 || { echo "error: clippy missing (rustup component add clippy)" >&2; exit 1; }
-# System packages used by the tests so far: none beyond the toolchain and a C compiler for ring.
+# System packages the tests use: a C compiler (ring) and kubectl (the e2e tests drive the test
+# API server with the real client; the machine image ships it, Debian's package is the fallback).
 need_cmd cc "apt-get install gcc"
+command -v kubectl >/dev/null 2>&1 || need_apt kubernetes-client || true
+need_cmd kubectl "the e2e tests need kubectl on PATH"
 
 echo ">> cargo fmt --check"
 cargo fmt --all -- --check

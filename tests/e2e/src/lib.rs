@@ -1,11 +1,13 @@
 //! Test support for kedge and its end-to-end scenarios. Nothing here ships: cloudcore and edgecore
 //! never depend on this crate.
 //!
+//! - [`apiserver::TestApiServer`]: a test Kubernetes API server with real list/watch semantics.
 //! - [`proxy::ChaosProxy`]: a loopback TCP proxy that can cut every connection or refuse new ones,
 //!   to kill links mid-stream and simulate an unreachable cloud.
 //! - [`cloud::TestCloud`]: cloudhub started in-process with a throw-away PKI on random ports.
 //! - [`cloud::RawEdge`]: a bare WebSocket client with a node certificate, for protocol-level tests.
 #![forbid(unsafe_code)]
 
+pub mod apiserver;
 pub mod cloud;
 pub mod proxy;

@@ -1,0 +1,670 @@
+//! A test Kubernetes API server: test support only, never part of cloudcore.
+//!
+//! No real API server can be installed on these machines, so cloudcore's tests talk to this one
+//! through kube-rs exactly as they would to a cluster, and real `kubectl` works against it. It
+//! speaks the Kubernetes REST and watch protocol over HTTP on 127.0.0.1 with real semantics:
+//! a global resourceVersion; list with label/field selectors and `limit`/`continue`; watch from a
+//! resourceVersion with bookmarks, `timeoutSeconds` and 410 Gone (an `ERROR` event, as the real
+//! server sends) once history is compacted; create/get/update/patch/delete with optimistic
+//! concurrency, the status subresource, finalizers and graceful pod deletion; namespaces;
+//! CustomResourceDefinitions (registering one serves its resources); and discovery.
+//!
+//! Known simplifications: no authentication or authorization, no admission beyond namespace
+//! existence, no schema validation or pruning of custom resources (CRD schemas are checked for
+//! structure), server-side apply is a merge patch without field ownership, and `continue` pages
+//! are read from the current state rather than a snapshot. Bodies are JSON or YAML only:
+//! `kubectl create <generator>` (which sends protobuf) gets 415, and there is no server-side
+//! Table rendering (kubectl prints NAME and AGE), no OpenAPI (use `--validate=false`).
+
+pub mod patch;
+pub mod selectors;
+pub mod store;
+pub mod types;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited, StreamBody, combinators::BoxBody};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio::sync::{broadcast, mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use store::{ApiError, EventType, Filter, ListOptions, Store, StoreConfig, transition};
+use types::TypeInfo;
+
+type Body = BoxBody<Bytes, Infallible>;
+
+/// Largest request body (the real server's limit is 3 MiB).
+const MAX_BODY: usize = 3 * 1024 * 1024;
+
+#[derive(Debug, Clone)]
+pub struct ApiServerConfig {
+    pub store: StoreConfig,
+    /// How often watches with `allowWatchBookmarks=true` get a BOOKMARK.
+    pub bookmark_interval: Duration,
+}
+
+impl Default for ApiServerConfig {
+    fn default() -> Self {
+        ApiServerConfig {
+            store: StoreConfig::default(),
+            bookmark_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+struct Shared {
+    store: Store,
+    bookmark_interval: Duration,
+    /// Bumped to end every open watch (used with `Store::compact` to force re-lists).
+    watch_epoch: watch::Sender<u64>,
+    addr: SocketAddr,
+}
+
+/// A running test API server. Dropping it stops it.
+pub struct TestApiServer {
+    shared: Arc<Shared>,
+    addr: SocketAddr,
+    shutdown: CancellationToken,
+    kubeconfig: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl TestApiServer {
+    pub async fn start() -> anyhow::Result<Self> {
+        Self::start_with(ApiServerConfig::default()).await
+    }
+
+    pub async fn start_with(config: ApiServerConfig) -> anyhow::Result<Self> {
+        Self::start_on("127.0.0.1:0".parse()?, config).await
+    }
+
+    pub async fn start_on(addr: SocketAddr, config: ApiServerConfig) -> anyhow::Result<Self> {
+        let listener = TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let shared = Arc::new(Shared {
+            store: Store::new(config.store),
+            bookmark_interval: config.bookmark_interval,
+            watch_epoch: watch::channel(0).0,
+            addr,
+        });
+        let dir = tempfile::tempdir()?;
+        let kubeconfig = dir.path().join("kubeconfig");
+        write_kubeconfig(&kubeconfig, addr)?;
+        let shutdown = CancellationToken::new();
+        let (s2, stop) = (shared.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            loop {
+                let (tcp, _) = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    a = listener.accept() => match a { Ok(x) => x, Err(_) => continue },
+                };
+                let shared = s2.clone();
+                let stop = stop.clone();
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req| {
+                        let shared = shared.clone();
+                        async move { Ok::<_, Infallible>(handle(shared, req).await) }
+                    });
+                    let conn = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(tcp), svc);
+                    tokio::select! {
+                        _ = conn => {}
+                        _ = stop.cancelled() => {}
+                    }
+                });
+            }
+        });
+        Ok(TestApiServer {
+            shared,
+            addr,
+            shutdown,
+            kubeconfig,
+            _dir: dir,
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// A kubeconfig file pointing at this server (for kubectl and cloudcore's `--kubeconfig`).
+    pub fn kubeconfig_path(&self) -> &Path {
+        &self.kubeconfig
+    }
+
+    /// A kube-rs client for this server.
+    pub fn client(&self) -> anyhow::Result<kube::Client> {
+        let url: http::Uri = self.url().parse()?;
+        let config = kube::Config::new(url);
+        Ok(kube::Client::try_from(config)?)
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.shared.store
+    }
+
+    /// Ends every open watch and forgets the watch history, so clients must re-list (their next
+    /// watch from an old resourceVersion gets 410 Gone).
+    pub fn expire_watches(&self) {
+        self.shared.store.compact();
+        self.shared.watch_epoch.send_modify(|e| *e += 1);
+    }
+}
+
+impl Drop for TestApiServer {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+fn write_kubeconfig(path: &Path, addr: SocketAddr) -> std::io::Result<()> {
+    let text = format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: kedge-test\n  cluster:\n    server: http://{addr}\n\
+         contexts:\n- name: kedge-test\n  context:\n    cluster: kedge-test\n    user: kedge-test\n    namespace: default\n\
+         current-context: kedge-test\nusers:\n- name: kedge-test\n  user: {{}}\n"
+    );
+    std::fs::write(path, text)
+}
+
+fn full(status: StatusCode, body: Value) -> Response<Body> {
+    let bytes = Bytes::from(body.to_string());
+    let mut r = Response::new(Full::new(bytes).boxed());
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+fn ok(body: Value) -> Response<Body> {
+    full(StatusCode::OK, body)
+}
+
+fn error(e: &ApiError) -> Response<Body> {
+    full(
+        StatusCode::from_u16(e.code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+        e.status_json(),
+    )
+}
+
+fn not_found_path() -> Response<Body> {
+    error(&ApiError::new(
+        404,
+        "NotFound",
+        "the server could not find the requested resource",
+    ))
+}
+
+fn method_not_allowed(method: &Method) -> Response<Body> {
+    error(&ApiError::new(
+        405,
+        "MethodNotAllowed",
+        format!("the server does not allow this method on the requested resource ({method})"),
+    ))
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < bytes.len() => {
+                let hex = |c: u8| (c as char).to_digit(16);
+                match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                    (Some(h), Some(l)) => {
+                        out.push((h * 16 + l) as u8);
+                        i += 2;
+                    }
+                    _ => out.push(b'%'),
+                }
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn query(req: &Request<Incoming>) -> Vec<(String, String)> {
+    req.uri()
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            (percent_decode(k), percent_decode(v))
+        })
+        .collect()
+}
+
+fn q<'a>(params: &'a [(String, String)], key: &str) -> Option<&'a str> {
+    params
+        .iter()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.as_str())
+}
+
+fn truthy(v: Option<&str>) -> bool {
+    matches!(v, Some("1" | "true" | "True"))
+}
+
+async fn read_body(req: Request<Incoming>) -> Result<(String, Value), ApiError> {
+    let ct = req
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("application/json")
+        .to_owned();
+    let known = ct.starts_with("application/json")
+        || ct.contains("yaml")
+        || ct.starts_with("application/merge-patch+json")
+        || ct.starts_with("application/strategic-merge-patch+json")
+        || ct.starts_with("application/json-patch+json")
+        || ct.starts_with("*/*");
+    if !known {
+        // Protobuf and CBOR are not spoken here; clients fall back to JSON on 415.
+        return Err(ApiError::new(
+            415,
+            "UnsupportedMediaType",
+            format!(
+                "the body of the request was in an unknown format - accepted media types include: application/json, application/yaml (got {ct})"
+            ),
+        ));
+    }
+    let bytes = Limited::new(req.into_body(), MAX_BODY)
+        .collect()
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                413,
+                "RequestEntityTooLarge",
+                "the request body is too large",
+            )
+        })?
+        .to_bytes();
+    let value = match serde_json::from_slice::<Value>(&bytes) {
+        Ok(v) => v,
+        Err(json_err) if ct.contains("yaml") => {
+            serde_yaml::from_slice::<Value>(&bytes).map_err(|e| {
+                ApiError::bad_request(format!("error decoding YAML: {e} (as JSON: {json_err})"))
+            })?
+        }
+        Err(e) => {
+            return Err(ApiError::bad_request(format!(
+                "the body of the request was in an unknown format - accepted media types include: application/json, application/yaml ({e})"
+            )));
+        }
+    };
+    Ok((ct, value))
+}
+
+async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
+    let path = req.uri().path().to_owned();
+    let segs: Vec<String> = path
+        .split('/')
+        .filter(|s| !s.is_empty())
+        .map(percent_decode)
+        .collect();
+    let segs: Vec<&str> = segs.iter().map(String::as_str).collect();
+    match segs.as_slice() {
+        ["version"] => ok(json!({
+            "major": "1", "minor": "33", "gitVersion": "v1.33.0-kedge-test", "gitCommit": "0000000",
+            "gitTreeState": "clean", "buildDate": "2026-01-01T00:00:00Z", "goVersion": "go1.24.0",
+            "compiler": "gc", "platform": "linux/amd64"
+        })),
+        ["healthz"] | ["readyz"] | ["livez"] => {
+            let mut r = Response::new(Full::new(Bytes::from_static(b"ok")).boxed());
+            *r.status_mut() = StatusCode::OK;
+            r
+        }
+        ["api"] => ok(json!({
+            "kind": "APIVersions", "versions": ["v1"],
+            "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": shared.addr.to_string()}]
+        })),
+        ["api", "v1"] => ok(resource_list(&shared.store.types(), "", "v1")),
+        ["apis"] => ok(group_list(&shared.store.types())),
+        ["apis", g] => {
+            let list = group_list(&shared.store.types());
+            match list["groups"]
+                .as_array()
+                .and_then(|gs| gs.iter().find(|x| x["name"] == *g))
+            {
+                Some(grp) => {
+                    let mut grp = grp.clone();
+                    grp["kind"] = json!("APIGroup");
+                    grp["apiVersion"] = json!("v1");
+                    ok(grp)
+                }
+                None => not_found_path(),
+            }
+        }
+        ["apis", g, v] => {
+            let types = shared.store.types();
+            if types.iter().any(|t| t.group == *g && t.version == *v) {
+                ok(resource_list(&types, g, v))
+            } else {
+                not_found_path()
+            }
+        }
+        ["api", "v1", rest @ ..] => {
+            let rest: Vec<String> = rest.iter().map(|s| (*s).to_owned()).collect();
+            resource(shared, req, "", "v1", &rest).await
+        }
+        ["apis", g, v, rest @ ..] => {
+            let (g, v) = ((*g).to_owned(), (*v).to_owned());
+            let rest: Vec<String> = rest.iter().map(|s| (*s).to_owned()).collect();
+            resource(shared, req, &g, &v, &rest).await
+        }
+        _ => not_found_path(),
+    }
+}
+
+fn resource_list(types: &[TypeInfo], group: &str, version: &str) -> Value {
+    let resources: Vec<Value> = types
+        .iter()
+        .filter(|t| t.group == group && t.version == version)
+        .flat_map(TypeInfo::discovery)
+        .collect();
+    let gv = if group.is_empty() {
+        version.to_owned()
+    } else {
+        format!("{group}/{version}")
+    };
+    json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": resources})
+}
+
+fn group_list(types: &[TypeInfo]) -> Value {
+    let mut groups: Vec<(String, Vec<String>)> = Vec::new();
+    for t in types.iter().filter(|t| !t.group.is_empty()) {
+        match groups.iter_mut().find(|(g, _)| *g == t.group) {
+            Some((_, vs)) => {
+                if !vs.contains(&t.version) {
+                    vs.push(t.version.clone());
+                }
+            }
+            None => groups.push((t.group.clone(), vec![t.version.clone()])),
+        }
+    }
+    let groups: Vec<Value> = groups
+        .into_iter()
+        .map(|(g, vs)| {
+            let versions: Vec<Value> = vs
+                .iter()
+                .map(|v| json!({"groupVersion": format!("{g}/{v}"), "version": v}))
+                .collect();
+            let preferred = versions[0].clone();
+            json!({"name": g, "versions": versions, "preferredVersion": preferred})
+        })
+        .collect();
+    json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups})
+}
+
+/// Which object or collection a resource path names.
+struct Target {
+    ty: TypeInfo,
+    namespace: Option<String>,
+    name: Option<String>,
+    sub: Option<String>,
+}
+
+fn resolve(store: &Store, group: &str, version: &str, rest: &[String]) -> Option<Target> {
+    let find = |plural: &str| store.resolve(group, version, plural);
+    let r: Vec<&str> = rest.iter().map(String::as_str).collect();
+    match r.as_slice() {
+        ["namespaces", ns, plural, tail @ ..]
+            if find(plural).is_some_and(|t| t.namespaced) && tail.len() <= 2 =>
+        {
+            Some(Target {
+                ty: find(plural)?,
+                namespace: Some((*ns).to_owned()),
+                name: tail.first().map(|s| (*s).to_owned()),
+                sub: tail.get(1).map(|s| (*s).to_owned()),
+            })
+        }
+        [plural, tail @ ..] if tail.len() <= 2 => Some(Target {
+            ty: find(plural)?,
+            namespace: None,
+            name: tail.first().map(|s| (*s).to_owned()),
+            sub: tail.get(1).map(|s| (*s).to_owned()),
+        }),
+        _ => None,
+    }
+}
+
+async fn resource(
+    shared: Arc<Shared>,
+    req: Request<Incoming>,
+    group: &str,
+    version: &str,
+    rest: &[String],
+) -> Response<Body> {
+    let Some(t) = resolve(&shared.store, group, version, rest) else {
+        return not_found_path();
+    };
+    let params = query(&req);
+    let method = req.method().clone();
+    let store = &shared.store;
+    // Namespaced objects need a namespace; cluster-scoped ones must not have one.
+    let ns = match (&t.namespace, t.ty.namespaced) {
+        (Some(ns), true) => ns.clone(),
+        (None, true) if t.name.is_none() => String::new(),
+        (None, true) => return not_found_path(),
+        (Some(_), false) => return not_found_path(),
+        (None, false) => String::new(),
+    };
+    let result: Result<Value, ApiError> = match (&t.name, t.sub.as_deref(), &method) {
+        (None, None, &Method::GET) => {
+            let opts = ListOptions {
+                label_selector: q(&params, "labelSelector").map(str::to_owned),
+                field_selector: q(&params, "fieldSelector").map(str::to_owned),
+                resource_version: q(&params, "resourceVersion").map(str::to_owned),
+                limit: q(&params, "limit").and_then(|l| l.parse().ok()),
+                continue_token: q(&params, "continue")
+                    .filter(|c| !c.is_empty())
+                    .map(str::to_owned),
+            };
+            let ns_filter = t.namespace.as_deref();
+            if truthy(q(&params, "watch")) {
+                return watch_response(shared.clone(), &t.ty, ns_filter, &opts, &params);
+            }
+            store.list(&t.ty, ns_filter, &opts)
+        }
+        (None, None, &Method::POST) => {
+            if t.ty.namespaced && t.namespace.is_none() {
+                return method_not_allowed(&method);
+            }
+            return match read_body(req)
+                .await
+                .and_then(|(_, body)| store.create(&t.ty, &ns, body))
+            {
+                Ok(v) => full(StatusCode::CREATED, v),
+                Err(e) => error(&e),
+            };
+        }
+        (Some(name), sub @ (None | Some("status")), m) => {
+            let status = sub == Some("status");
+            if status && !t.ty.status_subresource {
+                return not_found_path();
+            }
+            match *m {
+                Method::GET => store.get(&t.ty, &ns, name),
+                Method::PUT => match read_body(req).await {
+                    Ok((_, body)) => store.update(&t.ty, &ns, name, body, status),
+                    Err(e) => Err(e),
+                },
+                Method::PATCH => match read_body(req).await {
+                    Ok((ct, body)) => store.patch(&t.ty, &ns, name, &ct, &body, status),
+                    Err(e) => Err(e),
+                },
+                Method::DELETE if !status => {
+                    let grace_q = q(&params, "gracePeriodSeconds").and_then(|g| g.parse().ok());
+                    let body = read_body(req).await.ok().map(|(_, b)| b);
+                    let grace = body
+                        .as_ref()
+                        .and_then(|b| b.get("gracePeriodSeconds"))
+                        .and_then(Value::as_i64)
+                        .or(grace_q);
+                    let uid = body
+                        .as_ref()
+                        .and_then(|b| b.pointer("/preconditions/uid"))
+                        .and_then(Value::as_str)
+                        .map(str::to_owned);
+                    let rv = body
+                        .as_ref()
+                        .and_then(|b| b.pointer("/preconditions/resourceVersion"))
+                        .and_then(Value::as_str)
+                        .map(str::to_owned);
+                    store.delete(&t.ty, &ns, name, grace, uid.as_deref(), rv.as_deref())
+                }
+                _ => return method_not_allowed(&method),
+            }
+        }
+        (Some(_), Some(_), _) => return not_found_path(),
+        _ => return method_not_allowed(&method),
+    };
+    match result {
+        Ok(v) => ok(v),
+        Err(e) => error(&e),
+    }
+}
+
+fn watch_line(kind: &str, object: &Value) -> Bytes {
+    let mut line = json!({"type": kind, "object": object}).to_string();
+    line.push('\n');
+    Bytes::from(line)
+}
+
+fn watch_response(
+    shared: Arc<Shared>,
+    ty: &TypeInfo,
+    namespace: Option<&str>,
+    opts: &ListOptions,
+    params: &[(String, String)],
+) -> Response<Body> {
+    let filter = match Filter::new(ty, namespace, opts) {
+        Ok(f) => f,
+        Err(e) => return error(&e),
+    };
+    let start = match shared
+        .store
+        .watch(ty, &filter, opts.resource_version.as_deref())
+    {
+        Ok(s) => s,
+        Err(e) => return error(&e),
+    };
+    let bookmarks = truthy(q(params, "allowWatchBookmarks"));
+    let timeout = q(params, "timeoutSeconds")
+        .and_then(|t| t.parse::<u64>().ok())
+        .map(Duration::from_secs)
+        .unwrap_or(Duration::from_secs(1800));
+    let (tx, rx) = mpsc::channel::<Bytes>(1024);
+    let ty = ty.clone();
+    let mut epoch = shared.watch_epoch.subscribe();
+    tokio::spawn(async move {
+        let store::WatchStart {
+            initial,
+            after,
+            mut rx,
+            expired,
+        } = start;
+        if let Some(e) = expired {
+            let _ = tx.send(watch_line("ERROR", &e.status_json())).await;
+            return;
+        }
+        let mut last = after;
+        for (kind, obj) in initial {
+            if let Some(rv) = obj
+                .pointer("/metadata/resourceVersion")
+                .and_then(Value::as_str)
+                .and_then(|r| r.parse::<u64>().ok())
+            {
+                last = last.max(rv);
+            }
+            if tx.send(watch_line(kind.as_str(), &obj)).await.is_err() {
+                return;
+            }
+        }
+        let deadline = tokio::time::sleep(timeout);
+        tokio::pin!(deadline);
+        let mut bookmark = tokio::time::interval(shared.bookmark_interval);
+        bookmark.tick().await;
+        let deliver = |ev: &store::Event| -> Option<Bytes> {
+            if ev.rv <= after || ev.group != ty.group || ev.plural != ty.plural {
+                return None;
+            }
+            let kind: EventType = transition(ev, &filter)?;
+            Some(watch_line(
+                kind.as_str(),
+                &store::with_type(&ty, ev.object.clone()),
+            ))
+        };
+        loop {
+            tokio::select! {
+                _ = &mut deadline => return,
+                _ = epoch.changed() => return,
+                _ = tx.closed() => return,
+                ev = rx.recv() => match ev {
+                    Ok(ev) => {
+                        last = last.max(ev.rv);
+                        if let Some(line) = deliver(&ev) && tx.send(line).await.is_err() {
+                            return;
+                        }
+                    }
+                    // A watcher that cannot keep up is closed; it re-watches from its last
+                    // resourceVersion, as with a real server.
+                    Err(broadcast::error::RecvError::Lagged(_)) | Err(broadcast::error::RecvError::Closed) => return,
+                },
+                _ = bookmark.tick(), if bookmarks => {
+                    // Everything committed up to `now` is already in `rx`: deliver it first.
+                    let now = shared.store.current_rv();
+                    loop {
+                        match rx.try_recv() {
+                            Ok(ev) => {
+                                last = last.max(ev.rv);
+                                if let Some(line) = deliver(&ev) && tx.send(line).await.is_err() {
+                                    return;
+                                }
+                            }
+                            Err(broadcast::error::TryRecvError::Empty) => break,
+                            Err(_) => return,
+                        }
+                    }
+                    let rv = now.max(last);
+                    let obj = json!({"kind": ty.kind, "apiVersion": ty.api_version(), "metadata": {"resourceVersion": rv.to_string()}});
+                    if tx.send(watch_line("BOOKMARK", &obj)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv()
+            .await
+            .map(|b| (Ok::<_, Infallible>(Frame::data(b)), rx))
+    });
+    let mut r = Response::new(BodyExt::boxed(StreamBody::new(stream)));
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    r
+}
