@@ -5,10 +5,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use cloudcore::cloudhub::{self, CloudHubOptions, HubSettings, QueueLimits, Upstream, certs};
+use cloudcore::cloudhub::{CloudHubOptions, HubSettings, QueueLimits, certs};
 use cloudcore::config::CloudCoreConfig;
+use cloudcore::edgecontroller::EdgeControllerSettings;
+use cloudcore::server::CloudCoreOptions;
 use kedge_common::wire::WireCodec;
-use tokio_util::sync::CancellationToken;
 
 /// Loads (or creates) the CA, server certificate and token secret where the config says.
 pub async fn load_pki(cfg: &CloudCoreConfig) -> anyhow::Result<certs::CloudPki> {
@@ -34,10 +35,10 @@ fn listen_addr(address: &str, port: u16) -> anyhow::Result<SocketAddr> {
 
 pub async fn run(cfg: CloudCoreConfig) -> anyhow::Result<()> {
     let hub_cfg = &cfg.modules.cloud_hub;
+    let client = cloudcore::kubeclient::client(&cfg.kube_api_config).await?;
     let pki = Arc::new(load_pki(&cfg).await?);
     tracing::info!(ca_hash = %pki.ca.cert_hash(), "PKI ready");
-    let shutdown = CancellationToken::new();
-    let opts = CloudHubOptions {
+    let hub = CloudHubOptions {
         websocket_addr: listen_addr(&hub_cfg.websocket.address, hub_cfg.websocket.port)?,
         bootstrap_addr: if hub_cfg.https.enable {
             Some(listen_addr(&hub_cfg.https.address, hub_cfg.https.port)?)
@@ -54,42 +55,25 @@ pub async fn run(cfg: CloudCoreConfig) -> anyhow::Result<()> {
         node_cert_validity: Duration::from_secs(hub_cfg.edge_cert_signing_duration * 86_400),
         upstream_capacity: 4096,
     };
-    let mut running = cloudhub::start(pki, opts, shutdown.clone()).await?;
+    let opts = CloudCoreOptions {
+        hub,
+        namespace: hub_cfg.namespace.clone(),
+        edge: EdgeControllerSettings {
+            node_update_frequency: Duration::from_secs(
+                cfg.modules.edge_controller.node_update_frequency,
+            ),
+            ..EdgeControllerSettings::default()
+        },
+    };
+    let running = cloudcore::server::start(client, pki, opts).await?;
     tracing::info!(
         websocket = %running.websocket_addr,
         bootstrap = ?running.bootstrap_addr,
         "cloudhub listening"
     );
-
-    // The controllers (edgecontroller, synccontroller) consume this channel once they land;
-    // until then cloudcore logs what its nodes say.
-    let mut upstream = running.upstream;
-    let consumer = tokio::spawn(async move {
-        while let Some(event) = upstream.recv().await {
-            match event {
-                Upstream::Connected { node } => tracing::info!(%node, "node connected"),
-                Upstream::Disconnected { node } => tracing::info!(%node, "node disconnected"),
-                Upstream::Message { node, message } => tracing::debug!(
-                    %node,
-                    resource = %message.route.resource,
-                    operation = %message.route.operation,
-                    "message from node"
-                ),
-                Upstream::Acked { node, acked } => tracing::debug!(
-                    %node,
-                    object = %acked.key.name,
-                    resource_version = %acked.resource_version,
-                    "acked"
-                ),
-            }
-        }
-    });
-
     wait_for_signal().await;
     tracing::info!("shutting down");
-    shutdown.cancel();
-    while running.tasks.join_next().await.is_some() {}
-    consumer.abort();
+    running.stop().await;
     Ok(())
 }
 

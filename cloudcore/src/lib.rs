@@ -3,4 +3,7 @@
 
 pub mod cloudhub;
 pub mod config;
+pub mod edgecontroller;
 pub mod kubeclient;
+pub mod server;
+pub mod synccontroller;

@@ -171,6 +171,12 @@ impl CloudHubHandle {
         nodes.get(node).map_or(0, |s| s.queue().outstanding())
     }
 
+    /// Seeds what `node` is known to hold (from persisted sync state), so unchanged objects are
+    /// not sent again.
+    pub fn seed_acked(&self, node: &str, key: ObjectKey, rv: String) {
+        self.hub.slot(node).queue().seed_acked(key, rv);
+    }
+
     /// The resourceVersion `node` last acked for `key`, as far as this process has seen.
     pub fn last_acked(&self, node: &str, key: &ObjectKey) -> Option<String> {
         let nodes = self.hub.nodes.lock().unwrap_or_else(|p| p.into_inner());

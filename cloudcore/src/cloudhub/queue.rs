@@ -83,8 +83,9 @@ struct Entry {
     pending: Option<Message>,
     /// msg_id of the version in flight.
     in_flight: Option<String>,
-    /// resourceVersion of the version in flight.
-    in_flight_rv: Option<String>,
+    /// resourceVersion of the version in flight, and whether it is a delete.
+    in_flight_rv: Option<(String, bool)>,
+    /// The last version the node acknowledged (never a delete: acked deletes are forgotten).
     last_acked_rv: Option<String>,
 }
 
@@ -104,6 +105,16 @@ pub fn rv_is_newer(candidate: &str, than: &str) -> bool {
         (Ok(a), Ok(b)) => a > b,
         _ => candidate != than,
     }
+}
+
+/// Whether a message supersedes a known state of the same object: a newer resourceVersion, or
+/// the same version flipping between present and deleted (the cloud removes an object a node no
+/// longer needs at the version it holds, and may send that version again later).
+pub fn supersedes(rv: &str, is_delete: bool, known_rv: &str, known_delete: bool) -> bool {
+    if rv.is_empty() || known_rv.is_empty() {
+        return true;
+    }
+    rv_is_newer(rv, known_rv) || (rv == known_rv && is_delete != known_delete)
 }
 
 #[derive(Debug)]
@@ -151,19 +162,20 @@ impl NodeQueue {
             });
         }
         let rv = msg.header.resource_version.clone();
+        let is_delete = msg.route.operation == Operation::Delete;
         let entry = self.entries.entry(key.clone()).or_default();
-        let newer_than = |old: &Option<String>| match old {
-            Some(old) if !rv.is_empty() => rv_is_newer(&rv, old),
-            _ => true,
+        let beats = |known: Option<(String, bool)>| match known {
+            Some((krv, kdel)) => supersedes(&rv, is_delete, &krv, kdel),
+            None => true,
         };
-        let pending_rv = entry
-            .pending
-            .as_ref()
-            .map(|m| m.header.resource_version.clone());
-        if !newer_than(&entry.last_acked_rv)
-            || !newer_than(&entry.in_flight_rv)
-            || !newer_than(&pending_rv)
-        {
+        let pending = entry.pending.as_ref().map(|m| {
+            (
+                m.header.resource_version.clone(),
+                m.route.operation == Operation::Delete,
+            )
+        });
+        let acked = entry.last_acked_rv.clone().map(|r| (r, false));
+        if !beats(acked) || !beats(entry.in_flight_rv.clone()) || !beats(pending) {
             return Ok(Pushed::Stale);
         }
         let was_pending = entry.pending.replace(msg).is_some();
@@ -218,7 +230,10 @@ impl NodeQueue {
                 self.in_flight.remove(&old);
             }
             entry.in_flight = Some(msg.header.id.clone());
-            entry.in_flight_rv = Some(msg.header.resource_version.clone());
+            entry.in_flight_rv = Some((
+                msg.header.resource_version.clone(),
+                msg.route.operation == Operation::Delete,
+            ));
             let mut backoff = Backoff::new(self.limits.ack_timeout, self.limits.max_retry_interval);
             let due = now + backoff.next_plain();
             self.in_flight.insert(
@@ -299,6 +314,19 @@ impl NodeQueue {
                 .values()
                 .filter(|e| e.pending.is_some())
                 .count()
+    }
+
+    /// Records that the node already holds `key` at `rv` (known from persisted sync state after
+    /// a cloudcore restart), so pushing that version again is [`Pushed::Stale`].
+    pub fn seed_acked(&mut self, key: ObjectKey, rv: String) {
+        let entry = self.entries.entry(key).or_default();
+        let newer = entry
+            .last_acked_rv
+            .as_ref()
+            .is_none_or(|old| rv_is_newer(&rv, old));
+        if newer {
+            entry.last_acked_rv = Some(rv);
+        }
     }
 
     pub fn last_acked(&self, key: &ObjectKey) -> Option<&str> {
@@ -448,6 +476,23 @@ mod tests {
         let acked = q.ack(&sent.header.id).unwrap();
         assert_eq!(acked.operation, Operation::Delete);
         assert_eq!(q.tracked_objects(), 0);
+    }
+
+    #[test]
+    fn the_same_version_may_flip_between_present_and_deleted() {
+        let mut q = NodeQueue::new("n1", limits());
+        let t = Instant::now();
+        q.push(Some(key("a")), msg("a", 5)).unwrap();
+        let sent = q.next_to_send(t).unwrap();
+        q.ack(&sent.header.id);
+        let mut del = msg("a", 5);
+        del.route.operation = Operation::Delete;
+        assert_eq!(q.push(Some(key("a")), del.clone()).unwrap(), Pushed::Queued);
+        assert_eq!(q.push(Some(key("a")), del).unwrap(), Pushed::Stale);
+        let sent = q.next_to_send(t).unwrap();
+        q.ack(&sent.header.id);
+        // Needed again at the same version: sent again.
+        assert_eq!(q.push(Some(key("a")), msg("a", 5)).unwrap(), Pushed::Queued);
     }
 
     #[test]

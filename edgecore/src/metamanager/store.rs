@@ -60,6 +60,16 @@ pub fn rv_newer(candidate: &str, stored: &str) -> bool {
     }
 }
 
+/// Whether a message changes what the store holds: a newer version, or the same version
+/// flipping between present and deleted (the cloud removes an object the node no longer needs at
+/// the version the node holds, and may send that same version again when it is needed again).
+pub fn supersedes(rv: &str, is_delete: bool, stored_rv: &str, stored_deleted: bool) -> bool {
+    if rv.is_empty() || stored_rv.is_empty() {
+        return true;
+    }
+    rv_newer(rv, stored_rv) || (rv == stored_rv && is_delete != stored_deleted)
+}
+
 /// In-memory store: correct semantics (newest version wins, deletes remembered as tombstones
 /// so a late insert cannot resurrect an object) without durability.
 #[derive(Debug, Default)]
@@ -103,13 +113,13 @@ impl MemoryStore {
         let key = path.edge_str().to_owned();
         let rv = message_rv(msg);
         let mut objects = self.objects.lock().unwrap_or_else(|p| p.into_inner());
-        let stored_rv = objects.get(&key).map(|e| match e {
-            Entry::Live(o) => o.resource_version.clone(),
-            Entry::Deleted { resource_version } => resource_version.clone(),
+        let stored = objects.get(&key).map(|e| match e {
+            Entry::Live(o) => (o.resource_version.clone(), false),
+            Entry::Deleted { resource_version } => (resource_version.clone(), true),
         });
-        if let Some(stored) = &stored_rv
-            && !rv.is_empty()
-            && !rv_newer(&rv, stored)
+        let is_delete = msg.route.operation == Operation::Delete;
+        if let Some((stored_rv, stored_deleted)) = &stored
+            && !supersedes(&rv, is_delete, stored_rv, *stored_deleted)
         {
             return Ok(Applied::Stale);
         }
@@ -184,5 +194,14 @@ mod tests {
         );
         assert!(s.get("default/pod/web").is_none());
         assert!(s.apply(&m(Operation::Query, 9)).await.is_err());
+        // Removed at the version held, then needed again at that version.
+        assert_eq!(
+            s.apply(&m(Operation::Insert, 4)).await.unwrap(),
+            Applied::Stored
+        );
+        assert_eq!(
+            s.apply(&m(Operation::Insert, 4)).await.unwrap(),
+            Applied::Stale
+        );
     }
 }

@@ -5,9 +5,11 @@
 //! - [`proxy::ChaosProxy`]: a loopback TCP proxy that can cut every connection or refuse new ones,
 //!   to kill links mid-stream and simulate an unreachable cloud.
 //! - [`cloud::TestCloud`]: cloudhub started in-process with a throw-away PKI on random ports.
-//! - [`cloud::RawEdge`]: a bare WebSocket client with a node certificate, for protocol-level tests.
+//! - [`edge::TestEdge`]: a real EdgeHub with a [`edge::RecordingStore`].
+//! - [`cloud::raw_connect`]: a bare WebSocket client with a node certificate, for protocol-level tests.
 #![forbid(unsafe_code)]
 
 pub mod apiserver;
 pub mod cloud;
+pub mod edge;
 pub mod proxy;

@@ -1,92 +1,36 @@
 //! The cloud–edge link end to end: real TLS on loopback, cloudhub and edgehub in-process.
 #![allow(clippy::unwrap_used)]
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cloudcore::cloudhub::{HubSettings, ObjectKey, Upstream};
 use edgecore::edgehub::credentials::{self, CredentialError, NodeCredentials};
-use edgecore::edgehub::outbox::{MemoryOutbox, Outbox};
-use edgecore::edgehub::{EdgeHub, EdgeHubSettings, LinkState};
-use edgecore::metamanager::store::{Applied, MemoryStore, ObjectStore, StoreError};
+use edgecore::edgehub::outbox::Outbox;
+use edgecore::edgehub::{EdgeHubSettings, LinkState};
+use edgecore::metamanager::store::{MemoryStore, ObjectStore};
 use futures_util::{SinkExt, StreamExt};
 use kedge_common::pki::JoinToken;
 use kedge_common::{Message, Operation};
 use kedge_e2e::cloud::{TestCloud, raw_connect};
+use kedge_e2e::edge::{RecordingStore, TestEdge, fast_settings};
 use kedge_e2e::proxy::ChaosProxy;
 use serde_json::json;
 use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::Message as Frame;
-use tokio_util::sync::CancellationToken;
 
 const T: Duration = Duration::from_secs(20);
 
-/// Delegates to [`MemoryStore`] and records every version it actually stored, per object.
-#[derive(Default)]
-struct RecordingStore {
-    inner: MemoryStore,
-    applied: Mutex<HashMap<String, Vec<u64>>>,
-}
-
-impl ObjectStore for RecordingStore {
-    async fn apply(&self, msg: &Message) -> Result<Applied, StoreError> {
-        let r = self.inner.apply(msg).await?;
-        if r == Applied::Stored {
-            let rv = msg.header.resource_version.parse().unwrap_or(0);
-            self.applied
-                .lock()
-                .unwrap()
-                .entry(msg.route.resource.clone())
-                .or_default()
-                .push(rv);
-        }
-        Ok(r)
-    }
-}
-
 fn edge_settings(server: std::net::SocketAddr, node: &str) -> EdgeHubSettings {
-    let mut s = EdgeHubSettings::new(server.to_string(), node);
-    s.heartbeat = Duration::from_millis(500);
-    s.backoff_initial = Duration::from_millis(10);
-    s.backoff_max = Duration::from_millis(100);
-    s
-}
-
-struct RunningEdge<S: ObjectStore> {
-    store: Arc<S>,
-    outbox: Arc<MemoryOutbox>,
-    link: watch::Receiver<LinkState>,
-    stop: CancellationToken,
-}
-
-impl<S: ObjectStore> Drop for RunningEdge<S> {
-    fn drop(&mut self) {
-        self.stop.cancel();
-    }
+    fast_settings(server, node)
 }
 
 fn start_edge<S: ObjectStore>(
     settings: EdgeHubSettings,
     creds: NodeCredentials,
     store: Arc<S>,
-) -> RunningEdge<S> {
-    let outbox = Arc::new(MemoryOutbox::new());
-    let hub = EdgeHub::new(
-        settings,
-        Arc::new(RwLock::new(creds)),
-        store.clone(),
-        outbox.clone(),
-    );
-    let link = hub.link_state();
-    let stop = CancellationToken::new();
-    tokio::spawn(hub.run(stop.clone()));
-    RunningEdge {
-        store,
-        outbox,
-        link,
-        stop,
-    }
+) -> TestEdge<S> {
+    TestEdge::start(settings, creds, store)
 }
 
 async fn wait_link(link: &mut watch::Receiver<LinkState>, want: LinkState) {

@@ -1,0 +1,846 @@
+//! edgecontroller: the cluster → node and node → cluster halves of cloudcore.
+//!
+//! Down: kube-runtime watchers (with backoff) on edge Nodes, bound Pods, ConfigMaps and Secrets
+//! feed one event loop, which decides what each edge node must hold: its pods and every
+//! ConfigMap/Secret they reference, sent *before* the pod. Changes go into the node's CloudHub
+//! queue; a referenced object no pod on a node needs any more is deleted from that node. After a
+//! re-list (watch expired, cloudcore restarted) objects that did not reappear are treated as
+//! deleted, and objects a node acknowledged before a restart but that are gone now are deleted
+//! from it (synccontroller), so nothing is orphaned on the edge.
+//!
+//! Up: a connecting node gets its Node object (edge role label) and a Lease it renews while
+//! connected; node status reports patch the Node's status; pod status reports patch the pod's
+//! status subresource (kubelet-owned fields only) after checking that the pod is bound to the
+//! reporting node; a terminating pod whose containers all stopped is deleted with grace period 0.
+
+pub mod refs;
+mod upstream;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Secret};
+use kedge_common::{Message, Operation};
+use kube::api::{Api, DeleteParams, ListParams, Preconditions};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Resource, ResourceExt};
+use serde::Serialize;
+use serde_json::Value;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::cloudhub::{CloudHubHandle, ObjectKey, Pushed, Upstream};
+use crate::synccontroller::SyncState;
+use refs::{ObjectRef, RefKind, pod_refs};
+
+/// The label marking edge nodes.
+pub const EDGE_ROLE_LABEL: &str = "node-role.kubernetes.io/edge";
+pub const SOURCE: &str = "edgecontroller";
+
+/// Counters for tests, benchmarks and logs.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Messages queued for nodes.
+    pub queued: AtomicU64,
+    /// Versions not sent because the node already holds them (or newer).
+    pub unchanged: AtomicU64,
+    /// Pod status reports applied / refused.
+    pub pod_status_applied: AtomicU64,
+    pub pod_status_refused: AtomicU64,
+    pub lease_renewals: AtomicU64,
+}
+
+#[derive(Debug, Clone)]
+pub struct EdgeControllerSettings {
+    /// Seconds between Lease renewals for connected nodes.
+    pub node_update_frequency: Duration,
+    pub lease_duration_seconds: i32,
+}
+
+impl Default for EdgeControllerSettings {
+    fn default() -> Self {
+        EdgeControllerSettings {
+            node_update_frequency: Duration::from_secs(10),
+            lease_duration_seconds: 40,
+        }
+    }
+}
+
+/// Everything the event loop reacts to. Kubernetes objects are large: boxed.
+enum Input {
+    Nodes(Box<watcher::Event<Node>>),
+    Pods(Box<watcher::Event<Pod>>),
+    ConfigMaps(Box<watcher::Event<ConfigMap>>),
+    Secrets(Box<watcher::Event<Secret>>),
+    Hub(Upstream),
+}
+
+type NsName = (String, String);
+
+fn ns_name<K: Resource>(obj: &K) -> NsName {
+    (
+        obj.meta().namespace.clone().unwrap_or_default(),
+        obj.meta().name.clone().unwrap_or_default(),
+    )
+}
+
+struct PodEntry {
+    pod: Pod,
+    node: String,
+    refs: Vec<ObjectRef>,
+}
+
+/// Tracks a watcher's re-list: keys seen between `Init` and `InitDone`.
+#[derive(Default)]
+struct Relist {
+    seen: Option<HashSet<NsName>>,
+    done_once: bool,
+}
+
+impl Relist {
+    fn init(&mut self) {
+        self.seen = Some(HashSet::new());
+    }
+    fn saw(&mut self, k: NsName) {
+        if let Some(s) = &mut self.seen {
+            s.insert(k);
+        }
+    }
+    /// The set seen by the finished re-list.
+    fn done(&mut self) -> HashSet<NsName> {
+        self.done_once = true;
+        self.seen.take().unwrap_or_default()
+    }
+}
+
+/// The shared state behind the event loop, readable for Lease renewal and status checks.
+pub struct Shared {
+    pub connected: Mutex<HashSet<String>>,
+    /// Pods bound to edge nodes: (namespace, name) → (node, uid).
+    pub pod_owner: Mutex<HashMap<NsName, (String, String)>>,
+}
+
+pub struct EdgeController {
+    client: kube::Client,
+    hub: CloudHubHandle,
+    sync: Arc<SyncState>,
+    settings: EdgeControllerSettings,
+    pub stats: Arc<Stats>,
+    shared: Arc<Shared>,
+}
+
+struct Loop {
+    client: kube::Client,
+    hub: CloudHubHandle,
+    sync: Arc<SyncState>,
+    stats: Arc<Stats>,
+    shared: Arc<Shared>,
+    edge_nodes: BTreeMap<String, Node>,
+    pods: HashMap<NsName, PodEntry>,
+    configmaps: HashMap<NsName, ConfigMap>,
+    secrets: HashMap<NsName, Secret>,
+    /// For each referenced object: which nodes need it, and by how many pods.
+    holders: HashMap<ObjectRef, BTreeMap<String, usize>>,
+    relists: [Relist; 4],
+    orphans_checked: bool,
+}
+
+impl EdgeController {
+    pub fn new(
+        client: kube::Client,
+        hub: CloudHubHandle,
+        sync: Arc<SyncState>,
+        settings: EdgeControllerSettings,
+    ) -> Self {
+        EdgeController {
+            client,
+            hub,
+            sync,
+            settings,
+            stats: Arc::new(Stats::default()),
+            shared: Arc::new(Shared {
+                connected: Mutex::new(HashSet::new()),
+                pod_owner: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    /// Runs until `shutdown`. `upstream` is CloudHub's channel.
+    pub async fn run(self, mut upstream: mpsc::Receiver<Upstream>, shutdown: CancellationToken) {
+        // What nodes held before a restart: unchanged objects will not be sent again.
+        for node in self.sync.nodes() {
+            for o in self.sync.acked_objects(&node) {
+                self.hub.seed_acked(&node, o.key(), o.rv.clone());
+            }
+        }
+
+        let (tx, mut rx) = mpsc::channel::<Input>(1024);
+        let strip = |m: &mut kube::api::ObjectMeta| m.managed_fields = None;
+        let c = &self.client;
+        let wc = watcher::Config::default().any_semantic();
+        spawn_watch(
+            watcher(
+                Api::<Node>::all(c.clone()),
+                watcher::Config::default().labels(EDGE_ROLE_LABEL),
+            )
+            .default_backoff()
+            .modify(move |n| strip(n.meta_mut())),
+            tx.clone(),
+            |e| Input::Nodes(Box::new(e)),
+            shutdown.clone(),
+        );
+        spawn_watch(
+            watcher(
+                Api::<Pod>::all(c.clone()),
+                wc.clone().fields("spec.nodeName!="),
+            )
+            .default_backoff()
+            .modify(move |p| strip(p.meta_mut())),
+            tx.clone(),
+            |e| Input::Pods(Box::new(e)),
+            shutdown.clone(),
+        );
+        spawn_watch(
+            watcher(Api::<ConfigMap>::all(c.clone()), wc.clone())
+                .default_backoff()
+                .modify(move |o| strip(o.meta_mut())),
+            tx.clone(),
+            |e| Input::ConfigMaps(Box::new(e)),
+            shutdown.clone(),
+        );
+        spawn_watch(
+            watcher(Api::<Secret>::all(c.clone()), wc)
+                .default_backoff()
+                .modify(move |o| strip(o.meta_mut())),
+            tx.clone(),
+            |e| Input::Secrets(Box::new(e)),
+            shutdown.clone(),
+        );
+        let hub_tx = tx.clone();
+        let hub_stop = shutdown.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = hub_stop.cancelled() => return,
+                    ev = upstream.recv() => match ev {
+                        Some(ev) => if hub_tx.send(Input::Hub(ev)).await.is_err() { return },
+                        None => return,
+                    }
+                }
+            }
+        });
+        drop(tx);
+
+        tokio::spawn(upstream::renew_leases(
+            self.client.clone(),
+            self.shared.clone(),
+            self.settings.clone(),
+            self.stats.clone(),
+            shutdown.clone(),
+        ));
+
+        let mut l = Loop {
+            client: self.client.clone(),
+            hub: self.hub.clone(),
+            sync: self.sync.clone(),
+            stats: self.stats.clone(),
+            shared: self.shared.clone(),
+            edge_nodes: BTreeMap::new(),
+            pods: HashMap::new(),
+            configmaps: HashMap::new(),
+            secrets: HashMap::new(),
+            holders: HashMap::new(),
+            relists: Default::default(),
+            orphans_checked: false,
+        };
+        loop {
+            let input = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                i = rx.recv() => match i { Some(i) => i, None => return },
+            };
+            l.handle(input).await;
+        }
+    }
+}
+
+fn spawn_watch<K, S>(
+    stream: S,
+    tx: mpsc::Sender<Input>,
+    wrap: fn(watcher::Event<K>) -> Input,
+    shutdown: CancellationToken,
+) where
+    K: Send + 'static,
+    S: futures_util::Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static,
+{
+    tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        loop {
+            let next = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                n = stream.next() => n,
+            };
+            match next {
+                Some(Ok(ev)) => {
+                    if tx.send(wrap(ev)).await.is_err() {
+                        return;
+                    }
+                }
+                // Retryable: the backoff inside the stream waits before the next attempt.
+                Some(Err(e)) => tracing::warn!(error = %e, "watch failed; retrying"),
+                None => return,
+            }
+        }
+    });
+}
+
+fn obj_key(kind: &str, namespace: Option<&str>, name: &str, uid: &str) -> ObjectKey {
+    ObjectKey {
+        kind: kind.to_owned(),
+        namespace: namespace.map(str::to_owned),
+        name: name.to_owned(),
+        uid: uid.to_owned(),
+    }
+}
+
+fn rv_of<K: Resource>(obj: &K) -> String {
+    obj.meta().resource_version.clone().unwrap_or_default()
+}
+
+fn to_json<T: Serialize>(obj: &T) -> Value {
+    serde_json::to_value(obj).unwrap_or(Value::Null)
+}
+
+impl Loop {
+    async fn handle(&mut self, input: Input) {
+        match input {
+            Input::Nodes(ev) => self.on_nodes(*ev).await,
+            Input::Pods(ev) => self.on_pods(*ev),
+            Input::ConfigMaps(ev) => self.on_refs(*ev, RefKind::ConfigMap),
+            Input::Secrets(ev) => self.on_refs(*ev, RefKind::Secret),
+            Input::Hub(ev) => self.on_hub(ev),
+        }
+        if !self.orphans_checked && self.relists.iter().all(|r| r.done_once) {
+            self.orphans_checked = true;
+            self.delete_orphans_after_restart();
+        }
+    }
+
+    /// Queues one object version (or delete) for a node.
+    fn send(&self, node: &str, key: ObjectKey, rv: &str, op: Operation, content: Value) {
+        let resource = format!(
+            "node/{node}/{}/{}/{}",
+            key.namespace.as_deref().unwrap_or("null"),
+            key.kind,
+            key.name
+        );
+        let name = key.name.clone();
+        let msg = Message::new(SOURCE, "resource", op, resource, content).with_resource_version(rv);
+        match self.hub.enqueue(Some(key), msg) {
+            Ok(Pushed::Queued) => {
+                self.stats.queued.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(Pushed::Stale) => {
+                self.stats.unchanged.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => tracing::error!(%node, %name, error = %e, "cannot queue for node"),
+        }
+    }
+
+    fn send_ref(&self, node: &str, r: &ObjectRef, op: Operation) {
+        let key = (r.namespace.clone(), r.name.clone());
+        let (obj, meta) = match r.kind {
+            RefKind::ConfigMap => match self.configmaps.get(&key) {
+                Some(o) => (to_json(o), o.metadata.clone()),
+                None => return,
+            },
+            RefKind::Secret => match self.secrets.get(&key) {
+                Some(o) => (to_json(o), o.metadata.clone()),
+                None => return,
+            },
+        };
+        self.send(
+            node,
+            obj_key(
+                r.kind.wire_type(),
+                Some(&r.namespace),
+                &r.name,
+                meta.uid.as_deref().unwrap_or_default(),
+            ),
+            meta.resource_version.as_deref().unwrap_or_default(),
+            op,
+            obj,
+        );
+    }
+
+    /// A node now needs `r` once more; sends it when it is new to the node.
+    fn hold(&mut self, node: &str, r: &ObjectRef) {
+        let count = self
+            .holders
+            .entry(r.clone())
+            .or_default()
+            .entry(node.to_owned())
+            .or_insert(0);
+        *count += 1;
+        if *count == 1 {
+            self.send_ref(node, r, Operation::Insert);
+        }
+    }
+
+    /// A node needs `r` once less; deletes it from the node when no pod there uses it.
+    fn release(&mut self, node: &str, r: &ObjectRef) {
+        let Some(nodes) = self.holders.get_mut(r) else {
+            return;
+        };
+        let Some(count) = nodes.get_mut(node) else {
+            return;
+        };
+        *count = count.saturating_sub(1);
+        if *count == 0 {
+            nodes.remove(node);
+            if nodes.is_empty() {
+                self.holders.remove(r);
+            }
+            self.send_ref_delete(node, r);
+        }
+    }
+
+    fn send_ref_delete(&self, node: &str, r: &ObjectRef) {
+        let key = (r.namespace.clone(), r.name.clone());
+        let found = match r.kind {
+            RefKind::ConfigMap => self
+                .configmaps
+                .get(&key)
+                .map(|o| (to_json(o), o.metadata.clone())),
+            RefKind::Secret => self
+                .secrets
+                .get(&key)
+                .map(|o| (to_json(o), o.metadata.clone())),
+        };
+        let Some((obj, meta)) = found else {
+            // Never reached the node (it did not exist), so nothing to delete.
+            return;
+        };
+        // Deleted at the version the node holds (see `queue::supersedes`).
+        self.send(
+            node,
+            obj_key(
+                r.kind.wire_type(),
+                Some(&r.namespace),
+                &r.name,
+                meta.uid.as_deref().unwrap_or_default(),
+            ),
+            meta.resource_version.as_deref().unwrap_or_default(),
+            Operation::Delete,
+            obj,
+        );
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Nodes
+
+    async fn on_nodes(&mut self, ev: watcher::Event<Node>) {
+        match ev {
+            watcher::Event::Apply(n) | watcher::Event::InitApply(n) => {
+                let name = n.name_any();
+                self.relists[0].saw((String::new(), name.clone()));
+                let new = !self.edge_nodes.contains_key(&name);
+                self.edge_nodes.insert(name.clone(), n.clone());
+                // The node gets its own Node object (for its local API).
+                self.send(
+                    &name,
+                    obj_key(
+                        "node",
+                        None,
+                        &name,
+                        n.metadata.uid.as_deref().unwrap_or_default(),
+                    ),
+                    &rv_of(&n),
+                    Operation::Update,
+                    to_json(&n),
+                );
+                if new {
+                    self.adopt_pods_of(&name).await;
+                }
+            }
+            watcher::Event::Delete(n) => self.node_gone(&n.name_any()),
+            watcher::Event::Init => self.relists[0].init(),
+            watcher::Event::InitDone => {
+                let seen = self.relists[0].done();
+                let gone: Vec<String> = self
+                    .edge_nodes
+                    .keys()
+                    .filter(|n| !seen.contains(&(String::new(), (*n).clone())))
+                    .cloned()
+                    .collect();
+                for n in gone {
+                    self.node_gone(&n);
+                }
+            }
+        }
+    }
+
+    /// A node became an edge node: pick up the pods already bound to it (one list call).
+    async fn adopt_pods_of(&mut self, node: &str) {
+        let api: Api<Pod> = Api::all(self.client.clone());
+        match api
+            .list(&ListParams::default().fields(&format!("spec.nodeName={node}")))
+            .await
+        {
+            Ok(list) => {
+                for mut p in list.items {
+                    p.metadata.managed_fields = None;
+                    if !self.pods.contains_key(&ns_name(&p)) {
+                        self.pod_applied(p);
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(%node, error = %e, "cannot list the pods of a new edge node; the pod watch will deliver changes")
+            }
+        }
+    }
+
+    /// An edge node's Node object is gone: its pods must not be left behind (as the pod GC).
+    fn node_gone(&mut self, node: &str) {
+        self.edge_nodes.remove(node);
+        let victims: Vec<(NsName, String)> = self
+            .pods
+            .iter()
+            .filter(|(_, e)| e.node == node)
+            .map(|(k, e)| (k.clone(), e.pod.metadata.uid.clone().unwrap_or_default()))
+            .collect();
+        if victims.is_empty() {
+            return;
+        }
+        tracing::info!(%node, pods = victims.len(), "edge node deleted; deleting its pods");
+        let client = self.client.clone();
+        tokio::spawn(async move {
+            for ((ns, name), uid) in victims {
+                let api: Api<Pod> = Api::namespaced(client.clone(), &ns);
+                let dp = DeleteParams {
+                    grace_period_seconds: Some(0),
+                    preconditions: Some(Preconditions {
+                        uid: Some(uid),
+                        resource_version: None,
+                    }),
+                    ..DeleteParams::default()
+                };
+                if let Err(e) = api.delete(&name, &dp).await
+                    && !matches!(&e, kube::Error::Api(s) if s.code == 404)
+                {
+                    tracing::warn!(%ns, %name, error = %e, "cannot delete pod of a deleted node");
+                }
+            }
+        });
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Pods
+
+    fn on_pods(&mut self, ev: watcher::Event<Pod>) {
+        match ev {
+            watcher::Event::Apply(p) => self.pod_applied(p),
+            watcher::Event::InitApply(p) => {
+                self.relists[1].saw(ns_name(&p));
+                self.pod_applied(p);
+            }
+            watcher::Event::Delete(p) => self.pod_deleted(&ns_name(&p), Some(p)),
+            watcher::Event::Init => self.relists[1].init(),
+            watcher::Event::InitDone => {
+                let seen = self.relists[1].done();
+                let gone: Vec<NsName> = self
+                    .pods
+                    .keys()
+                    .filter(|k| !seen.contains(*k))
+                    .cloned()
+                    .collect();
+                for k in gone {
+                    self.pod_deleted(&k, None);
+                }
+            }
+        }
+    }
+
+    fn pod_applied(&mut self, pod: Pod) {
+        let key = ns_name(&pod);
+        let Some(node) = pod.spec.as_ref().and_then(|s| s.node_name.clone()) else {
+            return;
+        };
+        if !self.edge_nodes.contains_key(&node) {
+            return;
+        }
+        let refs = pod_refs(&pod);
+        let uid = pod.metadata.uid.clone().unwrap_or_default();
+        let old = self.pods.remove(&key);
+        // A pod with the same name but a new UID is a new pod: the old one is deleted first.
+        let old = match old {
+            Some(o) if o.pod.metadata.uid.as_deref() != Some(uid.as_str()) => {
+                self.pods.insert(key.clone(), o);
+                self.pod_deleted(&key, None);
+                None
+            }
+            other => other,
+        };
+        let old_refs = old.as_ref().map(|o| o.refs.clone()).unwrap_or_default();
+        // Referenced objects first, so the node has them before the pod.
+        for r in refs.iter().filter(|r| !old_refs.contains(r)) {
+            self.hold(&node, r);
+        }
+        let op = if old.is_some() {
+            Operation::Update
+        } else {
+            Operation::Insert
+        };
+        self.send(
+            &node,
+            obj_key("pod", Some(&key.0), &key.1, &uid),
+            &rv_of(&pod),
+            op,
+            to_json(&pod),
+        );
+        for r in old_refs.iter().filter(|r| !refs.contains(r)) {
+            self.release(&node, r);
+        }
+        self.shared
+            .pod_owner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key.clone(), (node.clone(), uid));
+        self.pods.insert(key, PodEntry { pod, node, refs });
+    }
+
+    /// The pod is gone from the cluster: delete it on its node and release what it referenced.
+    fn pod_deleted(&mut self, key: &NsName, last: Option<Pod>) {
+        let Some(entry) = self.pods.remove(key) else {
+            return;
+        };
+        self.shared
+            .pod_owner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(key);
+        // A DELETED event carries the deletion's version; a delete found by re-list is sent at the
+        // version the node holds.
+        let pod = last.unwrap_or(entry.pod);
+        let rv = rv_of(&pod);
+        self.send(
+            &entry.node,
+            obj_key(
+                "pod",
+                Some(&key.0),
+                &key.1,
+                pod.metadata.uid.as_deref().unwrap_or_default(),
+            ),
+            &rv,
+            Operation::Delete,
+            to_json(&pod),
+        );
+        for r in &entry.refs {
+            self.release(&entry.node, r);
+        }
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // ConfigMaps and Secrets
+
+    fn on_refs<K>(&mut self, ev: watcher::Event<K>, kind: RefKind)
+    where
+        K: Resource + Clone + Serialize,
+        Self: RefCache<K>,
+    {
+        let idx = match kind {
+            RefKind::ConfigMap => 2,
+            RefKind::Secret => 3,
+        };
+        match ev {
+            watcher::Event::Apply(o) => self.ref_applied(o, kind),
+            watcher::Event::InitApply(o) => {
+                self.relists[idx].saw(ns_name(&o));
+                self.ref_applied(o, kind);
+            }
+            watcher::Event::Delete(o) => self.ref_deleted(ns_name(&o), kind),
+            watcher::Event::Init => self.relists[idx].init(),
+            watcher::Event::InitDone => {
+                let seen = self.relists[idx].done();
+                let gone: Vec<NsName> = <Self as RefCache<K>>::keys(self)
+                    .into_iter()
+                    .filter(|k| !seen.contains(k))
+                    .collect();
+                for k in gone {
+                    self.ref_deleted(k, kind.clone());
+                }
+            }
+        }
+    }
+
+    fn ref_applied<K>(&mut self, obj: K, kind: RefKind)
+    where
+        K: Resource + Clone + Serialize,
+        Self: RefCache<K>,
+    {
+        let key = ns_name(&obj);
+        let r = ObjectRef {
+            kind,
+            namespace: key.0.clone(),
+            name: key.1.clone(),
+        };
+        <Self as RefCache<K>>::put(self, key, obj);
+        let nodes: Vec<String> = self
+            .holders
+            .get(&r)
+            .map(|m| m.keys().cloned().collect())
+            .unwrap_or_default();
+        for node in nodes {
+            self.send_ref(&node, &r, Operation::Update);
+        }
+    }
+
+    fn ref_deleted(&mut self, key: NsName, kind: RefKind) {
+        let r = ObjectRef {
+            kind,
+            namespace: key.0.clone(),
+            name: key.1.clone(),
+        };
+        let nodes: Vec<String> = self
+            .holders
+            .get(&r)
+            .map(|m| m.keys().cloned().collect())
+            .unwrap_or_default();
+        for node in &nodes {
+            self.send_ref_delete(node, &r);
+        }
+        // Pods still reference it by name: if it comes back, they get it again.
+        match r.kind {
+            RefKind::ConfigMap => {
+                self.configmaps.remove(&key);
+            }
+            RefKind::Secret => {
+                self.secrets.remove(&key);
+            }
+        }
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Restart: deletes for objects nodes acknowledged earlier that are gone now
+
+    fn delete_orphans_after_restart(&mut self) {
+        let mut deletes = 0;
+        for node in self.sync.nodes() {
+            for o in self.sync.acked_objects(&node) {
+                let still_wanted = match o.kind.as_str() {
+                    "pod" => self
+                        .pods
+                        .get(&(o.namespace.clone().unwrap_or_default(), o.name.clone()))
+                        .is_some_and(|e| {
+                            e.node == node && e.pod.metadata.uid.as_deref() == Some(o.uid.as_str())
+                        }),
+                    "configmap" | "secret" => {
+                        let kind = if o.kind == "configmap" {
+                            RefKind::ConfigMap
+                        } else {
+                            RefKind::Secret
+                        };
+                        let r = ObjectRef {
+                            kind: kind.clone(),
+                            namespace: o.namespace.clone().unwrap_or_default(),
+                            name: o.name.clone(),
+                        };
+                        let held = self.holders.get(&r).is_some_and(|m| m.contains_key(&node));
+                        let key = (r.namespace.clone(), r.name.clone());
+                        let uid_now = match kind {
+                            RefKind::ConfigMap => self
+                                .configmaps
+                                .get(&key)
+                                .and_then(|c| c.metadata.uid.clone()),
+                            RefKind::Secret => {
+                                self.secrets.get(&key).and_then(|c| c.metadata.uid.clone())
+                            }
+                        };
+                        held && uid_now.as_deref() == Some(o.uid.as_str())
+                    }
+                    "node" => self
+                        .edge_nodes
+                        .get(&node)
+                        .is_some_and(|n| n.metadata.uid.as_deref() == Some(o.uid.as_str())),
+                    _ => true,
+                };
+                if still_wanted {
+                    continue;
+                }
+                let rv = o.rv.clone();
+                let content = serde_json::json!({
+                    "metadata": {"name": o.name, "namespace": o.namespace, "uid": o.uid}
+                });
+                self.send(
+                    &node,
+                    obj_key(&o.kind, o.namespace.as_deref(), &o.name, &o.uid),
+                    &rv,
+                    Operation::Delete,
+                    content,
+                );
+                deletes += 1;
+            }
+        }
+        tracing::info!(
+            deletes,
+            unchanged = self.stats.unchanged.load(Ordering::Relaxed),
+            "initial sync done; objects deleted while cloudcore was away sent as deletes"
+        );
+    }
+
+    fn on_hub(&mut self, ev: Upstream) {
+        match ev {
+            Upstream::Connected { node } => {
+                self.shared
+                    .connected
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(node.clone());
+                tokio::spawn(upstream::ensure_node(self.client.clone(), node));
+            }
+            Upstream::Disconnected { node } => {
+                self.shared
+                    .connected
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&node);
+            }
+            Upstream::Acked { node, acked } => self.sync.record(&node, &acked),
+            Upstream::Message { node, message } => {
+                let client = self.client.clone();
+                let shared = self.shared.clone();
+                let stats = self.stats.clone();
+                tokio::spawn(async move {
+                    upstream::handle_report(client, shared, stats, &node, *message).await;
+                });
+            }
+        }
+    }
+}
+
+/// Access to the ConfigMap and Secret caches by type.
+trait RefCache<K> {
+    fn put(&mut self, key: NsName, obj: K);
+    fn keys(&self) -> Vec<NsName>;
+}
+
+impl RefCache<ConfigMap> for Loop {
+    fn put(&mut self, key: NsName, obj: ConfigMap) {
+        self.configmaps.insert(key, obj);
+    }
+    fn keys(&self) -> Vec<NsName> {
+        self.configmaps.keys().cloned().collect()
+    }
+}
+
+impl RefCache<Secret> for Loop {
+    fn put(&mut self, key: NsName, obj: Secret) {
+        self.secrets.insert(key, obj);
+    }
+    fn keys(&self) -> Vec<NsName> {
+        self.secrets.keys().cloned().collect()
+    }
+}

@@ -1,0 +1,403 @@
+//! Node → cluster: the Node object of a joining node, its Lease, node status and pod status.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kedge_common::{Message, ResourcePath};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams, Preconditions};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+use super::{EDGE_ROLE_LABEL, EdgeControllerSettings, Shared, Stats};
+
+const LEASE_NAMESPACE: &str = "kube-node-lease";
+
+fn is_status(e: &kube::Error, code: u16) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == code)
+}
+
+/// Retries an API call on conflicts and server errors (3 attempts, short backoff).
+async fn retry<T, F, Fut>(what: &str, mut f: F) -> Result<T, kube::Error>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, kube::Error>>,
+{
+    let mut delay = Duration::from_millis(50);
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match f().await {
+            Ok(v) => return Ok(v),
+            Err(e)
+                if attempt < 3
+                    && (is_status(&e, 409)
+                        || matches!(&e, kube::Error::Api(s) if s.code >= 500)) =>
+            {
+                tracing::debug!(%what, error = %e, "retrying");
+                tokio::time::sleep(delay).await;
+                delay *= 2;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Creates the Node of a joining edge node, or makes sure an existing one carries the edge
+/// role label.
+pub async fn ensure_node(client: kube::Client, node: String) {
+    let api: Api<Node> = Api::all(client);
+    let labels = json!({EDGE_ROLE_LABEL: "", "kubernetes.io/hostname": node});
+    let result = match api.get_opt(&node).await {
+        Ok(Some(existing)) => {
+            let has_label = existing
+                .metadata
+                .labels
+                .as_ref()
+                .is_some_and(|l| l.contains_key(EDGE_ROLE_LABEL));
+            if has_label {
+                return;
+            }
+            api.patch(
+                &node,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"metadata": {"labels": labels}})),
+            )
+            .await
+            .map(|_| ())
+        }
+        Ok(None) => {
+            let obj: Result<Node, _> = serde_json::from_value(json!({
+                "apiVersion": "v1", "kind": "Node",
+                "metadata": {"name": node, "labels": labels},
+                "spec": {}
+            }));
+            match obj {
+                Ok(obj) => match api.create(&PostParams::default(), &obj).await {
+                    Ok(_) => Ok(()),
+                    Err(e) if is_status(&e, 409) => Ok(()),
+                    Err(e) => Err(e),
+                },
+                Err(e) => {
+                    tracing::error!(%node, error = %e, "cannot build the Node object");
+                    return;
+                }
+            }
+        }
+        Err(e) => Err(e),
+    };
+    match result {
+        Ok(()) => tracing::info!(%node, "edge Node registered"),
+        Err(e) => tracing::warn!(%node, error = %e, "cannot register the edge Node"),
+    }
+}
+
+fn micro_time_now() -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let secs = now.as_secs() as i64;
+    let dt =
+        time::OffsetDateTime::from_unix_timestamp(secs).unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z",
+        dt.year(),
+        u8::from(dt.month()),
+        dt.day(),
+        dt.hour(),
+        dt.minute(),
+        dt.second(),
+        now.subsec_micros()
+    )
+}
+
+/// Renews the Lease of one node (creating it the first time), as its kubelet would.
+pub async fn renew_lease(
+    client: &kube::Client,
+    node: &str,
+    duration_seconds: i32,
+) -> Result<(), kube::Error> {
+    let api: Api<Lease> = Api::namespaced(client.clone(), LEASE_NAMESPACE);
+    let now = micro_time_now();
+    let patch = json!({"spec": {"holderIdentity": node, "leaseDurationSeconds": duration_seconds, "renewTime": now}});
+    match api
+        .patch(node, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(e) if is_status(&e, 404) => {
+            // Owned by the Node, so it goes away with it.
+            let nodes: Api<Node> = Api::all(client.clone());
+            let owner =
+                nodes.get_opt(node).await?.and_then(|n| n.metadata.uid).map(
+                    |uid| json!([{"apiVersion": "v1", "kind": "Node", "name": node, "uid": uid}]),
+                );
+            let mut lease = json!({
+                "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                "metadata": {"name": node, "namespace": LEASE_NAMESPACE},
+                "spec": {"holderIdentity": node, "leaseDurationSeconds": duration_seconds, "renewTime": now}
+            });
+            if let Some(o) = owner {
+                lease["metadata"]["ownerReferences"] = o;
+            }
+            let lease: Lease = serde_json::from_value(lease).map_err(kube::Error::SerdeError)?;
+            match api.create(&PostParams::default(), &lease).await {
+                Ok(_) => Ok(()),
+                Err(e) if is_status(&e, 409) => Ok(()),
+                Err(e) => Err(e),
+            }
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Renews the Leases of connected nodes every `node_update_frequency`. A node whose link is gone
+/// is not renewed, so Kubernetes marks it NotReady as usual.
+pub async fn renew_leases(
+    client: kube::Client,
+    shared: Arc<Shared>,
+    settings: EdgeControllerSettings,
+    stats: Arc<Stats>,
+    shutdown: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(settings.node_update_frequency);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let nodes: Vec<String> = shared
+            .connected
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .cloned()
+            .collect();
+        futures_util::stream::iter(nodes)
+            .for_each_concurrent(32, |node| {
+                let client = client.clone();
+                let stats = stats.clone();
+                async move {
+                    match renew_lease(&client, &node, settings.lease_duration_seconds).await {
+                        Ok(()) => {
+                            stats.lease_renewals.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(e) => tracing::warn!(%node, error = %e, "cannot renew Lease"),
+                    }
+                }
+            })
+            .await;
+    }
+}
+
+/// A field of a report in our casing or KubeEdge's Go casing (`status` / `Status`).
+fn field<'a>(v: &'a Value, lower: &str, upper: &str) -> Option<&'a Value> {
+    v.get(lower).or_else(|| v.get(upper))
+}
+
+/// Handles one report from a node (the resource is already tagged with that node).
+pub async fn handle_report(
+    client: kube::Client,
+    shared: Arc<Shared>,
+    stats: Arc<Stats>,
+    node: &str,
+    msg: Message,
+) {
+    let path = match ResourcePath::parse_cloud(&msg.route.resource) {
+        Ok(p) if p.node() == Some(node) => p,
+        Ok(p) => {
+            tracing::warn!(%node, resource = %p, "report names another node; refused");
+            return;
+        }
+        Err(e) => {
+            tracing::warn!(%node, error = %e, "report with a bad resource path; refused");
+            return;
+        }
+    };
+    match path.resource_type() {
+        Some("nodestatus") => node_status(&client, node, &msg.content).await,
+        Some("podstatus") => {
+            let ns = path.namespace().unwrap_or_default().to_owned();
+            let name = path.name().map(str::to_owned);
+            pod_status(&client, &shared, &stats, node, &ns, name, &msg.content).await
+        }
+        other => {
+            tracing::debug!(%node, resource_type = ?other, "report not handled by edgecontroller")
+        }
+    }
+}
+
+async fn node_status(client: &kube::Client, node: &str, content: &Value) {
+    // KubeEdge sends {"UID", "Status", "ExtendResources"}; a Node object works too.
+    let Some(status) = field(content, "status", "Status") else {
+        tracing::warn!(%node, "node status report without a status; refused");
+        return;
+    };
+    let mut patch = json!({"status": {}});
+    for f in [
+        "conditions",
+        "capacity",
+        "allocatable",
+        "nodeInfo",
+        "addresses",
+        "daemonEndpoints",
+        "images",
+    ] {
+        if let Some(v) = status.get(f) {
+            patch["status"][f] = v.clone();
+        }
+    }
+    let api: Api<Node> = Api::all(client.clone());
+    let (pp, merge) = (PatchParams::default(), Patch::Merge(&patch));
+    let r = retry("node status", || api.patch_status(node, &pp, &merge)).await;
+    if let Err(e) = r {
+        tracing::warn!(%node, error = %e, "cannot patch node status");
+        return;
+    }
+    // Architecture and OS labels come from the node's own report.
+    let arch = status
+        .pointer("/nodeInfo/architecture")
+        .and_then(Value::as_str);
+    let os = status
+        .pointer("/nodeInfo/operatingSystem")
+        .and_then(Value::as_str);
+    if arch.is_some() || os.is_some() {
+        let mut labels = serde_json::Map::new();
+        if let Some(a) = arch {
+            labels.insert("kubernetes.io/arch".into(), json!(a));
+            labels.insert("beta.kubernetes.io/arch".into(), json!(a));
+        }
+        if let Some(o) = os {
+            labels.insert("kubernetes.io/os".into(), json!(o));
+            labels.insert("beta.kubernetes.io/os".into(), json!(o));
+        }
+        let p = json!({"metadata": {"labels": labels}});
+        if let Err(e) = api
+            .patch(node, &PatchParams::default(), &Patch::Merge(&p))
+            .await
+        {
+            tracing::warn!(%node, error = %e, "cannot label node");
+        }
+    }
+}
+
+/// Fields of `PodStatus` the kubelet owns; nothing else from the edge reaches the API.
+const KUBELET_POD_STATUS_FIELDS: &[&str] = &[
+    "phase",
+    "conditions",
+    "message",
+    "reason",
+    "hostIP",
+    "hostIPs",
+    "podIP",
+    "podIPs",
+    "startTime",
+    "containerStatuses",
+    "initContainerStatuses",
+    "ephemeralContainerStatuses",
+    "qosClass",
+    "resize",
+    "resourceClaimStatuses",
+];
+
+async fn pod_status(
+    client: &kube::Client,
+    shared: &Shared,
+    stats: &Stats,
+    node: &str,
+    ns: &str,
+    name_from_path: Option<String>,
+    content: &Value,
+) {
+    let name = field(content, "name", "Name")
+        .and_then(Value::as_str)
+        .map(str::to_owned)
+        .or(name_from_path);
+    let Some(name) = name else {
+        tracing::warn!(%node, "pod status report without a pod name; refused");
+        stats.pod_status_refused.fetch_add(1, Ordering::Relaxed);
+        return;
+    };
+    let uid = field(content, "uid", "UID").and_then(Value::as_str);
+    let owner = shared
+        .pod_owner
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(&(ns.to_owned(), name.clone()))
+        .cloned();
+    let owned = owner
+        .as_ref()
+        .is_some_and(|(n, u)| n == node && uid.is_none_or(|x| x == u));
+    if !owned {
+        tracing::warn!(%node, pod = %format!("{ns}/{name}"), "status report for a pod not bound to this node; refused");
+        stats.pod_status_refused.fetch_add(1, Ordering::Relaxed);
+        return;
+    }
+    let Some(status) = field(content, "status", "Status") else {
+        tracing::warn!(%node, pod = %name, "pod status report without a status; refused");
+        stats.pod_status_refused.fetch_add(1, Ordering::Relaxed);
+        return;
+    };
+    let mut owned_status = serde_json::Map::new();
+    for f in KUBELET_POD_STATUS_FIELDS {
+        if let Some(v) = status.get(*f) {
+            owned_status.insert((*f).to_owned(), v.clone());
+        }
+    }
+    let api: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let patch = json!({"status": owned_status});
+    let pod_uid = owner.map(|(_, u)| u).unwrap_or_default();
+    let (pp, merge) = (PatchParams::default(), Patch::Merge(&patch));
+    match retry("pod status", || api.patch_status(&name, &pp, &merge)).await {
+        Ok(pod) => {
+            stats.pod_status_applied.fetch_add(1, Ordering::Relaxed);
+            if pod.metadata.deletion_timestamp.is_some() && containers_stopped(&pod) {
+                // As the kubelet: the containers are gone, so finish the graceful deletion.
+                let dp = DeleteParams {
+                    grace_period_seconds: Some(0),
+                    preconditions: Some(Preconditions {
+                        uid: Some(pod_uid),
+                        resource_version: None,
+                    }),
+                    ..DeleteParams::default()
+                };
+                match api.delete(&name, &dp).await {
+                    Ok(_) => tracing::info!(%node, pod = %name, "containers stopped; pod deleted"),
+                    Err(e) if is_status(&e, 404) => {}
+                    Err(e) => {
+                        tracing::warn!(%node, pod = %name, error = %e, "cannot finish pod deletion")
+                    }
+                }
+            }
+        }
+        Err(e) => tracing::warn!(%node, pod = %name, error = %e, "cannot patch pod status"),
+    }
+}
+
+/// True when no container of the pod is running or waiting to run.
+fn containers_stopped(pod: &Pod) -> bool {
+    let Some(status) = &pod.status else {
+        return false;
+    };
+    if matches!(status.phase.as_deref(), Some("Succeeded" | "Failed")) {
+        return true;
+    }
+    let all = status
+        .container_statuses
+        .iter()
+        .flatten()
+        .chain(status.init_container_statuses.iter().flatten());
+    let mut any = false;
+    for c in all {
+        any = true;
+        let terminated = c.state.as_ref().is_some_and(|s| s.terminated.is_some());
+        if !terminated {
+            return false;
+        }
+    }
+    any
+}

@@ -1,0 +1,217 @@
+//! synccontroller: what each edge node has acknowledged, kept across cloudcore restarts.
+//!
+//! KubeEdge writes one ObjectSync object per (node, object) and updates it on every ack: an API
+//! write per acknowledged message. kedge keeps one ConfigMap per node (`kedge-sync-<node>` in
+//! cloudcore's namespace, labelled `kedge.io/sync=true`) holding `{key: resourceVersion}` for
+//! every object the node acknowledged, written at most once per second per node that changed.
+//! That is ~1 write per busy node per second instead of one per message, and one list call at
+//! start-up instead of one per object.
+//!
+//! Losing the last second of acks in a crash is harmless: the node then looks as if it had an
+//! older version, gets the newer one again, finds it stale and acks it (at-least-once delivery).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::ConfigMap;
+use kedge_common::Operation;
+use kube::api::{Api, ListParams, Patch, PatchParams};
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+use crate::cloudhub::{Acked, ObjectKey};
+
+pub const SYNC_LABEL: &str = "kedge.io/sync";
+const DATA_KEY: &str = "acked.json";
+const FIELD_MANAGER: &str = "kedge-cloudcore";
+
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error("reading sync state from {namespace}: {source}")]
+    Load {
+        namespace: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("sync state ConfigMap {name} is corrupt ({reason}); it is ignored and rebuilt")]
+    Corrupt { name: String, reason: String },
+}
+
+/// One acknowledged object, as persisted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AckedObject {
+    pub kind: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    pub name: String,
+    pub uid: String,
+    pub rv: String,
+}
+
+impl AckedObject {
+    pub fn key(&self) -> ObjectKey {
+        ObjectKey {
+            kind: self.kind.clone(),
+            namespace: self.namespace.clone(),
+            name: self.name.clone(),
+            uid: self.uid.clone(),
+        }
+    }
+}
+
+fn map_key(k: &ObjectKey) -> String {
+    format!(
+        "{}/{}/{}/{}",
+        k.kind,
+        k.namespace.as_deref().unwrap_or("null"),
+        k.name,
+        k.uid
+    )
+}
+
+pub fn configmap_name(node: &str) -> String {
+    format!("kedge-sync-{node}")
+}
+
+pub struct SyncState {
+    api: Api<ConfigMap>,
+    acked: Mutex<HashMap<String, BTreeMap<String, AckedObject>>>,
+    dirty: Mutex<HashSet<String>>,
+}
+
+impl SyncState {
+    pub fn new(client: kube::Client, namespace: &str) -> Self {
+        SyncState {
+            api: Api::namespaced(client, namespace),
+            acked: Mutex::new(HashMap::new()),
+            dirty: Mutex::new(HashSet::new()),
+        }
+    }
+
+    /// Reads every node's persisted state. A corrupt ConfigMap is reported and skipped (its node
+    /// then gets everything again, which is safe).
+    pub async fn load(&self) -> Result<usize, SyncError> {
+        let list = self
+            .api
+            .list(&ListParams::default().labels(&format!("{SYNC_LABEL}=true")))
+            .await
+            .map_err(|source| SyncError::Load {
+                namespace: self.api.namespace().unwrap_or_default().to_owned(),
+                source,
+            })?;
+        let mut acked = self.acked.lock().unwrap_or_else(|p| p.into_inner());
+        let mut count = 0;
+        for cm in list.items {
+            let name = cm.metadata.name.clone().unwrap_or_default();
+            let Some(node) = name.strip_prefix("kedge-sync-").map(str::to_owned) else {
+                continue;
+            };
+            let parsed = cm
+                .data
+                .as_ref()
+                .and_then(|d| d.get(DATA_KEY))
+                .ok_or_else(|| format!("no `{DATA_KEY}` key"))
+                .and_then(|text| {
+                    serde_json::from_str::<Vec<AckedObject>>(text).map_err(|e| e.to_string())
+                });
+            match parsed {
+                Ok(objects) => {
+                    count += objects.len();
+                    let entry = acked.entry(node).or_default();
+                    for o in objects {
+                        entry.insert(map_key(&o.key()), o);
+                    }
+                }
+                Err(reason) => {
+                    tracing::error!(error = %SyncError::Corrupt { name, reason }, "sync state");
+                }
+            }
+        }
+        Ok(count)
+    }
+
+    /// Records an ack from the edge.
+    pub fn record(&self, node: &str, acked: &Acked) {
+        let mut all = self.acked.lock().unwrap_or_else(|p| p.into_inner());
+        let entries = all.entry(node.to_owned()).or_default();
+        let k = map_key(&acked.key);
+        if acked.operation == Operation::Delete {
+            entries.remove(&k);
+        } else {
+            entries.insert(
+                k,
+                AckedObject {
+                    kind: acked.key.kind.clone(),
+                    namespace: acked.key.namespace.clone(),
+                    name: acked.key.name.clone(),
+                    uid: acked.key.uid.clone(),
+                    rv: acked.resource_version.clone(),
+                },
+            );
+        }
+        drop(all);
+        self.dirty
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(node.to_owned());
+    }
+
+    /// Everything `node` is known to hold.
+    pub fn acked_objects(&self, node: &str) -> Vec<AckedObject> {
+        let all = self.acked.lock().unwrap_or_else(|p| p.into_inner());
+        all.get(node)
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    pub fn nodes(&self) -> Vec<String> {
+        let all = self.acked.lock().unwrap_or_else(|p| p.into_inner());
+        all.keys().cloned().collect()
+    }
+
+    /// Writes the state of every node that changed since the last flush.
+    pub async fn flush(&self) {
+        let nodes: Vec<String> =
+            std::mem::take(&mut *self.dirty.lock().unwrap_or_else(|p| p.into_inner()))
+                .into_iter()
+                .collect();
+        for node in nodes {
+            let objects = self.acked_objects(&node);
+            let text = match serde_json::to_string(&objects) {
+                Ok(t) => t,
+                Err(e) => {
+                    tracing::error!(%node, error = %e, "cannot encode sync state");
+                    continue;
+                }
+            };
+            let name = configmap_name(&node);
+            let body = serde_json::json!({
+                "apiVersion": "v1",
+                "kind": "ConfigMap",
+                "metadata": {"name": name, "labels": {SYNC_LABEL: "true"}},
+                "data": {DATA_KEY: text},
+            });
+            let pp = PatchParams::apply(FIELD_MANAGER).force();
+            if let Err(e) = self.api.patch(&name, &pp, &Patch::Apply(&body)).await {
+                tracing::warn!(%node, error = %e, "cannot write sync state; will retry");
+                self.dirty
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(node);
+            }
+        }
+    }
+
+    /// Flushes once a second until `shutdown`, then a last time.
+    pub async fn run(&self, shutdown: CancellationToken) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tick.tick() => self.flush().await,
+            }
+        }
+        self.flush().await;
+    }
+}

@@ -1,0 +1,124 @@
+//! Edge nodes for end-to-end tests: a real `EdgeHub` with a store that records what arrived.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use edgecore::edgehub::credentials::NodeCredentials;
+use edgecore::edgehub::outbox::MemoryOutbox;
+use edgecore::edgehub::{EdgeHub, EdgeHubSettings, LinkState};
+use edgecore::metamanager::store::{Applied, MemoryStore, ObjectStore, StoreError};
+use kedge_common::{Message, Operation};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+/// One message the store received, in arrival order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Arrival {
+    pub resource: String,
+    pub operation: Operation,
+    pub resource_version: String,
+    pub applied: Applied,
+}
+
+/// Delegates to [`MemoryStore`] and records every message, and every version actually stored.
+#[derive(Default)]
+pub struct RecordingStore {
+    pub inner: MemoryStore,
+    pub arrivals: Mutex<Vec<Arrival>>,
+    pub applied: Mutex<HashMap<String, Vec<u64>>>,
+}
+
+impl RecordingStore {
+    pub fn arrivals(&self) -> Vec<Arrival> {
+        self.arrivals
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Position of the first arrival for `resource`, if any.
+    pub fn first_arrival(&self, resource: &str) -> Option<usize> {
+        self.arrivals().iter().position(|a| a.resource == resource)
+    }
+}
+
+impl ObjectStore for RecordingStore {
+    async fn apply(&self, msg: &Message) -> Result<Applied, StoreError> {
+        let r = self.inner.apply(msg).await?;
+        self.arrivals
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(Arrival {
+                resource: msg.route.resource.clone(),
+                operation: msg.route.operation.clone(),
+                resource_version: msg.header.resource_version.clone(),
+                applied: r,
+            });
+        if r == Applied::Stored {
+            let rv = msg.header.resource_version.parse().unwrap_or(0);
+            self.applied
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(msg.route.resource.clone())
+                .or_default()
+                .push(rv);
+        }
+        Ok(r)
+    }
+}
+
+/// Settings for a test edge: fast heartbeats and reconnects.
+pub fn fast_settings(server: SocketAddr, node: &str) -> EdgeHubSettings {
+    let mut s = EdgeHubSettings::new(server.to_string(), node);
+    s.heartbeat = Duration::from_millis(500);
+    s.backoff_initial = Duration::from_millis(10);
+    s.backoff_max = Duration::from_millis(100);
+    s
+}
+
+/// A running edge node. Dropping it stops it.
+pub struct TestEdge<S: ObjectStore> {
+    pub store: Arc<S>,
+    pub outbox: Arc<MemoryOutbox>,
+    pub link: watch::Receiver<LinkState>,
+    stop: CancellationToken,
+}
+
+impl<S: ObjectStore> TestEdge<S> {
+    pub fn start(settings: EdgeHubSettings, creds: NodeCredentials, store: Arc<S>) -> Self {
+        let outbox = Arc::new(MemoryOutbox::new());
+        let hub = EdgeHub::new(
+            settings,
+            Arc::new(RwLock::new(creds)),
+            store.clone(),
+            outbox.clone(),
+        );
+        let link = hub.link_state();
+        let stop = CancellationToken::new();
+        tokio::spawn(hub.run(stop.clone()));
+        TestEdge {
+            store,
+            outbox,
+            link,
+            stop,
+        }
+    }
+
+    pub async fn wait_for(&mut self, want: LinkState, timeout: Duration) -> bool {
+        tokio::time::timeout(timeout, self.link.wait_for(|s| *s == want))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
+    pub fn stop(&self) {
+        self.stop.cancel();
+    }
+}
+
+impl<S: ObjectStore> Drop for TestEdge<S> {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}

@@ -1,0 +1,644 @@
+//! cloudcore against the test API server with real edge nodes over TLS: pods and what they
+//! reference reach the right node in the right order, status goes back up, and restarts and
+//! forced re-lists converge without orphans.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use cloudcore::cloudhub::certs::{self, CloudPki};
+use cloudcore::cloudhub::{CloudHubOptions, HubSettings};
+use cloudcore::edgecontroller::EdgeControllerSettings;
+use cloudcore::server::{CloudCoreOptions, RunningCloudCore};
+use edgecore::edgehub::LinkState;
+use edgecore::edgehub::outbox::Outbox;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, Pod, Secret};
+use kedge_common::{Message, Operation};
+use kedge_e2e::apiserver::TestApiServer;
+use kedge_e2e::edge::{RecordingStore, TestEdge, fast_settings};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use serde_json::json;
+
+const T: Duration = Duration::from_secs(30);
+
+struct Harness {
+    api: TestApiServer,
+    client: kube::Client,
+    pki: Arc<CloudPki>,
+    cloud: Option<RunningCloudCore>,
+    ws_addr: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Harness {
+    async fn start() -> Harness {
+        kedge_common::tls::install_crypto_provider();
+        let api = TestApiServer::start().await.unwrap();
+        let client = api.client().unwrap();
+        let ns: Api<Namespace> = Api::all(client.clone());
+        ns.create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "kubeedge"}})).unwrap(),
+        )
+        .await
+        .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let pki =
+            Arc::new(certs::load_or_create_in_dir(dir.path(), &["127.0.0.1".to_owned()]).unwrap());
+        let mut h = Harness {
+            api,
+            client,
+            pki,
+            cloud: None,
+            ws_addr: "127.0.0.1:0".parse().unwrap(),
+            _dir: dir,
+        };
+        h.start_cloudcore().await;
+        h
+    }
+
+    async fn start_cloudcore(&mut self) {
+        let opts = CloudCoreOptions {
+            hub: CloudHubOptions {
+                websocket_addr: self.ws_addr,
+                bootstrap_addr: None,
+                settings: HubSettings::default(),
+                node_cert_validity: Duration::from_secs(86_400),
+                upstream_capacity: 4096,
+            },
+            namespace: "kubeedge".into(),
+            edge: EdgeControllerSettings {
+                node_update_frequency: Duration::from_millis(200),
+                lease_duration_seconds: 40,
+            },
+        };
+        let running = cloudcore::server::start(self.client.clone(), self.pki.clone(), opts)
+            .await
+            .unwrap();
+        self.ws_addr = running.websocket_addr;
+        self.cloud = Some(running);
+    }
+
+    fn cloud(&self) -> &RunningCloudCore {
+        self.cloud.as_ref().unwrap()
+    }
+
+    fn edge(&self, node: &str) -> TestEdge<RecordingStore> {
+        let (key_pem, csr) = kedge_common::pki::node_csr(node).unwrap();
+        let der = self
+            .pki
+            .ca
+            .sign_node_csr(csr.as_bytes(), node, &[], Duration::from_secs(86_400))
+            .unwrap();
+        let creds = edgecore::edgehub::credentials::NodeCredentials {
+            ca_der: self.pki.ca.cert_der().to_vec(),
+            cert_pem: kedge_common::pki::der_to_pem(&der, "CERTIFICATE"),
+            key_pem,
+        };
+        TestEdge::start(
+            fast_settings(self.ws_addr, node),
+            creds,
+            Arc::new(RecordingStore::default()),
+        )
+    }
+
+    async fn wait_edge_node(&self, node: &str) {
+        let nodes: Api<Node> = Api::all(self.client.clone());
+        eventually_async(&format!("Node {node} registered"), || async {
+            nodes.get_opt(node).await.unwrap().is_some()
+        })
+        .await;
+    }
+}
+
+async fn eventually_async<F, Fut>(what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + T;
+    while !cond().await {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn pod(name: &str, node: &str, extra_spec: serde_json::Value) -> Pod {
+    let mut spec = json!({"nodeName": node, "containers": [{"name": "c", "image": "busybox"}]});
+    if let (Some(s), Some(e)) = (spec.as_object_mut(), extra_spec.as_object()) {
+        for (k, v) in e {
+            s.insert(k.clone(), v.clone());
+        }
+    }
+    serde_json::from_value(
+        json!({"metadata": {"name": name, "namespace": "default"}, "spec": spec}),
+    )
+    .unwrap()
+}
+
+async fn create_cm(client: &kube::Client, name: &str, value: &str) {
+    let api: Api<ConfigMap> = Api::default_namespaced(client.clone());
+    api.create(
+        &PostParams::default(),
+        &serde_json::from_value(json!({"metadata": {"name": name}, "data": {"v": value}})).unwrap(),
+    )
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn referenced_configmaps_and_secrets_arrive_before_the_pod_and_only_on_its_node() {
+    let h = Harness::start().await;
+    let mut e1 = h.edge("edge-1");
+    let mut e2 = h.edge("edge-2");
+    assert!(e1.wait_for(LinkState::Connected, T).await);
+    assert!(e2.wait_for(LinkState::Connected, T).await);
+    h.wait_edge_node("edge-1").await;
+    h.wait_edge_node("edge-2").await;
+
+    create_cm(&h.client, "app-config", "1").await;
+    let secrets: Api<Secret> = Api::default_namespaced(h.client.clone());
+    secrets
+        .create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": "app-secret"}, "stringData": {"k": "v"}, "data": {"k": "dg=="}})).unwrap())
+        .await
+        .unwrap();
+    let pods: Api<Pod> = Api::default_namespaced(h.client.clone());
+    let web = pod(
+        "web",
+        "edge-1",
+        json!({
+            "volumes": [{"name": "cfg", "configMap": {"name": "app-config"}}],
+            "containers": [{"name": "c", "image": "busybox", "envFrom": [{"secretRef": {"name": "app-secret"}}]}]
+        }),
+    );
+    pods.create(&PostParams::default(), &web).await.unwrap();
+    // A pod on edge-2 and one on a cloud node.
+    pods.create(&PostParams::default(), &pod("other", "edge-2", json!({})))
+        .await
+        .unwrap();
+    pods.create(
+        &PostParams::default(),
+        &pod("cloud-pod", "cloud-node", json!({})),
+    )
+    .await
+    .unwrap();
+
+    let store = e1.store.clone();
+    eventually_async("pod reaches edge-1", || async {
+        store.inner.get("default/pod/web").is_some()
+    })
+    .await;
+    let cm_at = e1
+        .store
+        .first_arrival("default/configmap/app-config")
+        .expect("configmap arrived");
+    let secret_at = e1
+        .store
+        .first_arrival("default/secret/app-secret")
+        .expect("secret arrived");
+    let pod_at = e1.store.first_arrival("default/pod/web").unwrap();
+    assert!(
+        cm_at < pod_at && secret_at < pod_at,
+        "references must arrive before the pod"
+    );
+
+    let store2 = e2.store.clone();
+    eventually_async("edge-2 gets its own pod", || async {
+        store2.inner.get("default/pod/other").is_some()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for (edge, foreign) in [
+        (&e1, "default/pod/other"),
+        (&e2, "default/pod/web"),
+        (&e2, "default/configmap/app-config"),
+    ] {
+        assert!(
+            edge.store.first_arrival(foreign).is_none(),
+            "{foreign} reached the wrong node"
+        );
+    }
+    for edge in [&e1, &e2] {
+        assert!(edge.store.first_arrival("default/pod/cloud-pod").is_none());
+    }
+    // Each node also holds its own Node object.
+    assert!(e1.store.inner.get("null/node/edge-1").is_some());
+    assert!(e1.store.first_arrival("null/node/edge-2").is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn configmap_updates_reach_only_nodes_whose_pods_use_them_and_unused_ones_are_removed() {
+    let h = Harness::start().await;
+    let mut e1 = h.edge("edge-1");
+    let mut e2 = h.edge("edge-2");
+    assert!(e1.wait_for(LinkState::Connected, T).await);
+    assert!(e2.wait_for(LinkState::Connected, T).await);
+    h.wait_edge_node("edge-1").await;
+    h.wait_edge_node("edge-2").await;
+    create_cm(&h.client, "shared", "1").await;
+    let pods: Api<Pod> = Api::default_namespaced(h.client.clone());
+    pods.create(
+        &PostParams::default(),
+        &pod(
+            "uses",
+            "edge-1",
+            json!({"volumes": [{"name": "v", "configMap": {"name": "shared"}}]}),
+        ),
+    )
+    .await
+    .unwrap();
+    pods.create(&PostParams::default(), &pod("plain", "edge-2", json!({})))
+        .await
+        .unwrap();
+    let s1 = e1.store.clone();
+    eventually_async("cm v1 on edge-1", || async {
+        s1.inner
+            .get("default/configmap/shared")
+            .is_some_and(|o| o.content["data"]["v"] == "1")
+    })
+    .await;
+
+    let cms: Api<ConfigMap> = Api::default_namespaced(h.client.clone());
+    cms.patch(
+        "shared",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"data": {"v": "2"}})),
+    )
+    .await
+    .unwrap();
+    eventually_async("cm v2 on edge-1", || async {
+        s1.inner
+            .get("default/configmap/shared")
+            .is_some_and(|o| o.content["data"]["v"] == "2")
+    })
+    .await;
+    let s2 = e2.store.clone();
+    eventually_async("edge-2 has its pod", || async {
+        s2.inner.get("default/pod/plain").is_some()
+    })
+    .await;
+    assert!(
+        e2.store.first_arrival("default/configmap/shared").is_none(),
+        "edge-2 got a ConfigMap it does not use"
+    );
+
+    // No pod on edge-1 uses it any more: it is deleted there.
+    pods.delete("uses", &DeleteParams::default().grace_period(0))
+        .await
+        .unwrap();
+    eventually_async("cm removed from edge-1", || async {
+        s1.inner.get("default/configmap/shared").is_none()
+            && s1.inner.get("default/pod/uses").is_none()
+    })
+    .await;
+    // Used again: sent again, although its version did not change.
+    pods.create(
+        &PostParams::default(),
+        &pod(
+            "uses-again",
+            "edge-1",
+            json!({"volumes": [{"name": "v", "configMap": {"name": "shared"}}]}),
+        ),
+    )
+    .await
+    .unwrap();
+    eventually_async("cm back on edge-1", || async {
+        s1.inner.get("default/configmap/shared").is_some()
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn joining_nodes_get_a_labelled_node_and_a_lease_renewed_only_while_connected() {
+    let h = Harness::start().await;
+    let mut e = h.edge("edge-l");
+    assert!(e.wait_for(LinkState::Connected, T).await);
+    h.wait_edge_node("edge-l").await;
+    let nodes: Api<Node> = Api::all(h.client.clone());
+    let n = nodes.get("edge-l").await.unwrap();
+    let labels = n.metadata.labels.unwrap();
+    assert_eq!(
+        labels
+            .get("node-role.kubernetes.io/edge")
+            .map(String::as_str),
+        Some("")
+    );
+    assert_eq!(
+        labels.get("kubernetes.io/hostname").map(String::as_str),
+        Some("edge-l")
+    );
+
+    let leases: Api<Lease> = Api::namespaced(h.client.clone(), "kube-node-lease");
+    let renew_time = || async {
+        leases
+            .get_opt("edge-l")
+            .await
+            .unwrap()
+            .and_then(|l| l.spec)
+            .and_then(|s| s.renew_time)
+            .map(|t| t.0.to_string())
+    };
+    eventually_async("lease created", || async { renew_time().await.is_some() }).await;
+    let first = renew_time().await;
+    eventually_async("lease renewed", || async { renew_time().await != first }).await;
+    let lease = leases.get("edge-l").await.unwrap();
+    assert_eq!(
+        lease.spec.as_ref().unwrap().holder_identity.as_deref(),
+        Some("edge-l")
+    );
+    assert_eq!(lease.metadata.owner_references.unwrap()[0].name, "edge-l");
+
+    // Node status from the edge patches the Node.
+    let report = Message::new(
+        "edged",
+        "resource",
+        Operation::Update,
+        "null/nodestatus/edge-l",
+        json!({"UID": "x", "Status": {"nodeInfo": {"architecture": "arm64", "operatingSystem": "linux", "kubeletVersion": "v1.33.0-kedge",
+            "machineID": "", "systemUUID": "", "bootID": "", "kernelVersion": "", "osImage": "", "containerRuntimeVersion": "", "kubeProxyVersion": ""},
+            "capacity": {"cpu": "4", "memory": "8Gi", "pods": "110"},
+            "conditions": [{"type": "Ready", "status": "True", "reason": "EdgeReady"}]}}),
+    );
+    e.outbox.put("nodestatus", report).await.unwrap();
+    eventually_async("node status patched", || async {
+        let n = nodes.get("edge-l").await.unwrap();
+        n.status
+            .and_then(|s| s.capacity)
+            .is_some_and(|c| c.get("cpu").is_some_and(|q| q.0 == "4"))
+            && n.metadata
+                .labels
+                .is_some_and(|l| l.get("kubernetes.io/arch").map(String::as_str) == Some("arm64"))
+    })
+    .await;
+
+    // Link cut: renewals stop.
+    e.stop();
+    assert!(e.wait_for(LinkState::Disconnected, T).await);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let after_cut = renew_time().await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        renew_time().await,
+        after_cut,
+        "lease renewed although the node is gone"
+    );
+}
+
+fn status_report(name: &str, uid: &str, status: serde_json::Value) -> Message {
+    Message::new(
+        "edged",
+        "resource",
+        Operation::Update,
+        format!("default/podstatus/{name}"),
+        json!({"uid": uid, "name": name, "status": status}),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pod_status_goes_up_foreign_reports_are_refused_and_graceful_deletion_completes() {
+    let h = Harness::start().await;
+    let mut e1 = h.edge("edge-1");
+    let mut e2 = h.edge("edge-2");
+    assert!(e1.wait_for(LinkState::Connected, T).await);
+    assert!(e2.wait_for(LinkState::Connected, T).await);
+    h.wait_edge_node("edge-1").await;
+    h.wait_edge_node("edge-2").await;
+    let pods: Api<Pod> = Api::default_namespaced(h.client.clone());
+    let created = pods
+        .create(&PostParams::default(), &pod("web", "edge-1", json!({})))
+        .await
+        .unwrap();
+    let uid = created.metadata.uid.clone().unwrap();
+    let s1 = e1.store.clone();
+    eventually_async("pod on edge-1", || async {
+        s1.inner.get("default/pod/web").is_some()
+    })
+    .await;
+
+    let running = json!({"phase": "Running", "podIP": "10.0.0.7", "spec": "ignored",
+        "conditions": [{"type": "Ready", "status": "True"}],
+        "containerStatuses": [{"name": "c", "ready": true, "restartCount": 0, "image": "busybox", "imageID": "", "state": {"running": {}}}]});
+    e1.outbox
+        .put("pod/web", status_report("web", &uid, running))
+        .await
+        .unwrap();
+    eventually_async("status in the API", || async {
+        pods.get("web").await.unwrap().status.is_some_and(|s| {
+            s.phase.as_deref() == Some("Running") && s.pod_ip.as_deref() == Some("10.0.0.7")
+        })
+    })
+    .await;
+
+    // edge-2 forges a report for edge-1's pod.
+    let refused_before = h.cloud().stats.pod_status_refused.load(Ordering::Relaxed);
+    e2.outbox
+        .put(
+            "pod/web",
+            status_report("web", &uid, json!({"phase": "Failed"})),
+        )
+        .await
+        .unwrap();
+    let stats = h.cloud().stats.clone();
+    eventually_async("forged report refused", || async {
+        stats.pod_status_refused.load(Ordering::Relaxed) > refused_before
+    })
+    .await;
+    assert_eq!(
+        pods.get("web")
+            .await
+            .unwrap()
+            .status
+            .unwrap()
+            .phase
+            .as_deref(),
+        Some("Running")
+    );
+
+    // Graceful deletion: the edge sees the deletionTimestamp, reports its containers stopped,
+    // and cloudcore deletes the pod with grace period 0, which reaches the edge as a delete.
+    pods.delete("web", &DeleteParams::default()).await.unwrap();
+    eventually_async("edge sees the pod terminating", || async {
+        s1.inner
+            .get("default/pod/web")
+            .is_some_and(|o| o.content["metadata"]["deletionTimestamp"].is_string())
+    })
+    .await;
+    let stopped = json!({"phase": "Running", "containerStatuses": [{"name": "c", "ready": false, "restartCount": 0, "image": "busybox", "imageID": "",
+        "state": {"terminated": {"exitCode": 0, "reason": "Completed"}}}]});
+    e1.outbox
+        .put("pod/web", status_report("web", &uid, stopped))
+        .await
+        .unwrap();
+    eventually_async("pod gone from the API", || async {
+        pods.get_opt("web").await.unwrap().is_none()
+    })
+    .await;
+    eventually_async("pod gone from the edge", || async {
+        s1.inner.get("default/pod/web").is_none()
+    })
+    .await;
+}
+
+/// What the edge holds (pods: name → resourceVersion) versus the API's pods on that node.
+async fn converged(h: &Harness, store: &RecordingStore, node: &str) -> bool {
+    let pods: Api<Pod> = Api::all(h.client.clone());
+    let want: BTreeMap<String, String> = pods
+        .list(&ListParams::default().fields(&format!("spec.nodeName={node}")))
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .map(|p| {
+            (
+                format!(
+                    "{}/pod/{}",
+                    p.metadata.namespace.unwrap(),
+                    p.metadata.name.unwrap()
+                ),
+                p.metadata.resource_version.unwrap(),
+            )
+        })
+        .collect();
+    let have: BTreeMap<String, String> = store
+        .inner
+        .snapshot()
+        .into_iter()
+        .filter(|(k, _)| k.contains("/pod/"))
+        .map(|(k, o)| (k, o.resource_version))
+        .collect();
+    want == have
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_while_objects_change_converges_without_orphans_and_skips_unchanged_objects() {
+    let mut h = Harness::start().await;
+    let mut e = h.edge("edge-r");
+    assert!(e.wait_for(LinkState::Connected, T).await);
+    h.wait_edge_node("edge-r").await;
+    let pods: Api<Pod> = Api::default_namespaced(h.client.clone());
+    for i in 0..150 {
+        pods.create(
+            &PostParams::default(),
+            &pod(&format!("p{i:03}"), "edge-r", json!({})),
+        )
+        .await
+        .unwrap();
+    }
+    let store = e.store.clone();
+    eventually_async("150 pods on the edge", || async {
+        converged(&h, &store, "edge-r").await
+    })
+    .await;
+    let cloud = h.cloud();
+    let hub = cloud.hub.clone();
+    eventually_async("all acked", || async { hub.outstanding("edge-r") == 0 }).await;
+    // Let the sync state reach the API (written once a second).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    h.cloud.take().unwrap().kill().await;
+    assert!(e.wait_for(LinkState::Disconnected, T).await);
+    let before = e.store.arrivals().len();
+    // While cloudcore is down: 100 pods change, 20 are deleted, 30 stay as they are.
+    for i in 0..100 {
+        pods.patch(
+            &format!("p{i:03}"),
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {"changed": "yes"}}})),
+        )
+        .await
+        .unwrap();
+    }
+    for i in 100..120 {
+        pods.delete(
+            &format!("p{i:03}"),
+            &DeleteParams::default().grace_period(0),
+        )
+        .await
+        .unwrap();
+    }
+    h.start_cloudcore().await;
+    assert!(e.wait_for(LinkState::Connected, T).await);
+    let store = e.store.clone();
+    eventually_async("edge converged after restart", || async {
+        converged(&h, &store, "edge-r").await
+    })
+    .await;
+    let hub = h.cloud().hub.clone();
+    eventually_async("all acked after restart", || async {
+        hub.outstanding("edge-r") == 0
+    })
+    .await;
+
+    let after: Vec<_> = e.store.arrivals()[before..].to_vec();
+    let pod_msgs: Vec<_> = after
+        .iter()
+        .filter(|a| a.resource.contains("/pod/"))
+        .collect();
+    let updates = pod_msgs
+        .iter()
+        .filter(|a| a.operation != Operation::Delete)
+        .count();
+    let deletes = pod_msgs
+        .iter()
+        .filter(|a| a.operation == Operation::Delete)
+        .count();
+    assert_eq!(updates, 100, "only changed pods are re-sent");
+    assert_eq!(
+        deletes, 20,
+        "pods deleted while cloudcore was down are deleted on the edge"
+    );
+    for i in 120..150 {
+        let r = format!("default/pod/p{i:03}");
+        assert!(
+            !pod_msgs.iter().any(|a| a.resource == r),
+            "unchanged {r} was re-sent"
+        );
+    }
+    let unchanged = h.cloud().stats.unchanged.load(Ordering::Relaxed);
+    assert!(unchanged >= 30, "unchanged objects counted: {unchanged}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forced_410s_make_cloudcore_relist_and_still_converge() {
+    let h = Harness::start().await;
+    let mut e = h.edge("edge-g");
+    assert!(e.wait_for(LinkState::Connected, T).await);
+    h.wait_edge_node("edge-g").await;
+    let pods: Api<Pod> = Api::default_namespaced(h.client.clone());
+    for round in 0..5 {
+        for i in 0..10 {
+            let name = format!("g{i}");
+            if (i + round) % 3 == 0 {
+                let _ = pods
+                    .delete(&name, &DeleteParams::default().grace_period(0))
+                    .await;
+            } else if pods.get_opt(&name).await.unwrap().is_none() {
+                pods.create(&PostParams::default(), &pod(&name, "edge-g", json!({})))
+                    .await
+                    .unwrap();
+            } else {
+                pods.patch(
+                    &name,
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({"metadata": {"labels": {"round": round.to_string()}}})),
+                )
+                .await
+                .unwrap();
+            }
+            if i == 5 {
+                // Watches end; events until the re-list are only visible through it.
+                h.api.expire_watches();
+            }
+        }
+        h.api.expire_watches();
+    }
+    let store = e.store.clone();
+    eventually_async("edge converged after forced re-lists", || async {
+        converged(&h, &store, "edge-g").await
+    })
+    .await;
+}
