@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Runs kedge on this machine: cloudcore (CloudHub on 127.0.0.1, certificates kept in .local/),
-# a join token, and one edgecore joined to it. Stop with hack/local-down.sh.
-# Until the cloud controllers land, cloudcore does not attach to a cluster: this shows the link
-# (join, mutual TLS, keepalives, reconnects).
+# Runs kedge on this machine: cloudcore attached to the cluster $KUBECONFIG points at, or, when
+# there is none, to the TEST API server from tests/e2e (a local trial server, not a cluster);
+# a join token; one edgecore joined to it; and an example pod with a ConfigMap bound to that edge
+# node. Everything runs on 127.0.0.1 with state in .local/. Stop with hack/local-down.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source hack/lib.sh
@@ -15,14 +15,35 @@ if [ -f "$LOCAL/pids" ]; then
 fi
 mkdir -p "$LOCAL"
 
-echo ">> building cloudcore and edgecore"
-cargo build --locked -p cloudcore -p edgecore
+echo ">> building cloudcore, edgecore and the test API server"
+cargo build --locked -p cloudcore -p edgecore -p kedge-e2e --bin test-apiserver
 BIN="$PWD/target/debug"
 "$BIN/cloudcore" --version
 "$BIN/edgecore" --version
+: >"$LOCAL/pids"
+
+if [ -n "${KUBECONFIG:-}" ] && kubectl version --request-timeout=5s >/dev/null 2>&1; then
+  KC="$KUBECONFIG"
+  echo ">> using the cluster in \$KUBECONFIG ($KC)"
+else
+  KC="$LOCAL/kubeconfig"
+  echo ">> no reachable cluster in \$KUBECONFIG: starting the kedge TEST API server (a local trial server, NOT a Kubernetes cluster)"
+  "$BIN/test-apiserver" --port 16443 --kubeconfig "$KC" >"$LOCAL/test-apiserver.log" 2>&1 &
+  echo "test-apiserver $!" >>"$LOCAL/pids"
+  for _ in $(seq 50); do [ -s "$KC" ] && kubectl --kubeconfig "$KC" get ns >/dev/null 2>&1 && break; sleep 0.1; done
+fi
+K() { kubectl --kubeconfig "$KC" "$@"; }
+K apply --validate=false -f - >/dev/null <<YAML
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: kubeedge
+YAML
 
 NODE="${KEDGE_NODE:-edge-local}"
 cat > "$LOCAL/cloudcore.yaml" <<YAML
+kubeAPIConfig:
+  kubeConfig: $KC
 modules:
   cloudHub:
     certDir: $LOCAL/cloud-certs
@@ -45,8 +66,9 @@ modules:
 YAML
 
 echo ">> starting cloudcore (log: $LOCAL/cloudcore.log)"
-"$BIN/cloudcore" --config "$LOCAL/cloudcore.yaml" >"$LOCAL/cloudcore.log" 2>&1 &
-echo "cloudcore $!" >"$LOCAL/pids"
+RUST_LOG="${RUST_LOG:-info,cloudcore::edgecontroller=debug}" \
+  "$BIN/cloudcore" --config "$LOCAL/cloudcore.yaml" >"$LOCAL/cloudcore.log" 2>&1 &
+echo "cloudcore $!" >>"$LOCAL/pids"
 for _ in $(seq 50); do
   grep -q "cloudhub listening" "$LOCAL/cloudcore.log" 2>/dev/null && break
   sleep 0.1
@@ -58,19 +80,52 @@ echo ">> join token: $TOKEN"
 "$BIN/edgecore" --config "$LOCAL/edgecore.yaml" join --token "$TOKEN"
 
 echo ">> starting edgecore (log: $LOCAL/edgecore.log)"
-"$BIN/edgecore" --config "$LOCAL/edgecore.yaml" >"$LOCAL/edgecore.log" 2>&1 &
+RUST_LOG="${RUST_LOG:-info,edgecore::edgehub=debug}" \
+  "$BIN/edgecore" --config "$LOCAL/edgecore.yaml" >"$LOCAL/edgecore.log" 2>&1 &
 echo "edgecore $!" >>"$LOCAL/pids"
 for _ in $(seq 50); do
   grep -q "connected to the cloud" "$LOCAL/edgecore.log" 2>/dev/null && break
   sleep 0.1
 done
 
+for _ in $(seq 100); do K get node "$NODE" >/dev/null 2>&1 && break; sleep 0.1; done
+echo ">> applying an example ConfigMap and a pod bound to $NODE"
+K apply --validate=false -f - <<YAML
+apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: hello-config
+  namespace: default
+data:
+  greeting: hello from the cloud
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: hello
+  namespace: default
+spec:
+  nodeName: $NODE
+  containers:
+    - name: hello
+      image: busybox
+      command: ["sh", "-c", "cat /config/greeting; sleep 3600"]
+      volumeMounts:
+        - {name: config, mountPath: /config}
+  volumes:
+    - name: config
+      configMap: {name: hello-config}
+YAML
+
 echo
 echo "Running (PIDs in $LOCAL/pids):"
 cat "$LOCAL/pids"
 echo
 echo "Look at:"
-echo "  grep 'edge node connected' $LOCAL/cloudcore.log   # the node's session on the cloud"
-echo "  grep 'connected to the cloud' $LOCAL/edgecore.log # the link from the edge"
-echo "  ls -l $LOCAL/edge-certs                           # the node's key and certificate (0600)"
+echo "  kubectl --kubeconfig $KC get node $NODE --show-labels        # the edge Node cloudcore registered"
+echo "  kubectl --kubeconfig $KC -n kube-node-lease get lease $NODE -o yaml   # renewed while the node is connected"
+echo "  grep -E 'edge node connected|initial sync' $LOCAL/cloudcore.log"
+echo "  grep 'to node' $LOCAL/cloudcore.log          # the ConfigMap, then the pod, queued for $NODE"
+echo "  grep 'stored; acking' $LOCAL/edgecore.log      # ...stored on the edge and acknowledged"
+echo "  ls -l $LOCAL/edge-certs                                     # the node's key and certificate (0600)"
 echo "Stop with: hack/local-down.sh"

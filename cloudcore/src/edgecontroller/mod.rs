@@ -337,6 +337,7 @@ impl Loop {
             key.name
         );
         let name = key.name.clone();
+        tracing::debug!(%node, %resource, %op, %rv, "to node");
         let msg = Message::new(SOURCE, "resource", op, resource, content).with_resource_version(rv);
         match self.hub.enqueue(Some(key), msg) {
             Ok(Pushed::Queued) => {

@@ -308,7 +308,11 @@ impl<S: ObjectStore, O: Outbox> EdgeHub<S, O> {
             ));
         }
         match self.store.apply(&msg).await {
-            Ok(_) => Some(msg.response(module::META_MANAGER, "OK".into())),
+            Ok(applied) => {
+                tracing::debug!(resource = %msg.route.resource, operation = %msg.route.operation,
+                    resource_version = %msg.header.resource_version, ?applied, "stored; acking");
+                Some(msg.response(module::META_MANAGER, "OK".into()))
+            }
             Err(e) => {
                 tracing::warn!(resource = %msg.route.resource, error = %e, "cannot store message");
                 Some(error_reply(&msg, e.to_string()))
