@@ -62,8 +62,54 @@ impl Default for ApiServerConfig {
     }
 }
 
+/// Requests served, by verb (for benchmarks: how much a client talks to the API).
+#[derive(Debug, Default)]
+pub struct RequestCounts {
+    pub get: std::sync::atomic::AtomicU64,
+    pub list: std::sync::atomic::AtomicU64,
+    pub watch: std::sync::atomic::AtomicU64,
+    pub create: std::sync::atomic::AtomicU64,
+    pub update: std::sync::atomic::AtomicU64,
+    pub patch: std::sync::atomic::AtomicU64,
+    pub delete: std::sync::atomic::AtomicU64,
+    pub other: std::sync::atomic::AtomicU64,
+}
+
+impl RequestCounts {
+    /// `[get, list, watch, create, update, patch, delete, other]`.
+    pub fn snapshot(&self) -> [u64; 8] {
+        use std::sync::atomic::Ordering::Relaxed;
+        [
+            self.get.load(Relaxed),
+            self.list.load(Relaxed),
+            self.watch.load(Relaxed),
+            self.create.load(Relaxed),
+            self.update.load(Relaxed),
+            self.patch.load(Relaxed),
+            self.delete.load(Relaxed),
+            self.other.load(Relaxed),
+        ]
+    }
+
+    fn count(&self, method: &Method, named: bool, watch: bool) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let c = match (method, named, watch) {
+            (&Method::GET, _, true) => &self.watch,
+            (&Method::GET, true, _) => &self.get,
+            (&Method::GET, false, _) => &self.list,
+            (&Method::POST, _, _) => &self.create,
+            (&Method::PUT, _, _) => &self.update,
+            (&Method::PATCH, _, _) => &self.patch,
+            (&Method::DELETE, _, _) => &self.delete,
+            _ => &self.other,
+        };
+        c.fetch_add(1, Relaxed);
+    }
+}
+
 struct Shared {
     store: Store,
+    requests: RequestCounts,
     bookmark_interval: Duration,
     /// Bumped to end every open watch (used with `Store::compact` to force re-lists).
     watch_epoch: watch::Sender<u64>,
@@ -96,6 +142,7 @@ impl TestApiServer {
             bookmark_interval: config.bookmark_interval,
             watch_epoch: watch::channel(0).0,
             addr,
+            requests: RequestCounts::default(),
         });
         let dir = tempfile::tempdir()?;
         let kubeconfig = dir.path().join("kubeconfig");
@@ -155,6 +202,11 @@ impl TestApiServer {
 
     pub fn store(&self) -> &Store {
         &self.shared.store
+    }
+
+    /// Resource requests served so far, by verb.
+    pub fn requests(&self) -> &RequestCounts {
+        &self.shared.requests
     }
 
     /// Ends every open watch and forgets the watch history, so clients must re-list (their next
@@ -461,6 +513,9 @@ async fn resource(
     };
     let params = query(&req);
     let method = req.method().clone();
+    shared
+        .requests
+        .count(&method, t.name.is_some(), truthy(q(&params, "watch")));
     let store = &shared.store;
     // Namespaced objects need a namespace; cluster-scoped ones must not have one.
     let ns = match (&t.namespace, t.ty.namespaced) {

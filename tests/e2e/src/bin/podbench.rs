@@ -1,0 +1,266 @@
+//! cloudcore benchmark: N edge nodes × P pods each.
+//!
+//! Runs the real `cloudcore` binary (release build, separate process, so its RSS is its own)
+//! against the in-process test API server, with N real `EdgeHub`s as the edge nodes. Measures the
+//! time from creating all N × P pods in the API until every pod is stored (and so acked) on its
+//! node, cloudcore's RSS, and the API requests cloudcore made, by verb.
+//!
+//! ```sh
+//! cargo build --release -p cloudcore -p kedge-e2e --bins
+//! ./target/release/podbench --nodes 1000 --pods-per-node 10
+//! ```
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Parser;
+use edgecore::edgehub::credentials::NodeCredentials;
+use edgecore::edgehub::outbox::MemoryOutbox;
+use edgecore::edgehub::{EdgeHub, EdgeHubSettings};
+use edgecore::metamanager::store::{Applied, MemoryStore, ObjectStore, StoreError};
+use futures_util::StreamExt;
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
+use kedge_common::Message;
+use kedge_common::pki::{self, CertificateAuthority};
+use kedge_e2e::apiserver::TestApiServer;
+use kube::api::{Api, ListParams, PostParams};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+struct Args {
+    #[arg(long, default_value_t = 1000)]
+    nodes: usize,
+    #[arg(long, default_value_t = 10)]
+    pods_per_node: usize,
+    /// The cloudcore binary (default: next to this one).
+    #[arg(long)]
+    cloudcore: Option<PathBuf>,
+}
+
+/// A store that counts pods stored, across all simulated nodes.
+struct CountingStore {
+    inner: MemoryStore,
+    pods: Arc<AtomicUsize>,
+}
+
+impl ObjectStore for CountingStore {
+    async fn apply(&self, msg: &Message) -> Result<Applied, StoreError> {
+        let r = self.inner.apply(msg).await?;
+        if r == Applied::Stored && msg.route.resource.contains("/pod/") {
+            self.pods.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(r)
+    }
+}
+
+fn rss_kb(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    kedge_common::tls::install_crypto_provider();
+    let args = Args::parse();
+    let (n, per) = (args.nodes, args.pods_per_node);
+    let total = n * per;
+    let cloudcore_bin = match args.cloudcore {
+        Some(p) => p,
+        None => std::env::current_exe()?
+            .parent()
+            .context("exe dir")?
+            .join("cloudcore"),
+    };
+
+    let start = Instant::now();
+    let server = TestApiServer::start().await?;
+    let client = server.client()?;
+    let ns: Api<Namespace> = Api::all(client.clone());
+    ns.create(
+        &PostParams::default(),
+        &serde_json::from_value(json!({"metadata": {"name": "kubeedge"}}))?,
+    )
+    .await?;
+
+    let dir = tempfile::tempdir()?;
+    let cert_dir = dir.path().join("certs");
+    let port = free_port()?;
+    let config = dir.path().join("cloudcore.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "kubeAPIConfig:\n  kubeConfig: {}\nmodules:\n  cloudHub:\n    certDir: {}\n    websocket: {{address: 127.0.0.1, port: {port}}}\n    https: {{enable: false}}\n",
+            server.kubeconfig_path().display(),
+            cert_dir.display()
+        ),
+    )?;
+    let mut child = Command::new(&cloudcore_bin)
+        .args(["--config"])
+        .arg(&config)
+        .env("RUST_LOG", "warn,cloudcore::daemon=info")
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {}", cloudcore_bin.display()))?;
+    let pid = child.id();
+    let mut lines = BufReader::new(child.stderr.take().context("stderr")?).lines();
+    loop {
+        let line = lines.next().context("cloudcore exited")??;
+        if line.contains("cloudhub listening") {
+            break;
+        }
+    }
+    std::thread::spawn(move || for _ in lines.by_ref() {});
+    println!("cloudcore pid {pid} on 127.0.0.1:{port}; {n} nodes x {per} pods");
+
+    let ca = CertificateAuthority::from_pem(
+        &std::fs::read_to_string(cert_dir.join("ca.crt"))?,
+        &std::fs::read_to_string(cert_dir.join("ca.key"))?,
+    )?;
+    let stored = Arc::new(AtomicUsize::new(0));
+    let stop = CancellationToken::new();
+    for i in 0..n {
+        let node = format!("edge-{i:05}");
+        let (key_pem, csr) = pki::node_csr(&node)?;
+        let der = ca.sign_node_csr(csr.as_bytes(), &node, &[], Duration::from_secs(86_400))?;
+        let creds = NodeCredentials {
+            ca_der: ca.cert_der().to_vec(),
+            cert_pem: pki::der_to_pem(&der, "CERTIFICATE"),
+            key_pem,
+        };
+        let edge = EdgeHub::new(
+            EdgeHubSettings::new(format!("127.0.0.1:{port}"), node),
+            Arc::new(RwLock::new(creds)),
+            Arc::new(CountingStore {
+                inner: MemoryStore::new(),
+                pods: stored.clone(),
+            }),
+            Arc::new(MemoryOutbox::new()),
+        );
+        tokio::spawn(edge.run(stop.clone()));
+    }
+    let nodes: Api<Node> = Api::all(client.clone());
+    let t = Instant::now();
+    loop {
+        let have = nodes
+            .list(&ListParams::default().labels("node-role.kubernetes.io/edge"))
+            .await?
+            .items
+            .len();
+        if have >= n {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    println!(
+        "{n} edge nodes registered in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+    // Let the initial node objects settle before counting.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (rss_before, _) = rss_kb(pid);
+
+    let before = server.requests().snapshot();
+    let t = Instant::now();
+    let pods: Api<Pod> = Api::default_namespaced(client.clone());
+    futures_util::stream::iter(0..total)
+        .for_each_concurrent(64, |i| {
+            let pods = pods.clone();
+            async move {
+                let node = format!("edge-{:05}", i % n);
+                let pod: Pod = serde_json::from_value(json!({
+                    "metadata": {"name": format!("p{i:06}")},
+                    "spec": {"nodeName": node, "containers": [{"name": "c", "image": "busybox"}]}
+                }))
+                .unwrap_or_default();
+                if let Err(e) = pods.create(&PostParams::default(), &pod).await {
+                    eprintln!("create p{i}: {e}");
+                }
+            }
+        })
+        .await;
+    let created = t.elapsed();
+    while stored.load(Ordering::Relaxed) < total {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        if t.elapsed() > Duration::from_secs(600) {
+            anyhow::bail!(
+                "only {} of {total} pods reached their nodes",
+                stored.load(Ordering::Relaxed)
+            );
+        }
+    }
+    let all_acked = t.elapsed();
+    let after = server.requests().snapshot();
+    let (rss, hwm) = rss_kb(pid);
+    let mut delta: Vec<u64> = after
+        .iter()
+        .zip(before.iter())
+        .map(|(a, b)| a - b)
+        .collect();
+    // Our own creates are not cloudcore's.
+    delta[3] = delta[3].saturating_sub(total as u64);
+    let names = [
+        "get", "list", "watch", "create", "update", "patch", "delete", "other",
+    ];
+    let by_verb: Vec<String> = names
+        .iter()
+        .zip(&delta)
+        .filter(|(_, c)| **c > 0)
+        .map(|(n, c)| format!("{n} {c}"))
+        .collect();
+    println!(
+        "created {total} pods in {:.2} s; all stored and acked on their nodes at {:.2} s",
+        created.as_secs_f64(),
+        all_acked.as_secs_f64()
+    );
+    println!(
+        "cloudcore RSS {} MiB before the pods, {} MiB after (peak {} MiB)",
+        rss_before / 1024,
+        rss / 1024,
+        hwm / 1024
+    );
+    println!(
+        "cloudcore API requests during the {:.1} s window: {} ({})",
+        all_acked.as_secs_f64(),
+        delta.iter().sum::<u64>(),
+        by_verb.join(", ")
+    );
+    // The whole run, for context: start-up, node registration, Leases (every 10 s per node).
+    let mut whole = after;
+    whole[3] = whole[3].saturating_sub(total as u64 + 1);
+    let by_verb: Vec<String> = names
+        .iter()
+        .zip(&whole)
+        .filter(|(_, c)| **c > 0)
+        .map(|(n, c)| format!("{n} {c}"))
+        .collect();
+    println!(
+        "cloudcore API requests since it started ({:.0} s): {} ({})",
+        start.elapsed().as_secs_f64(),
+        whole.iter().sum::<u64>(),
+        by_verb.join(", ")
+    );
+    stop.cancel();
+    let _ = child.kill();
+    let _ = child.wait();
+    Ok(())
+}
