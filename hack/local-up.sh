@@ -127,5 +127,6 @@ echo "  kubectl --kubeconfig $KC -n kube-node-lease get lease $NODE -o yaml   # 
 echo "  grep -E 'edge node connected|initial sync' $LOCAL/cloudcore.log"
 echo "  grep 'to node' $LOCAL/cloudcore.log          # the ConfigMap, then the pod, queued for $NODE"
 echo "  grep 'stored; acking' $LOCAL/edgecore.log      # ...stored on the edge and acknowledged"
+echo "  kubectl --server http://127.0.0.1:10550 get pods,cm -A      # the edge's own read-only API (MetaServer)"
 echo "  ls -l $LOCAL/edge-certs                                     # the node's key and certificate (0600)"
 echo "Stop with: hack/local-down.sh"

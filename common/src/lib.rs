@@ -9,6 +9,7 @@ pub mod logging;
 pub mod message;
 pub mod pki;
 pub mod resource;
+pub mod selectors;
 pub mod tls;
 pub mod wire;
 

@@ -7,9 +7,9 @@ use std::time::Duration;
 use anyhow::Context;
 use edgecore::config::EdgeCoreConfig;
 use edgecore::edgehub::credentials::{self, CredentialPaths, NodeCredentials};
-use edgecore::edgehub::outbox::MemoryOutbox;
 use edgecore::edgehub::{EdgeHub, EdgeHubSettings};
-use edgecore::metamanager::store::MemoryStore;
+use edgecore::metamanager::metaserver::{self, MetaServerSettings};
+use edgecore::metamanager::sqlite::{SqliteOutbox, SqliteStore};
 use kedge_common::wire::WireCodec;
 use tokio_util::sync::CancellationToken;
 
@@ -93,10 +93,34 @@ pub async fn run(cfg: EdgeCoreConfig) -> anyhow::Result<()> {
     settings.heartbeat = Duration::from_secs(hub_cfg.heartbeat);
     settings.codec = WireCodec::new(hub_cfg.max_message_bytes);
     settings.handshake_timeout = Duration::from_secs(hub_cfg.websocket.handshake_timeout);
-    // MetaManager's SQLite store replaces these in-memory ones with its issue.
-    let store = Arc::new(MemoryStore::new());
-    let outbox = Arc::new(MemoryOutbox::new());
-    let hub = EdgeHub::new(settings, creds, store, outbox);
+    let db_path = &cfg.database.data_source;
+    let store = SqliteStore::open(db_path).await?;
+    let outbox = Arc::new(
+        SqliteOutbox::new(&store)
+            .await
+            .with_context(|| format!("reading the outbox in {}", db_path.display()))?,
+    );
+    tracing::info!(database = %db_path.display(), sequence = store.seq(), "MetaManager database open");
+    let ms = &cfg.modules.meta_manager;
+    if ms.enable && ms.meta_server.enable {
+        let addr = ms
+            .meta_server
+            .server
+            .parse()
+            .context("modules.metaManager.metaServer.server")?;
+        let bound = metaserver::start(
+            store.clone(),
+            MetaServerSettings {
+                addr,
+                serve_secrets: ms.meta_server.serve_secrets,
+                bookmark_interval: Duration::from_secs(60),
+            },
+            shutdown.clone(),
+        )
+        .await?;
+        tracing::info!(%bound, "MetaServer listening (read-only Kubernetes API)");
+    }
+    let hub = EdgeHub::new(settings, creds, Arc::new(store), outbox);
     let hub_task = tokio::spawn(hub.run(shutdown.clone()));
     tracing::info!(%node, cloud = %hub_cfg.websocket.server, "edgecore running");
 

@@ -17,6 +17,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
+use futures_util::stream::FuturesUnordered;
 use futures_util::{SinkExt, StreamExt};
 use kedge_common::backoff::Backoff;
 use kedge_common::message::{group, module};
@@ -218,6 +219,9 @@ impl<S: ObjectStore, O: Outbox> EdgeHub<S, O> {
         let mut awaiting: HashMap<String, (String, u64)> = HashMap::new();
         let mut last_heard = Instant::now();
         let lost = |e: tokio_tungstenite::tungstenite::Error| LinkError::Lost(e.to_string());
+        // Acks waiting for the store to commit. Stores apply in call order, so awaiting many at
+        // once keeps the order and lets the store group-commit.
+        let mut pending_acks: FuturesUnordered<PendingAck> = FuturesUnordered::new();
 
         loop {
             // Send outbox entries not yet sent on this session, oldest first.
@@ -258,7 +262,11 @@ impl<S: ObjectStore, O: Outbox> EdgeHub<S, O> {
                         return Err(LinkError::Lost("outbox closed".into()));
                     }
                 }
-                frame = stream.next() => {
+                Some(ack) = pending_acks.next(), if !pending_acks.is_empty() => {
+                    let frame = codec.encode(&ack).map_err(|e| LinkError::Lost(e.to_string()))?;
+                    sink.send(frame).await.map_err(lost)?;
+                }
+                frame = stream.next(), if pending_acks.len() < MAX_PENDING_ACKS => {
                     let frame = match frame {
                         None => return Ok(()),
                         Some(Err(e)) => return Err(lost(e)),
@@ -271,21 +279,25 @@ impl<S: ObjectStore, O: Outbox> EdgeHub<S, O> {
                         Ok(Incoming::Close(_)) => return Ok(()),
                         Err(e) => return Err(LinkError::Malformed(e.to_string())),
                     };
-                    if let Some(reply) = self.handle_downstream(msg, &mut awaiting).await {
-                        let frame = codec.encode(&reply).map_err(|e| LinkError::Lost(e.to_string()))?;
-                        sink.send(frame).await.map_err(lost)?;
+                    match self.handle_downstream(msg, &mut awaiting).await {
+                        Downstream::Done => {}
+                        Downstream::Reply(reply) => {
+                            let frame = codec.encode(&reply).map_err(|e| LinkError::Lost(e.to_string()))?;
+                            sink.send(frame).await.map_err(lost)?;
+                        }
+                        Downstream::Pending(ack) => pending_acks.push(ack),
                     }
                 }
             }
         }
     }
 
-    /// Handles one message from the cloud; returns the reply to send, if any.
+    /// Handles one message from the cloud.
     async fn handle_downstream(
         &self,
         msg: Message,
         awaiting: &mut HashMap<String, (String, u64)>,
-    ) -> Option<Message> {
+    ) -> Downstream {
         if !msg.header.parent_id.is_empty()
             && matches!(msg.route.operation, Operation::Response | Operation::Error)
         {
@@ -299,26 +311,41 @@ impl<S: ObjectStore, O: Outbox> EdgeHub<S, O> {
                     tracing::warn!(%key, content = %msg.content, "cloud refused a report; it stays queued");
                 }
             }
-            return None;
+            return Downstream::Done;
         }
         if msg.route.group != group::RESOURCE {
-            return Some(error_reply(
+            return Downstream::Reply(Box::new(error_reply(
                 &msg,
                 format!("no module for group `{}` on this node", msg.route.group),
-            ));
+            )));
         }
-        match self.store.apply(&msg).await {
-            Ok(applied) => {
-                tracing::debug!(resource = %msg.route.resource, operation = %msg.route.operation,
-                    resource_version = %msg.header.resource_version, ?applied, "stored; acking");
-                Some(msg.response(module::META_MANAGER, "OK".into()))
+        // Queued in the store now (order fixed); acked when it has committed.
+        let stored = self.store.apply(&msg);
+        Downstream::Pending(Box::pin(async move {
+            match stored.await {
+                Ok(applied) => {
+                    tracing::debug!(resource = %msg.route.resource, operation = %msg.route.operation,
+                        resource_version = %msg.header.resource_version, ?applied, "stored; acking");
+                    msg.response(module::META_MANAGER, "OK".into())
+                }
+                Err(e) => {
+                    tracing::warn!(resource = %msg.route.resource, error = %e, "cannot store message");
+                    error_reply(&msg, e.to_string())
+                }
             }
-            Err(e) => {
-                tracing::warn!(resource = %msg.route.resource, error = %e, "cannot store message");
-                Some(error_reply(&msg, e.to_string()))
-            }
-        }
+        }))
     }
+}
+
+/// Most store writes awaiting their commit at once; beyond this EdgeHub stops reading.
+const MAX_PENDING_ACKS: usize = 4096;
+
+type PendingAck = std::pin::Pin<Box<dyn std::future::Future<Output = Message> + Send>>;
+
+enum Downstream {
+    Done,
+    Reply(Box<Message>),
+    Pending(PendingAck),
 }
 
 fn error_reply(msg: &Message, why: String) -> Message {

@@ -37,7 +37,14 @@ pub struct StoredObject {
 
 pub trait ObjectStore: Send + Sync + 'static {
     /// Applies an insert/update/patch/delete of the object at the message's edge resource path.
-    fn apply(&self, msg: &Message) -> impl Future<Output = Result<Applied, StoreError>> + Send;
+    ///
+    /// The call itself fixes the order: messages are applied in the order `apply` is called,
+    /// even when the returned futures are awaited concurrently (EdgeHub pipelines its acks).
+    /// The future resolves once the result is durable.
+    fn apply(
+        &self,
+        msg: &Message,
+    ) -> impl Future<Output = Result<Applied, StoreError>> + Send + 'static + use<Self>;
 }
 
 /// The resourceVersion a message carries: the header's, else the object's own.
@@ -108,7 +115,7 @@ impl MemoryStore {
             .collect()
     }
 
-    fn apply_now(&self, msg: &Message) -> Result<Applied, StoreError> {
+    pub fn apply_now(&self, msg: &Message) -> Result<Applied, StoreError> {
         let path = ResourcePath::parse_edge(&msg.route.resource)?;
         let key = path.edge_str().to_owned();
         let rv = message_rv(msg);
@@ -149,8 +156,11 @@ impl MemoryStore {
 }
 
 impl ObjectStore for MemoryStore {
-    async fn apply(&self, msg: &Message) -> Result<Applied, StoreError> {
-        self.apply_now(msg)
+    fn apply(
+        &self,
+        msg: &Message,
+    ) -> impl Future<Output = Result<Applied, StoreError>> + Send + 'static + use<> {
+        std::future::ready(self.apply_now(msg))
     }
 }
 

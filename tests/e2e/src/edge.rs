@@ -45,8 +45,18 @@ impl RecordingStore {
 }
 
 impl ObjectStore for RecordingStore {
-    async fn apply(&self, msg: &Message) -> Result<Applied, StoreError> {
-        let r = self.inner.apply(msg).await?;
+    fn apply(
+        &self,
+        msg: &Message,
+    ) -> impl std::future::Future<Output = Result<Applied, StoreError>> + Send + 'static + use<>
+    {
+        std::future::ready(self.record(msg))
+    }
+}
+
+impl RecordingStore {
+    fn record(&self, msg: &Message) -> Result<Applied, StoreError> {
+        let r = self.inner.apply_now(msg)?;
         self.arrivals
             .lock()
             .unwrap_or_else(|p| p.into_inner())

@@ -17,7 +17,6 @@
 //! Table rendering (kubectl prints NAME and AGE), no OpenAPI (use `--validate=false`).
 
 pub mod patch;
-pub mod selectors;
 pub mod store;
 pub mod types;
 

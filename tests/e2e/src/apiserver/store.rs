@@ -13,8 +13,8 @@ use serde_json::{Map, Value, json};
 use tokio::sync::broadcast;
 
 use super::patch;
-use super::selectors::{FieldSelector, LabelSelector, supported_fields};
 use super::types::{TypeInfo, builtin_types, types_from_crd};
+use kedge_common::selectors::{FieldSelector, LabelSelector, supported_fields};
 
 /// An error answered as a `Status` object.
 #[derive(Debug, Clone, PartialEq)]

@@ -50,12 +50,16 @@ struct CountingStore {
 }
 
 impl ObjectStore for CountingStore {
-    async fn apply(&self, msg: &Message) -> Result<Applied, StoreError> {
-        let r = self.inner.apply(msg).await?;
-        if r == Applied::Stored && msg.route.resource.contains("/pod/") {
+    fn apply(
+        &self,
+        msg: &Message,
+    ) -> impl std::future::Future<Output = Result<Applied, StoreError>> + Send + 'static + use<>
+    {
+        let r = self.inner.apply_now(msg);
+        if r.as_ref().is_ok_and(|a| *a == Applied::Stored) && msg.route.resource.contains("/pod/") {
             self.pods.fetch_add(1, Ordering::Relaxed);
         }
-        Ok(r)
+        std::future::ready(r)
     }
 }
 

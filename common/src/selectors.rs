@@ -1,4 +1,4 @@
-//! Label selectors (`=`, `==`, `!=`, `in`, `notin`, exists, `!` not-exists) and field selectors
+//! Kubernetes label selectors (`=`, `==`, `!=`, `in`, `notin`, exists, `!` not-exists) and field selectors
 //! (`metadata.name`, `metadata.namespace`, `spec.nodeName`, `status.phase`, … with `=`, `==`,
 //! `!=`), parsed as the real API server does.
 

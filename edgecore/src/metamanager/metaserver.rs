@@ -1,0 +1,634 @@
+//! MetaServer: a read-only Kubernetes API on the edge (127.0.0.1:10550 by default), served from
+//! MetaManager's database, so local clients — kubectl, operators, edged itself — read what the
+//! node holds, online or offline.
+//!
+//! Discovery, get, list and watch (with `resourceVersion`, bookmarks, `timeoutSeconds`, label
+//! and field selectors) for pods, configmaps, secrets (only when enabled), nodes, services,
+//! endpoints, leases and the device CRDs. resourceVersions of lists and watches are the local
+//! change sequence; objects keep the cloud's own resourceVersion. A watch from a sequence that
+//! is no longer in memory (for example after a restart) gets a 410 `Expired` ERROR event, and
+//! the client re-lists, as against a real API server. Writes get `405 MethodNotAllowed`.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use kedge_common::selectors::{FieldSelector, LabelSelector, supported_fields};
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio::sync::{broadcast, mpsc};
+use tokio_util::sync::CancellationToken;
+
+use super::sqlite::{Change, SqliteStore};
+
+type Body = BoxBody<Bytes, Infallible>;
+
+/// A resource the MetaServer serves.
+#[derive(Debug, Clone, Copy)]
+struct Served {
+    /// The resource type on the cloud–edge wire and in the database.
+    wire: &'static str,
+    group: &'static str,
+    version: &'static str,
+    plural: &'static str,
+    kind: &'static str,
+    namespaced: bool,
+    short: &'static [&'static str],
+}
+
+impl Served {
+    fn api_version(&self) -> String {
+        if self.group.is_empty() {
+            self.version.to_owned()
+        } else {
+            format!("{}/{}", self.group, self.version)
+        }
+    }
+}
+
+const RESOURCES: &[Served] = &[
+    Served {
+        wire: "pod",
+        group: "",
+        version: "v1",
+        plural: "pods",
+        kind: "Pod",
+        namespaced: true,
+        short: &["po"],
+    },
+    Served {
+        wire: "configmap",
+        group: "",
+        version: "v1",
+        plural: "configmaps",
+        kind: "ConfigMap",
+        namespaced: true,
+        short: &["cm"],
+    },
+    Served {
+        wire: "secret",
+        group: "",
+        version: "v1",
+        plural: "secrets",
+        kind: "Secret",
+        namespaced: true,
+        short: &[],
+    },
+    Served {
+        wire: "node",
+        group: "",
+        version: "v1",
+        plural: "nodes",
+        kind: "Node",
+        namespaced: false,
+        short: &["no"],
+    },
+    Served {
+        wire: "service",
+        group: "",
+        version: "v1",
+        plural: "services",
+        kind: "Service",
+        namespaced: true,
+        short: &["svc"],
+    },
+    Served {
+        wire: "endpoints",
+        group: "",
+        version: "v1",
+        plural: "endpoints",
+        kind: "Endpoints",
+        namespaced: true,
+        short: &["ep"],
+    },
+    Served {
+        wire: "lease",
+        group: "coordination.k8s.io",
+        version: "v1",
+        plural: "leases",
+        kind: "Lease",
+        namespaced: true,
+        short: &[],
+    },
+    Served {
+        wire: "device",
+        group: "devices.kubeedge.io",
+        version: "v1beta1",
+        plural: "devices",
+        kind: "Device",
+        namespaced: true,
+        short: &[],
+    },
+    Served {
+        wire: "devicemodel",
+        group: "devices.kubeedge.io",
+        version: "v1beta1",
+        plural: "devicemodels",
+        kind: "DeviceModel",
+        namespaced: true,
+        short: &[],
+    },
+];
+
+#[derive(Debug, Clone)]
+pub struct MetaServerSettings {
+    pub addr: SocketAddr,
+    pub serve_secrets: bool,
+    pub bookmark_interval: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("MetaServer cannot listen on {addr}: {source}")]
+pub struct BindError {
+    addr: SocketAddr,
+    #[source]
+    source: std::io::Error,
+}
+
+struct State {
+    store: SqliteStore,
+    settings: MetaServerSettings,
+}
+
+impl State {
+    fn served(&self) -> impl Iterator<Item = &'static Served> + '_ {
+        RESOURCES
+            .iter()
+            .filter(|r| r.wire != "secret" || self.settings.serve_secrets)
+    }
+}
+
+/// Binds the listener (so start-up fails loudly on a taken port) and serves until `shutdown`.
+pub async fn start(
+    store: SqliteStore,
+    settings: MetaServerSettings,
+    shutdown: CancellationToken,
+) -> Result<SocketAddr, BindError> {
+    let listener = TcpListener::bind(settings.addr)
+        .await
+        .map_err(|source| BindError {
+            addr: settings.addr,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| BindError {
+        addr: settings.addr,
+        source,
+    })?;
+    let state = Arc::new(State { store, settings });
+    tokio::spawn(async move {
+        loop {
+            let (tcp, _) = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                a = listener.accept() => match a {
+                    Ok(x) => x,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "MetaServer accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let state = state.clone();
+            let stop = shutdown.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req| {
+                    let state = state.clone();
+                    async move { Ok::<_, Infallible>(handle(state, req).await) }
+                });
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tcp), svc);
+                tokio::select! {
+                    _ = conn => {}
+                    _ = stop.cancelled() => {}
+                }
+            });
+        }
+    });
+    Ok(addr)
+}
+
+fn json_response(status: StatusCode, body: Value) -> Response<Body> {
+    let mut r = Response::new(Full::new(Bytes::from(body.to_string())).boxed());
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+fn status(code: u16, reason: &str, message: &str) -> Response<Body> {
+    json_response(
+        StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+        json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+               "message": message, "reason": reason, "code": code}),
+    )
+}
+
+fn not_found() -> Response<Body> {
+    status(
+        404,
+        "NotFound",
+        "the server could not find the requested resource",
+    )
+}
+
+fn query(req: &Request<Incoming>) -> Vec<(String, String)> {
+    let decode = |s: &str| {
+        let bytes = s.as_bytes();
+        let mut out = Vec::with_capacity(bytes.len());
+        let mut i = 0;
+        while i < bytes.len() {
+            match bytes[i] {
+                b'+' => out.push(b' '),
+                b'%' if i + 2 < bytes.len() => {
+                    let hex = |c: u8| (c as char).to_digit(16);
+                    match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                        (Some(h), Some(l)) => {
+                            out.push((h * 16 + l) as u8);
+                            i += 2;
+                        }
+                        _ => out.push(b'%'),
+                    }
+                }
+                b => out.push(b),
+            }
+            i += 1;
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    };
+    req.uri()
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            (decode(k), decode(v))
+        })
+        .collect()
+}
+
+fn q<'a>(params: &'a [(String, String)], key: &str) -> Option<&'a str> {
+    params
+        .iter()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.as_str())
+}
+
+async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Body> {
+    let path = req.uri().path().to_owned();
+    let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    match segs.as_slice() {
+        ["healthz"] | ["readyz"] | ["livez"] => {
+            Response::new(Full::new(Bytes::from_static(b"ok")).boxed())
+        }
+        ["version"] => json_response(
+            StatusCode::OK,
+            json!({
+                "major": "1", "minor": "33", "gitVersion": concat!("v1.33.0-kedge-metaserver-", env!("CARGO_PKG_VERSION")),
+                "gitCommit": "", "gitTreeState": "clean", "buildDate": "", "goVersion": "", "compiler": "rustc", "platform": "linux"
+            }),
+        ),
+        ["api"] => json_response(
+            StatusCode::OK,
+            json!({"kind": "APIVersions", "versions": ["v1"],
+            "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": state.settings.addr.to_string()}]}),
+        ),
+        ["api", "v1"] => json_response(StatusCode::OK, resource_list(&state, "", "v1")),
+        ["apis"] => json_response(StatusCode::OK, group_list(&state)),
+        ["apis", g, v] => {
+            if state.served().any(|r| r.group == *g && r.version == *v) {
+                json_response(StatusCode::OK, resource_list(&state, g, v))
+            } else {
+                not_found()
+            }
+        }
+        ["api", "v1", rest @ ..] => resource(state, req, "", "v1", rest).await,
+        ["apis", g, v, rest @ ..] => resource(state.clone(), req, g, v, rest).await,
+        _ => not_found(),
+    }
+}
+
+fn resource_list(state: &State, group: &str, version: &str) -> Value {
+    let resources: Vec<Value> = state
+        .served()
+        .filter(|r| r.group == group && r.version == version)
+        .map(|r| json!({"name": r.plural, "singularName": r.kind.to_ascii_lowercase(), "namespaced": r.namespaced,
+            "kind": r.kind, "verbs": ["get", "list", "watch"], "shortNames": r.short}))
+        .collect();
+    let gv = if group.is_empty() {
+        version.to_owned()
+    } else {
+        format!("{group}/{version}")
+    };
+    json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": resources})
+}
+
+fn group_list(state: &State) -> Value {
+    let mut groups: Vec<(&str, &str)> = Vec::new();
+    for r in state.served().filter(|r| !r.group.is_empty()) {
+        if !groups.iter().any(|(g, _)| *g == r.group) {
+            groups.push((r.group, r.version));
+        }
+    }
+    let groups: Vec<Value> = groups
+        .into_iter()
+        .map(|(g, v)| {
+            let gv = json!({"groupVersion": format!("{g}/{v}"), "version": v});
+            json!({"name": g, "versions": [gv.clone()], "preferredVersion": gv})
+        })
+        .collect();
+    json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups})
+}
+
+async fn resource(
+    state: Arc<State>,
+    req: Request<Incoming>,
+    group: &str,
+    version: &str,
+    rest: &[&str],
+) -> Response<Body> {
+    let find = |plural: &str| {
+        state
+            .served()
+            .find(|r| r.group == group && r.version == version && r.plural == plural)
+            .copied()
+    };
+    let (served, namespace, name) = match rest {
+        ["namespaces", ns, plural, tail @ ..]
+            if tail.len() <= 1 && find(plural).is_some_and(|r| r.namespaced) =>
+        {
+            (
+                find(plural),
+                Some((*ns).to_owned()),
+                tail.first().map(|s| (*s).to_owned()),
+            )
+        }
+        [plural] => (find(plural), None, None),
+        [plural, name] => (
+            find(plural).filter(|r| !r.namespaced),
+            None,
+            Some((*name).to_owned()),
+        ),
+        _ => (None, None, None),
+    };
+    let Some(served) = served else {
+        return not_found();
+    };
+    if req.method() != Method::GET {
+        return status(
+            405,
+            "MethodNotAllowed",
+            "the MetaServer is read-only: change objects through the cloud's API server",
+        );
+    }
+    let params = query(&req);
+    let db_ns = if served.namespaced {
+        namespace.clone()
+    } else {
+        Some("null".to_owned())
+    };
+    if let Some(name) = name {
+        let ns = db_ns.unwrap_or_default();
+        return match state.store.get(served.wire, &ns, &name).await {
+            Ok(Some(o)) => json_response(StatusCode::OK, with_type(&served, o.content)),
+            Ok(None) => status(
+                404,
+                "NotFound",
+                &format!("{} \"{name}\" not found", served.plural),
+            ),
+            Err(e) => status(500, "InternalError", &e.to_string()),
+        };
+    }
+    let labels = match LabelSelector::parse(q(&params, "labelSelector").unwrap_or("")) {
+        Ok(s) => s,
+        Err(e) => return status(400, "BadRequest", &e),
+    };
+    let fields = match FieldSelector::parse(
+        q(&params, "fieldSelector").unwrap_or(""),
+        supported_fields(served.group, served.plural),
+    ) {
+        Ok(s) => s,
+        Err(e) => return status(400, "BadRequest", &e),
+    };
+    let filter = Filter {
+        served,
+        namespace: db_ns,
+        labels,
+        fields,
+    };
+    if matches!(q(&params, "watch"), Some("1" | "true")) {
+        return watch(state, filter, &params).await;
+    }
+    match state
+        .store
+        .list(Some(served.wire), filter.namespace.as_deref())
+        .await
+    {
+        Ok((rows, seq)) => {
+            let items: Vec<Value> = rows
+                .into_iter()
+                .map(|r| with_type(&served, r.object.content))
+                .filter(|o| filter.matches(o))
+                .collect();
+            json_response(
+                StatusCode::OK,
+                json!({
+                    "kind": format!("{}List", served.kind), "apiVersion": served.api_version(),
+                    "metadata": {"resourceVersion": seq.to_string()}, "items": items
+                }),
+            )
+        }
+        Err(e) => status(500, "InternalError", &e.to_string()),
+    }
+}
+
+fn with_type(served: &Served, mut obj: Value) -> Value {
+    if let Value::Object(m) = &mut obj {
+        m.insert("apiVersion".into(), Value::String(served.api_version()));
+        m.insert("kind".into(), Value::String(served.kind.to_owned()));
+    }
+    obj
+}
+
+struct Filter {
+    served: Served,
+    namespace: Option<String>,
+    labels: LabelSelector,
+    fields: FieldSelector,
+}
+
+impl Filter {
+    fn matches(&self, obj: &Value) -> bool {
+        self.labels.matches(obj) && self.fields.matches(obj)
+    }
+
+    /// How a change looks to this watcher (selector transitions become ADDED/DELETED).
+    fn event(&self, c: &Change) -> Option<&'static str> {
+        if c.kind != self.served.wire
+            || self.namespace.as_ref().is_some_and(|ns| *ns != c.namespace)
+        {
+            return None;
+        }
+        let now = !c.deleted && self.matches(&c.object);
+        let before = c.old.as_ref().is_some_and(|o| self.matches(o));
+        match (before, now, c.deleted) {
+            (true, _, true) => Some("DELETED"),
+            (false, _, true) => None,
+            (false, true, _) => Some("ADDED"),
+            (true, true, _) => Some("MODIFIED"),
+            (true, false, _) => Some("DELETED"),
+            (false, false, _) => None,
+        }
+    }
+}
+
+fn line(kind: &str, object: &Value) -> Bytes {
+    let mut s = json!({"type": kind, "object": object}).to_string();
+    s.push('\n');
+    Bytes::from(s)
+}
+
+async fn watch(state: Arc<State>, filter: Filter, params: &[(String, String)]) -> Response<Body> {
+    let rx = state.store.subscribe();
+    let from = q(params, "resourceVersion").filter(|r| !r.is_empty() && *r != "0");
+    let (initial, after): (Vec<Bytes>, u64) = match from {
+        None => match state
+            .store
+            .list(Some(filter.served.wire), filter.namespace.as_deref())
+            .await
+        {
+            Ok((rows, seq)) => (
+                rows.into_iter()
+                    .map(|r| with_type(&filter.served, r.object.content))
+                    .filter(|o| filter.matches(o))
+                    .map(|o| line("ADDED", &o))
+                    .collect(),
+                seq,
+            ),
+            Err(e) => return status(500, "InternalError", &e.to_string()),
+        },
+        Some(rv) => {
+            let Ok(seq) = rv.parse::<u64>() else {
+                return status(
+                    400,
+                    "BadRequest",
+                    &format!("invalid resource version: {rv}"),
+                );
+            };
+            match state.store.changes_since(seq) {
+                Some(changes) => {
+                    let last = changes.last().map_or(seq, |c| c.seq);
+                    let lines = changes
+                        .iter()
+                        .filter_map(|c| {
+                            filter
+                                .event(c)
+                                .map(|k| line(k, &with_type(&filter.served, c.object.clone())))
+                        })
+                        .collect();
+                    (lines, last.max(seq))
+                }
+                None => {
+                    let gone = json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                        "message": format!("too old resource version: {seq}"), "reason": "Expired", "code": 410});
+                    (vec![line("ERROR", &gone)], u64::MAX)
+                }
+            }
+        }
+    };
+    let bookmarks = matches!(q(params, "allowWatchBookmarks"), Some("1" | "true"));
+    let timeout = q(params, "timeoutSeconds")
+        .and_then(|t| t.parse::<u64>().ok())
+        .map_or(Duration::from_secs(1800), Duration::from_secs);
+    let (tx, out) = mpsc::channel::<Bytes>(256);
+    tokio::spawn(stream_watch(
+        state, filter, rx, initial, after, bookmarks, timeout, tx,
+    ));
+    let stream = futures_util::stream::unfold(out, |mut rx| async move {
+        rx.recv()
+            .await
+            .map(|b| (Ok::<_, Infallible>(Frame::data(b)), rx))
+    });
+    let mut r = Response::new(BodyExt::boxed(StreamBody::new(stream)));
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn stream_watch(
+    state: Arc<State>,
+    filter: Filter,
+    mut rx: broadcast::Receiver<Arc<Change>>,
+    initial: Vec<Bytes>,
+    after: u64,
+    bookmarks: bool,
+    timeout: Duration,
+    tx: mpsc::Sender<Bytes>,
+) {
+    for l in initial {
+        if tx.send(l).await.is_err() {
+            return;
+        }
+    }
+    if after == u64::MAX {
+        return; // 410 sent
+    }
+    let mut last = after;
+    let deadline = tokio::time::sleep(timeout);
+    tokio::pin!(deadline);
+    let mut tick = tokio::time::interval(state.settings.bookmark_interval);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = &mut deadline => return,
+            _ = tx.closed() => return,
+            c = rx.recv() => match c {
+                Ok(c) => {
+                    if c.seq <= last {
+                        continue;
+                    }
+                    last = c.seq;
+                    if let Some(kind) = filter.event(&c)
+                        && tx.send(line(kind, &with_type(&filter.served, c.object.clone()))).await.is_err()
+                    {
+                        return;
+                    }
+                }
+                // Too slow to keep up, or the store closed: end the watch; the client resumes.
+                Err(_) => return,
+            },
+            _ = tick.tick(), if bookmarks => {
+                // Changes are published after their sequence is visible, so drain first.
+                let now = state.store.seq();
+                while let Ok(c) = rx.try_recv() {
+                    if c.seq > last {
+                        last = c.seq;
+                        if let Some(kind) = filter.event(&c)
+                            && tx.send(line(kind, &with_type(&filter.served, c.object.clone()))).await.is_err()
+                        {
+                            return;
+                        }
+                    }
+                }
+                let rv = now.max(last);
+                let obj = json!({"kind": filter.served.kind, "apiVersion": filter.served.api_version(), "metadata": {"resourceVersion": rv.to_string()}});
+                if tx.send(line("BOOKMARK", &obj)).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}

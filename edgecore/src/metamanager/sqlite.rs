@@ -1,0 +1,731 @@
+//! MetaManager's SQLite database: every object the node holds, the durable upstream outbox, and
+//! a change feed.
+//!
+//! - One file (WAL mode, `synchronous = FULL`): a message is acked only after the transaction
+//!   holding it has committed, so an acked object survives `kill -9` and power loss.
+//! - Writes go through one writer task that commits whatever has queued up in one transaction
+//!   (group commit), so throughput does not collapse to one fsync per message. The order of
+//!   application is the order of [`ObjectStore::apply`] calls.
+//! - An update older than what is stored is ignored (duplicates and reordering are normal with
+//!   at-least-once delivery); deletes leave tombstones so late messages cannot resurrect objects.
+//! - Every committed change gets a local sequence number and is published on a broadcast feed;
+//!   [`SqliteStore::follow`] gives a consistent snapshot plus the changes after it, which is how
+//!   edged, devicetwin and the MetaServer start (also after a restart).
+//! - A row that cannot be decoded is reported with its key and skipped, never fatal.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kedge_common::{Message, Operation, ResourcePath};
+use serde_json::Value;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Connection, Row, SqliteConnection, SqlitePool};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+
+use super::store::{Applied, ObjectStore, StoreError, StoredObject, message_rv, supersedes};
+use crate::edgehub::outbox::{Outbox, OutboxEntry, OutboxError};
+
+/// How many queued writes one transaction takes at most.
+const MAX_BATCH: usize = 1024;
+/// Changes kept in memory for watches to resume from.
+const HISTORY: usize = 10_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("cannot open the database {path}: {source}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("cannot create the database directory {path}: {source}")]
+    Dir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot migrate the database {path}: {source}")]
+    Migrate {
+        path: PathBuf,
+        #[source]
+        source: sqlx::migrate::MigrateError,
+    },
+}
+
+/// One committed change, as published on the feed.
+#[derive(Debug, Clone)]
+pub struct Change {
+    pub seq: u64,
+    pub kind: String,
+    pub namespace: String,
+    pub name: String,
+    pub deleted: bool,
+    pub object: Value,
+    /// The object before the change, if there was a live one.
+    pub old: Option<Value>,
+}
+
+/// A live object read from the database.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ObjectRow {
+    pub kind: String,
+    pub namespace: String,
+    pub name: String,
+    pub object: StoredObject,
+}
+
+#[derive(Debug, Default)]
+pub struct StoreStats {
+    pub transactions: AtomicU64,
+    pub messages: AtomicU64,
+    pub corrupt_rows: AtomicU64,
+}
+
+type Reply = oneshot::Sender<Result<Applied, StoreError>>;
+
+struct Shared {
+    seq: AtomicU64,
+    changes: broadcast::Sender<Arc<Change>>,
+    history: Mutex<VecDeque<Arc<Change>>>,
+    stats: StoreStats,
+}
+
+/// The SQLite object store. Cheap to clone.
+#[derive(Clone)]
+pub struct SqliteStore {
+    pool: SqlitePool,
+    writer: mpsc::UnboundedSender<(Message, Reply)>,
+    shared: Arc<Shared>,
+    path: PathBuf,
+}
+
+fn storage(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Storage(e.to_string())
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `path`, runs migrations and starts the writer.
+    pub async fn open(path: &Path) -> Result<Self, OpenError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|source| OpenError::Dir {
+                path: dir.to_owned(),
+                source,
+            })?;
+        }
+        let open_err = |source| OpenError::Open {
+            path: path.to_owned(),
+            source,
+        };
+        let opts = SqliteConnectOptions::from_str("sqlite://")
+            .map_err(open_err)?
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(Duration::from_secs(10))
+            .foreign_keys(true);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(opts.clone())
+            .await
+            .map_err(open_err)?;
+        sqlx::migrate!("./migrations")
+            .run(&pool)
+            .await
+            .map_err(|source| OpenError::Migrate {
+                path: path.to_owned(),
+                source,
+            })?;
+        let max_seq: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0) FROM objects")
+            .fetch_one(&pool)
+            .await
+            .map_err(open_err)?;
+        let conn = SqliteConnection::connect_with(&opts)
+            .await
+            .map_err(open_err)?;
+        let shared = Arc::new(Shared {
+            seq: AtomicU64::new(max_seq.max(0) as u64),
+            changes: broadcast::channel(1 << 14).0,
+            history: Mutex::new(VecDeque::new()),
+            stats: StoreStats::default(),
+        });
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(writer(conn, rx, shared.clone()));
+        Ok(SqliteStore {
+            pool,
+            writer: tx,
+            shared,
+            path: path.to_owned(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
+    pub fn stats(&self) -> &StoreStats {
+        &self.shared.stats
+    }
+
+    /// The newest committed change sequence.
+    pub fn seq(&self) -> u64 {
+        self.shared.seq.load(Ordering::Acquire)
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Change>> {
+        self.shared.changes.subscribe()
+    }
+
+    /// Changes after `seq` still in memory, or `None` when some have been forgotten (the caller
+    /// must re-read the store: a watch answers 410 Gone).
+    pub fn changes_since(&self, seq: u64) -> Option<Vec<Arc<Change>>> {
+        let h = self
+            .shared
+            .history
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let oldest = h.front().map_or(self.seq() + 1, |c| c.seq);
+        if seq + 1 < oldest {
+            return None;
+        }
+        Some(h.iter().filter(|c| c.seq > seq).cloned().collect())
+    }
+
+    /// Live objects of `kind` (all kinds with `None`), with the sequence they are consistent
+    /// with. Corrupt rows are reported and skipped.
+    pub async fn list(
+        &self,
+        kind: Option<&str>,
+        namespace: Option<&str>,
+    ) -> Result<(Vec<ObjectRow>, u64), StoreError> {
+        let mut conn = self.pool.acquire().await.map_err(storage)?;
+        // One read transaction: a consistent snapshot and the sequence it ends at.
+        let mut tx = conn.begin().await.map_err(storage)?;
+        let seq: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0) FROM objects")
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(storage)?;
+        let rows = sqlx::query(
+            "SELECT kind, namespace, name, resource_version, content FROM objects \
+             WHERE deleted = 0 AND (?1 IS NULL OR kind = ?1) AND (?2 IS NULL OR namespace = ?2) \
+             ORDER BY kind, namespace, name",
+        )
+        .bind(kind)
+        .bind(namespace)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(storage)?;
+        tx.commit().await.map_err(storage)?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in rows {
+            let (kind, namespace, name): (String, String, String) = (r.get(0), r.get(1), r.get(2));
+            let text: String = r.get(4);
+            match serde_json::from_str::<Value>(&text) {
+                Ok(content) => out.push(ObjectRow {
+                    kind,
+                    namespace,
+                    name,
+                    object: StoredObject {
+                        resource_version: r.get(3),
+                        content,
+                    },
+                }),
+                Err(e) => {
+                    self.shared
+                        .stats
+                        .corrupt_rows
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(%kind, %namespace, %name, error = %e, "corrupt object row skipped");
+                }
+            }
+        }
+        Ok((out, seq.max(0) as u64))
+    }
+
+    /// One live object.
+    pub async fn get(
+        &self,
+        kind: &str,
+        namespace: &str,
+        name: &str,
+    ) -> Result<Option<StoredObject>, StoreError> {
+        let row = sqlx::query(
+            "SELECT resource_version, content FROM objects WHERE kind = ? AND namespace = ? AND name = ? AND deleted = 0",
+        )
+        .bind(kind)
+        .bind(namespace)
+        .bind(name)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(storage)?;
+        let Some(r) = row else { return Ok(None) };
+        let text: String = r.get(1);
+        match serde_json::from_str(&text) {
+            Ok(content) => Ok(Some(StoredObject {
+                resource_version: r.get(0),
+                content,
+            })),
+            Err(e) => {
+                self.shared
+                    .stats
+                    .corrupt_rows
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::error!(%kind, %namespace, %name, error = %e, "corrupt object row skipped");
+                Ok(None)
+            }
+        }
+    }
+
+    /// A consistent start for a module that follows the store: the live objects of `kind`, the
+    /// sequence they reflect, and a receiver for every change after it (changes with a lower or
+    /// equal sequence in the receiver are already in the snapshot).
+    pub async fn follow(
+        &self,
+        kind: Option<&str>,
+    ) -> Result<(Vec<ObjectRow>, u64, broadcast::Receiver<Arc<Change>>), StoreError> {
+        let rx = self.subscribe();
+        let (rows, seq) = self.list(kind, None).await?;
+        Ok((rows, seq, rx))
+    }
+}
+
+impl ObjectStore for SqliteStore {
+    fn apply(
+        &self,
+        msg: &Message,
+    ) -> impl Future<Output = Result<Applied, StoreError>> + Send + 'static + use<> {
+        let (tx, rx) = oneshot::channel();
+        let queued = self.writer.send((msg.clone(), tx));
+        async move {
+            queued.map_err(|_| StoreError::Storage("the database writer has stopped".into()))?;
+            rx.await
+                .map_err(|_| StoreError::Storage("the database writer has stopped".into()))?
+        }
+    }
+}
+
+async fn writer(
+    mut conn: SqliteConnection,
+    mut rx: mpsc::UnboundedReceiver<(Message, Reply)>,
+    shared: Arc<Shared>,
+) {
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(r) => batch.push(r),
+                Err(_) => break,
+            }
+        }
+        let mut results: Vec<Result<(Applied, Option<Change>), StoreError>> =
+            Vec::with_capacity(batch.len());
+        let outcome: Result<(), StoreError> = async {
+            let mut tx = conn.begin().await.map_err(storage)?;
+            let mut seq = shared.seq.load(Ordering::Acquire);
+            for (msg, _) in &batch {
+                let r = apply_one(&mut tx, msg, seq + 1).await;
+                if let Ok((_, Some(_))) = &r {
+                    seq += 1;
+                }
+                results.push(r);
+            }
+            tx.commit().await.map_err(storage)?;
+            Ok(())
+        }
+        .await;
+        shared.stats.transactions.fetch_add(1, Ordering::Relaxed);
+        shared
+            .stats
+            .messages
+            .fetch_add(batch.len() as u64, Ordering::Relaxed);
+        match outcome {
+            Ok(()) => {
+                let mut history = shared.history.lock().unwrap_or_else(|p| p.into_inner());
+                for ((_, reply), r) in batch.into_iter().zip(results) {
+                    let r = r.map(|(applied, change)| {
+                        if let Some(c) = change {
+                            let c = Arc::new(c);
+                            history.push_back(c.clone());
+                            if history.len() > HISTORY {
+                                history.pop_front();
+                            }
+                            let seq = c.seq;
+                            let _ = shared.changes.send(c);
+                            // Visible only after it was published: whoever reads `seq` and then
+                            // drains the feed has seen every change up to it.
+                            shared.seq.store(seq, Ordering::Release);
+                        }
+                        applied
+                    });
+                    let _ = reply.send(r);
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, messages = batch.len(), "database transaction failed; nothing acked");
+                for (_, reply) in batch {
+                    let _ = reply.send(Err(StoreError::Storage(e.to_string())));
+                }
+            }
+        }
+    }
+}
+
+async fn apply_one(
+    tx: &mut SqliteConnection,
+    msg: &Message,
+    seq: u64,
+) -> Result<(Applied, Option<Change>), StoreError> {
+    let path = ResourcePath::parse_edge(&msg.route.resource)?;
+    let (Some(namespace), Some(kind), Some(name)) =
+        (path.namespace_segment(), path.resource_type(), path.name())
+    else {
+        return Err(StoreError::Storage(format!(
+            "resource `{}` does not name an object (<namespace>/<type>/<name>)",
+            msg.route.resource
+        )));
+    };
+    let is_delete = match msg.route.operation {
+        Operation::Insert | Operation::Update | Operation::Patch => false,
+        Operation::Delete => true,
+        ref other => return Err(StoreError::Unsupported(other.clone())),
+    };
+    let rv = message_rv(msg);
+    let existing = sqlx::query("SELECT resource_version, deleted, content FROM objects WHERE kind = ? AND namespace = ? AND name = ?")
+        .bind(kind)
+        .bind(namespace)
+        .bind(name)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(storage)?;
+    let mut old = None;
+    if let Some(row) = &existing {
+        let stored_rv: String = row.get(0);
+        let stored_deleted: i64 = row.get(1);
+        if !supersedes(&rv, is_delete, &stored_rv, stored_deleted != 0) {
+            return Ok((Applied::Stale, None));
+        }
+        if stored_deleted == 0 {
+            let text: String = row.get(2);
+            old = serde_json::from_str(&text).ok();
+        }
+    }
+    let uid = msg
+        .content
+        .pointer("/metadata/uid")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    let content = serde_json::to_string(&msg.content).map_err(storage)?;
+    sqlx::query(
+        "INSERT INTO objects (kind, namespace, name, uid, resource_version, deleted, content, seq) \
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?) \
+         ON CONFLICT (kind, namespace, name) DO UPDATE SET uid = excluded.uid, \
+         resource_version = excluded.resource_version, deleted = excluded.deleted, \
+         content = excluded.content, seq = excluded.seq",
+    )
+    .bind(kind)
+    .bind(namespace)
+    .bind(name)
+    .bind(uid)
+    .bind(&rv)
+    .bind(i64::from(is_delete))
+    .bind(content)
+    .bind(seq as i64)
+    .execute(&mut *tx)
+    .await
+    .map_err(storage)?;
+    let change = Change {
+        seq,
+        kind: kind.to_owned(),
+        namespace: namespace.to_owned(),
+        name: name.to_owned(),
+        deleted: is_delete,
+        object: msg.content.clone(),
+        old,
+    };
+    Ok((
+        if is_delete {
+            Applied::Deleted
+        } else {
+            Applied::Stored
+        },
+        Some(change),
+    ))
+}
+
+// ---------------------------------------------------------------------------------------------
+// The durable outbox
+
+/// The outbox in the same database file.
+pub struct SqliteOutbox {
+    pool: SqlitePool,
+    next: AtomicU64,
+    latest: watch::Sender<u64>,
+}
+
+fn outbox_err(e: impl std::fmt::Display) -> OutboxError {
+    OutboxError::Storage(e.to_string())
+}
+
+impl SqliteOutbox {
+    pub async fn new(store: &SqliteStore) -> Result<Self, OutboxError> {
+        let max: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0) FROM outbox")
+            .fetch_one(&store.pool)
+            .await
+            .map_err(outbox_err)?;
+        Ok(SqliteOutbox {
+            pool: store.pool.clone(),
+            next: AtomicU64::new(max.max(0) as u64),
+            latest: watch::channel(max.max(0) as u64).0,
+        })
+    }
+
+    /// Reports waiting for the cloud.
+    pub async fn pending_count(&self) -> Result<usize, OutboxError> {
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM outbox")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(outbox_err)?;
+        Ok(n.max(0) as usize)
+    }
+}
+
+impl Outbox for SqliteOutbox {
+    async fn put(&self, key: &str, msg: Message) -> Result<u64, OutboxError> {
+        let seq = self.next.fetch_add(1, Ordering::AcqRel) + 1;
+        let text = serde_json::to_string(&msg).map_err(outbox_err)?;
+        sqlx::query(
+            "INSERT INTO outbox (key, seq, message) VALUES (?, ?, ?) \
+             ON CONFLICT (key) DO UPDATE SET seq = excluded.seq, message = excluded.message",
+        )
+        .bind(key)
+        .bind(seq as i64)
+        .bind(text)
+        .execute(&self.pool)
+        .await
+        .map_err(outbox_err)?;
+        self.latest.send_modify(|l| *l = (*l).max(seq));
+        Ok(seq)
+    }
+
+    async fn pending_after(&self, after: u64) -> Result<Vec<OutboxEntry>, OutboxError> {
+        let rows = sqlx::query("SELECT key, seq, message FROM outbox WHERE seq > ? ORDER BY seq")
+            .bind(after as i64)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(outbox_err)?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in rows {
+            let key: String = r.get(0);
+            let seq: i64 = r.get(1);
+            let text: String = r.get(2);
+            match Message::from_str_limited(&text, usize::MAX) {
+                Ok(message) => out.push(OutboxEntry {
+                    key,
+                    seq: seq.max(0) as u64,
+                    message,
+                }),
+                Err(e) => {
+                    tracing::error!(%key, seq, error = %e, "corrupt outbox row skipped (left in place for inspection)")
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn remove(&self, key: &str, seq: u64) -> Result<(), OutboxError> {
+        sqlx::query("DELETE FROM outbox WHERE key = ? AND seq = ?")
+            .bind(key)
+            .bind(seq as i64)
+            .execute(&self.pool)
+            .await
+            .map_err(outbox_err)?;
+        Ok(())
+    }
+
+    fn subscribe(&self) -> watch::Receiver<u64> {
+        self.latest.subscribe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn m(op: Operation, name: &str, rv: u64) -> Message {
+        Message::new(
+            "cloud",
+            "resource",
+            op,
+            format!("default/pod/{name}"),
+            json!({"metadata": {"name": name, "uid": format!("u-{name}"), "resourceVersion": rv.to_string()}, "v": rv}),
+        )
+        .with_resource_version(rv.to_string())
+    }
+
+    async fn open(dir: &tempfile::TempDir) -> SqliteStore {
+        SqliteStore::open(&dir.path().join("edge.db"))
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn duplicates_and_out_of_order_messages_leave_the_newest_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(&dir).await;
+        let results: Vec<Applied> = futures_util::future::join_all(
+            [3, 1, 3, 5, 4, 5]
+                .into_iter()
+                .map(|rv| s.apply(&m(Operation::Update, "web", rv))),
+        )
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+        use Applied::*;
+        assert_eq!(results, [Stored, Stale, Stale, Stored, Stale, Stale]);
+        let o = s.get("pod", "default", "web").await.unwrap().unwrap();
+        assert_eq!(o.resource_version, "5");
+        assert_eq!(
+            s.apply(&m(Operation::Delete, "web", 6)).await.unwrap(),
+            Deleted
+        );
+        assert_eq!(
+            s.apply(&m(Operation::Insert, "web", 5)).await.unwrap(),
+            Stale,
+            "no resurrection"
+        );
+        assert!(s.get("pod", "default", "web").await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn queued_writes_are_group_committed_and_survive_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(&dir).await;
+        let futs: Vec<_> = (0..2000)
+            .map(|i| s.apply(&m(Operation::Insert, &format!("p{i}"), i + 1)))
+            .collect();
+        for f in futs {
+            assert_eq!(f.await.unwrap(), Applied::Stored);
+        }
+        let tx = s.stats().transactions.load(Ordering::Relaxed);
+        assert!(tx < 100, "2000 writes took {tx} transactions");
+        drop(s);
+        let again = open(&dir).await;
+        let (rows, seq) = again.list(Some("pod"), None).await.unwrap();
+        assert_eq!(rows.len(), 2000);
+        assert_eq!(seq, 2000);
+        assert_eq!(again.seq(), 2000);
+    }
+
+    #[tokio::test]
+    async fn corrupt_rows_are_reported_and_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(&dir).await;
+        s.apply(&m(Operation::Insert, "good", 1)).await.unwrap();
+        s.apply(&m(Operation::Insert, "bad", 2)).await.unwrap();
+        sqlx::query("UPDATE objects SET content = '{not json' WHERE name = 'bad'")
+            .execute(s.pool())
+            .await
+            .unwrap();
+        let (rows, _) = s.list(Some("pod"), None).await.unwrap();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].name, "good");
+        assert_eq!(s.stats().corrupt_rows.load(Ordering::Relaxed), 1);
+        assert!(s.get("pod", "default", "bad").await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn follow_gives_a_snapshot_then_every_later_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(&dir).await;
+        s.apply(&m(Operation::Insert, "a", 1)).await.unwrap();
+        let (rows, seq, mut rx) = s.follow(Some("pod")).await.unwrap();
+        assert_eq!(rows.len(), 1);
+        s.apply(&m(Operation::Update, "a", 2)).await.unwrap();
+        s.apply(&m(Operation::Delete, "a", 3)).await.unwrap();
+        let c1 = rx.recv().await.unwrap();
+        let c2 = rx.recv().await.unwrap();
+        assert!(c1.seq > seq && !c1.deleted && c1.old.is_some());
+        assert!(c2.deleted);
+        assert_eq!(s.changes_since(seq).unwrap().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn bad_messages_are_errors_not_panics() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(&dir).await;
+        let mut no_name = m(Operation::Insert, "x", 1);
+        no_name.route.resource = "default/podlist".into();
+        assert!(s.apply(&no_name).await.is_err());
+        let mut query = m(Operation::Query, "x", 1);
+        query.route.operation = Operation::Query;
+        assert!(matches!(
+            s.apply(&query).await,
+            Err(StoreError::Unsupported(_))
+        ));
+        // The writer is still fine.
+        assert_eq!(
+            s.apply(&m(Operation::Insert, "y", 1)).await.unwrap(),
+            Applied::Stored
+        );
+    }
+
+    #[tokio::test]
+    async fn an_unopenable_database_names_its_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("is-a-dir.db");
+        std::fs::create_dir(&path).unwrap();
+        let e = SqliteStore::open(&path).await.err().unwrap();
+        assert!(e.to_string().contains("is-a-dir.db"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn the_outbox_keeps_the_latest_report_per_key_across_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(&dir).await;
+        let o = SqliteOutbox::new(&s).await.unwrap();
+        let r = |v: u64| {
+            Message::new(
+                "edged",
+                "resource",
+                Operation::Update,
+                "default/podstatus/a",
+                json!({"v": v}),
+            )
+        };
+        let a1 = o.put("pod/a", r(1)).await.unwrap();
+        o.put("pod/b", r(1)).await.unwrap();
+        let a2 = o.put("pod/a", r(2)).await.unwrap();
+        o.remove("pod/a", a1).await.unwrap();
+        assert_eq!(o.pending_count().await.unwrap(), 2);
+        drop(o);
+        drop(s);
+        let s = open(&dir).await;
+        let o = SqliteOutbox::new(&s).await.unwrap();
+        let pending = o.pending_after(0).await.unwrap();
+        let got: Vec<(String, Value)> = pending
+            .iter()
+            .map(|e| (e.key.clone(), e.message.content.clone()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("pod/b".to_owned(), json!({"v": 1})),
+                ("pod/a".to_owned(), json!({"v": 2}))
+            ]
+        );
+        assert_eq!(pending[1].seq, a2);
+        // New entries continue the sequence.
+        assert!(o.put("pod/c", r(1)).await.unwrap() > a2);
+    }
+}
