@@ -146,6 +146,8 @@ struct Loop {
     holders: HashMap<ObjectRef, BTreeMap<String, usize>>,
     relists: [Relist; 4],
     orphans_checked: bool,
+    /// Pod events that arrived before ConfigMaps and Secrets were first listed.
+    held_pods: Vec<watcher::Event<Pod>>,
 }
 
 impl EdgeController {
@@ -255,6 +257,7 @@ impl EdgeController {
             holders: HashMap::new(),
             relists: Default::default(),
             orphans_checked: false,
+            held_pods: Vec::new(),
         };
         loop {
             let input = tokio::select! {
@@ -317,10 +320,23 @@ impl Loop {
     async fn handle(&mut self, input: Input) {
         match input {
             Input::Nodes(ev) => self.on_nodes(*ev).await,
-            Input::Pods(ev) => self.on_pods(*ev),
+            Input::Pods(ev) => {
+                // Until edge nodes, ConfigMaps and Secrets are listed, a pod cannot be placed and
+                // its references cannot be sent before it: hold pod events back (start-up only).
+                if self.refs_listed() {
+                    self.on_pods(*ev).await;
+                } else {
+                    self.held_pods.push(*ev);
+                }
+            }
             Input::ConfigMaps(ev) => self.on_refs(*ev, RefKind::ConfigMap),
             Input::Secrets(ev) => self.on_refs(*ev, RefKind::Secret),
             Input::Hub(ev) => self.on_hub(ev),
+        }
+        if !self.held_pods.is_empty() && self.refs_listed() {
+            for ev in std::mem::take(&mut self.held_pods) {
+                self.on_pods(ev).await;
+            }
         }
         if !self.orphans_checked && self.relists.iter().all(|r| r.done_once) {
             self.orphans_checked = true;
@@ -462,7 +478,9 @@ impl Loop {
                     Operation::Update,
                     to_json(&n),
                 );
-                if new {
+                // A node that becomes an edge node later: pick up pods already bound to it. During
+                // the initial list the pod watch delivers them anyway.
+                if new && self.relists[0].done_once {
                     self.adopt_pods_of(&name).await;
                 }
             }
@@ -494,7 +512,7 @@ impl Loop {
                 for mut p in list.items {
                     p.metadata.managed_fields = None;
                     if !self.pods.contains_key(&ns_name(&p)) {
-                        self.pod_applied(p);
+                        self.pod_applied(p).await;
                     }
                 }
             }
@@ -541,12 +559,12 @@ impl Loop {
     // ---------------------------------------------------------------------------------------
     // Pods
 
-    fn on_pods(&mut self, ev: watcher::Event<Pod>) {
+    async fn on_pods(&mut self, ev: watcher::Event<Pod>) {
         match ev {
-            watcher::Event::Apply(p) => self.pod_applied(p),
+            watcher::Event::Apply(p) => self.pod_applied(p).await,
             watcher::Event::InitApply(p) => {
                 self.relists[1].saw(ns_name(&p));
-                self.pod_applied(p);
+                self.pod_applied(p).await;
             }
             watcher::Event::Delete(p) => self.pod_deleted(&ns_name(&p), Some(p)),
             watcher::Event::Init => self.relists[1].init(),
@@ -565,7 +583,49 @@ impl Loop {
         }
     }
 
-    fn pod_applied(&mut self, pod: Pod) {
+    /// Edge nodes, ConfigMaps and Secrets have been listed once: pods can be placed and their
+    /// references sent first.
+    fn refs_listed(&self) -> bool {
+        self.relists[0].done_once && self.relists[2].done_once && self.relists[3].done_once
+    }
+
+    /// A referenced object the ConfigMap/Secret watch has not delivered yet (the watches are
+    /// independent streams, so a pod can be seen first): read it once, so it still goes first.
+    async fn fetch_missing(&mut self, r: &ObjectRef) {
+        let key = (r.namespace.clone(), r.name.clone());
+        let missing = match r.kind {
+            RefKind::ConfigMap => !self.configmaps.contains_key(&key),
+            RefKind::Secret => !self.secrets.contains_key(&key),
+        };
+        if !missing {
+            return;
+        }
+        let result = match r.kind {
+            RefKind::ConfigMap => Api::<ConfigMap>::namespaced(self.client.clone(), &r.namespace)
+                .get_opt(&r.name)
+                .await
+                .map(|o| {
+                    o.map(|mut o| {
+                        o.metadata.managed_fields = None;
+                        self.configmaps.insert(key.clone(), o);
+                    })
+                }),
+            RefKind::Secret => Api::<Secret>::namespaced(self.client.clone(), &r.namespace)
+                .get_opt(&r.name)
+                .await
+                .map(|o| {
+                    o.map(|mut o| {
+                        o.metadata.managed_fields = None;
+                        self.secrets.insert(key.clone(), o);
+                    })
+                }),
+        };
+        if let Err(e) = result {
+            tracing::warn!(namespace = %r.namespace, name = %r.name, error = %e, "cannot read a pod's reference; it follows when the watch delivers it");
+        }
+    }
+
+    async fn pod_applied(&mut self, pod: Pod) {
         let key = ns_name(&pod);
         let Some(node) = pod.spec.as_ref().and_then(|s| s.node_name.clone()) else {
             return;
@@ -588,6 +648,7 @@ impl Loop {
         let old_refs = old.as_ref().map(|o| o.refs.clone()).unwrap_or_default();
         // Referenced objects first, so the node has them before the pod.
         for r in refs.iter().filter(|r| !old_refs.contains(r)) {
+            self.fetch_missing(r).await;
             self.hold(&node, r);
         }
         let op = if old.is_some() {
