@@ -203,6 +203,23 @@ fn validate_segments(path: &str) -> Result<(), PathError> {
     Ok(())
 }
 
+/// The Kubernetes `apiVersion` and `kind` of an object sent with resource type `wire`.
+pub fn api_type_of(wire: &str) -> Option<(&'static str, &'static str)> {
+    Some(match wire {
+        "pod" => ("v1", "Pod"),
+        "configmap" => ("v1", "ConfigMap"),
+        "secret" => ("v1", "Secret"),
+        "node" => ("v1", "Node"),
+        "service" => ("v1", "Service"),
+        "endpoints" => ("v1", "Endpoints"),
+        "serviceaccount" => ("v1", "ServiceAccount"),
+        "lease" => ("coordination.k8s.io/v1", "Lease"),
+        "device" => ("devices.kubeedge.io/v1beta1", "Device"),
+        "devicemodel" => ("devices.kubeedge.io/v1beta1", "DeviceModel"),
+        _ => return None,
+    })
+}
+
 /// A Kubernetes node name is a DNS-1123 subdomain: lowercase alphanumerics, `-` and `.`,
 /// starting and ending with an alphanumeric, at most 253 characters.
 pub fn validate_node_name(node: &str) -> Result<(), &'static str> {

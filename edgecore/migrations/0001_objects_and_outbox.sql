@@ -1,7 +1,8 @@
 -- Every object the cloud sent this node, latest version per (kind, namespace, name).
 -- A delete leaves a tombstone (deleted = 1) so that an older message arriving late cannot
 -- resurrect the object. `seq` is the local change sequence: the MetaServer's resourceVersion
--- and the change feed's position.
+-- and the change feed's position. (A rowid table: rows hold whole objects, too large for
+-- WITHOUT ROWID to pay off.)
 CREATE TABLE objects (
     kind             TEXT    NOT NULL,
     namespace        TEXT    NOT NULL,
@@ -11,10 +12,8 @@ CREATE TABLE objects (
     deleted          INTEGER NOT NULL DEFAULT 0,
     content          TEXT    NOT NULL,
     seq              INTEGER NOT NULL,
-    PRIMARY KEY (kind, namespace, name)
-) WITHOUT ROWID;
-
-CREATE INDEX objects_by_kind ON objects (kind, deleted);
+    UNIQUE (kind, namespace, name)
+);
 
 -- Reports waiting for the cloud: the latest per key, sent in `seq` order.
 CREATE TABLE outbox (

@@ -196,6 +196,8 @@ pub async fn start(
                     }
                 },
             };
+            // Responses are written in several segments; without this, delayed ACKs add ~40 ms.
+            let _ = tcp.set_nodelay(true);
             let state = state.clone();
             let stop = shutdown.clone();
             tokio::spawn(async move {
@@ -420,6 +422,8 @@ async fn resource(
         Ok(s) => s,
         Err(e) => return status(400, "BadRequest", &e),
     };
+    let unfiltered = q(&params, "labelSelector").unwrap_or("").is_empty()
+        && q(&params, "fieldSelector").unwrap_or("").is_empty();
     let filter = Filter {
         served,
         namespace: db_ns,
@@ -429,24 +433,43 @@ async fn resource(
     if matches!(q(&params, "watch"), Some("1" | "true")) {
         return watch(state, filter, &params).await;
     }
+    // Rows are stored complete (apiVersion and kind included): serve them as they are, decoding
+    // a row only to evaluate selectors.
     match state
         .store
-        .list(Some(served.wire), filter.namespace.as_deref())
+        .list_raw(served.wire, filter.namespace.as_deref())
         .await
     {
         Ok((rows, seq)) => {
-            let items: Vec<Value> = rows
-                .into_iter()
-                .map(|r| with_type(&served, r.object.content))
-                .filter(|o| filter.matches(o))
-                .collect();
-            json_response(
-                StatusCode::OK,
-                json!({
-                    "kind": format!("{}List", served.kind), "apiVersion": served.api_version(),
-                    "metadata": {"resourceVersion": seq.to_string()}, "items": items
-                }),
-            )
+            let mut body =
+                String::with_capacity(rows.iter().map(|r| r.get().len() + 1).sum::<usize>() + 128);
+            body.push_str(&format!(
+                "{{\"kind\":\"{}List\",\"apiVersion\":\"{}\",\"metadata\":{{\"resourceVersion\":\"{seq}\"}},\"items\":[",
+                served.kind,
+                served.api_version()
+            ));
+            let mut first = true;
+            for r in &rows {
+                if !unfiltered {
+                    let matched =
+                        serde_json::from_str::<Value>(r.get()).is_ok_and(|o| filter.matches(&o));
+                    if !matched {
+                        continue;
+                    }
+                }
+                if !first {
+                    body.push(',');
+                }
+                first = false;
+                body.push_str(r.get());
+            }
+            body.push_str("]}");
+            let mut resp = Response::new(Full::new(Bytes::from(body)).boxed());
+            resp.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("application/json"),
+            );
+            resp
         }
         Err(e) => status(500, "InternalError", &e.to_string()),
     }

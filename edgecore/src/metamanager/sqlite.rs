@@ -251,6 +251,48 @@ impl SqliteStore {
         Ok((out, seq.max(0) as u64))
     }
 
+    /// Live objects as stored JSON text, checked to be well-formed but not decoded (the fast path
+    /// for serving lists). Corrupt rows are reported and skipped.
+    pub async fn list_raw(
+        &self,
+        kind: &str,
+        namespace: Option<&str>,
+    ) -> Result<(Vec<Box<serde_json::value::RawValue>>, u64), StoreError> {
+        let mut conn = self.pool.acquire().await.map_err(storage)?;
+        let mut tx = conn.begin().await.map_err(storage)?;
+        let seq: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0) FROM objects")
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(storage)?;
+        let rows = sqlx::query(
+            "SELECT namespace, name, content FROM objects \
+             WHERE kind = ?1 AND deleted = 0 AND (?2 IS NULL OR namespace = ?2) \
+             ORDER BY namespace, name",
+        )
+        .bind(kind)
+        .bind(namespace)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(storage)?;
+        tx.commit().await.map_err(storage)?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in rows {
+            let text: String = r.get(2);
+            match serde_json::value::RawValue::from_string(text) {
+                Ok(raw) => out.push(raw),
+                Err(e) => {
+                    let (namespace, name): (String, String) = (r.get(0), r.get(1));
+                    self.shared
+                        .stats
+                        .corrupt_rows
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(%kind, %namespace, %name, error = %e, "corrupt object row skipped");
+                }
+            }
+        }
+        Ok((out, seq.max(0) as u64))
+    }
+
     /// One live object.
     pub async fn get(
         &self,
@@ -423,7 +465,20 @@ async fn apply_one(
         .pointer("/metadata/uid")
         .and_then(Value::as_str)
         .unwrap_or_default();
-    let content = serde_json::to_string(&msg.content).map_err(storage)?;
+    // Objects from informers may lack apiVersion/kind (Go clears TypeMeta): store them complete,
+    // so the MetaServer can serve rows as they are.
+    let content = match (&msg.content, kedge_common::resource::api_type_of(kind)) {
+        (Value::Object(m), Some((api_version, k)))
+            if m.get("apiVersion").and_then(Value::as_str) != Some(api_version)
+                || m.get("kind").and_then(Value::as_str) != Some(k) =>
+        {
+            let mut c = msg.content.clone();
+            c["apiVersion"] = Value::String(api_version.to_owned());
+            c["kind"] = Value::String(k.to_owned());
+            serde_json::to_string(&c).map_err(storage)?
+        }
+        _ => serde_json::to_string(&msg.content).map_err(storage)?,
+    };
     sqlx::query(
         "INSERT INTO objects (kind, namespace, name, uid, resource_version, deleted, content, seq) \
          VALUES (?, ?, ?, ?, ?, ?, ?, ?) \

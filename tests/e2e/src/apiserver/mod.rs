@@ -154,6 +154,7 @@ impl TestApiServer {
                     _ = stop.cancelled() => return,
                     a = listener.accept() => match a { Ok(x) => x, Err(_) => continue },
                 };
+                let _ = tcp.set_nodelay(true);
                 let shared = s2.clone();
                 let stop = stop.clone();
                 tokio::spawn(async move {
