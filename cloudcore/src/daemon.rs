@@ -71,24 +71,8 @@ pub async fn run(cfg: CloudCoreConfig) -> anyhow::Result<()> {
         bootstrap = ?running.bootstrap_addr,
         "cloudhub listening"
     );
-    wait_for_signal().await;
+    kedge_common::process::shutdown_signal().await;
     tracing::info!("shutting down");
     running.stop().await;
     Ok(())
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot watch SIGTERM; only Ctrl-C stops cloudcore");
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
 }

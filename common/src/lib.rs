@@ -5,9 +5,12 @@
 pub mod backoff;
 pub mod config;
 pub mod crd;
+pub mod files;
+pub mod http;
 pub mod logging;
 pub mod message;
 pub mod pki;
+pub mod process;
 pub mod resource;
 pub mod selectors;
 pub mod tls;

@@ -124,7 +124,7 @@ pub async fn run(cfg: EdgeCoreConfig) -> anyhow::Result<()> {
     let hub_task = tokio::spawn(hub.run(shutdown.clone()));
     tracing::info!(%node, cloud = %hub_cfg.websocket.server, "edgecore running");
 
-    wait_for_signal().await;
+    kedge_common::process::shutdown_signal().await;
     tracing::info!("shutting down");
     shutdown.cancel();
     let _ = hub_task.await;
@@ -169,22 +169,6 @@ async fn rotate_when_due(
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(wait) => {}
-        }
-    }
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot watch SIGTERM; only Ctrl-C stops edgecore");
-            let _ = tokio::signal::ctrl_c().await;
         }
     }
 }

@@ -148,25 +148,11 @@ fn read_opt(path: &Path) -> Result<Option<String>, CertError> {
     }
 }
 
-/// Writes a file readable by its owner only (keys, secrets), atomically.
-pub fn write_private(path: &Path, contents: &[u8]) -> Result<(), CertError> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let io = |source| CertError::Io {
+fn write_private(path: &Path, contents: &[u8]) -> Result<(), CertError> {
+    kedge_common::files::write_private(path, contents).map_err(|source| CertError::Io {
         path: path.to_owned(),
         source,
-    };
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(io)?;
-    f.write_all(contents).map_err(io)?;
-    f.sync_all().map_err(io)?;
-    std::fs::rename(&tmp, path).map_err(io)
+    })
 }
 
 /// Loads the PKI from `dir`, creating what is missing.

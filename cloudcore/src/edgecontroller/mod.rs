@@ -424,35 +424,10 @@ impl Loop {
         }
     }
 
+    /// Deletes `r` from a node at the version the node holds (see `queue::supersedes`). A
+    /// reference that never existed never reached the node, so nothing is sent then.
     fn send_ref_delete(&self, node: &str, r: &ObjectRef) {
-        let key = (r.namespace.clone(), r.name.clone());
-        let found = match r.kind {
-            RefKind::ConfigMap => self
-                .configmaps
-                .get(&key)
-                .map(|o| (to_json(o), o.metadata.clone())),
-            RefKind::Secret => self
-                .secrets
-                .get(&key)
-                .map(|o| (to_json(o), o.metadata.clone())),
-        };
-        let Some((obj, meta)) = found else {
-            // Never reached the node (it did not exist), so nothing to delete.
-            return;
-        };
-        // Deleted at the version the node holds (see `queue::supersedes`).
-        self.send(
-            node,
-            obj_key(
-                r.kind.wire_type(),
-                Some(&r.namespace),
-                &r.name,
-                meta.uid.as_deref().unwrap_or_default(),
-            ),
-            meta.resource_version.as_deref().unwrap_or_default(),
-            Operation::Delete,
-            obj,
-        );
+        self.send_ref(node, r, Operation::Delete);
     }
 
     // ---------------------------------------------------------------------------------------

@@ -200,15 +200,14 @@ impl SqliteStore {
         Some(h.iter().filter(|c| c.seq > seq).cloned().collect())
     }
 
-    /// Live objects of `kind` (all kinds with `None`), with the sequence they are consistent
-    /// with. Corrupt rows are reported and skipped.
-    pub async fn list(
+    /// Live rows (kind, namespace, name, resource_version, content) from one read transaction,
+    /// with the sequence they are consistent with.
+    async fn read_rows(
         &self,
         kind: Option<&str>,
         namespace: Option<&str>,
-    ) -> Result<(Vec<ObjectRow>, u64), StoreError> {
+    ) -> Result<(Vec<sqlx::sqlite::SqliteRow>, u64), StoreError> {
         let mut conn = self.pool.acquire().await.map_err(storage)?;
-        // One read transaction: a consistent snapshot and the sequence it ends at.
         let mut tx = conn.begin().await.map_err(storage)?;
         let seq: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0) FROM objects")
             .fetch_one(&mut *tx)
@@ -225,30 +224,44 @@ impl SqliteStore {
         .await
         .map_err(storage)?;
         tx.commit().await.map_err(storage)?;
+        Ok((rows, seq.max(0) as u64))
+    }
+
+    fn report_corrupt(&self, row: &sqlx::sqlite::SqliteRow, error: &serde_json::Error) {
+        let (kind, namespace, name): (String, String, String) =
+            (row.get(0), row.get(1), row.get(2));
+        self.shared
+            .stats
+            .corrupt_rows
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::error!(%kind, %namespace, %name, %error, "corrupt object row skipped");
+    }
+
+    /// Live objects of `kind` (all kinds with `None`), with the sequence they are consistent
+    /// with. Corrupt rows are reported and skipped.
+    pub async fn list(
+        &self,
+        kind: Option<&str>,
+        namespace: Option<&str>,
+    ) -> Result<(Vec<ObjectRow>, u64), StoreError> {
+        let (rows, seq) = self.read_rows(kind, namespace).await?;
         let mut out = Vec::with_capacity(rows.len());
         for r in rows {
-            let (kind, namespace, name): (String, String, String) = (r.get(0), r.get(1), r.get(2));
             let text: String = r.get(4);
             match serde_json::from_str::<Value>(&text) {
                 Ok(content) => out.push(ObjectRow {
-                    kind,
-                    namespace,
-                    name,
+                    kind: r.get(0),
+                    namespace: r.get(1),
+                    name: r.get(2),
                     object: StoredObject {
                         resource_version: r.get(3),
                         content,
                     },
                 }),
-                Err(e) => {
-                    self.shared
-                        .stats
-                        .corrupt_rows
-                        .fetch_add(1, Ordering::Relaxed);
-                    tracing::error!(%kind, %namespace, %name, error = %e, "corrupt object row skipped");
-                }
+                Err(e) => self.report_corrupt(&r, &e),
             }
         }
-        Ok((out, seq.max(0) as u64))
+        Ok((out, seq))
     }
 
     /// Live objects as stored JSON text, checked to be well-formed but not decoded (the fast path
@@ -258,39 +271,16 @@ impl SqliteStore {
         kind: &str,
         namespace: Option<&str>,
     ) -> Result<(Vec<Box<serde_json::value::RawValue>>, u64), StoreError> {
-        let mut conn = self.pool.acquire().await.map_err(storage)?;
-        let mut tx = conn.begin().await.map_err(storage)?;
-        let seq: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0) FROM objects")
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(storage)?;
-        let rows = sqlx::query(
-            "SELECT namespace, name, content FROM objects \
-             WHERE kind = ?1 AND deleted = 0 AND (?2 IS NULL OR namespace = ?2) \
-             ORDER BY namespace, name",
-        )
-        .bind(kind)
-        .bind(namespace)
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(storage)?;
-        tx.commit().await.map_err(storage)?;
+        let (rows, seq) = self.read_rows(Some(kind), namespace).await?;
         let mut out = Vec::with_capacity(rows.len());
         for r in rows {
-            let text: String = r.get(2);
+            let text: String = r.get(4);
             match serde_json::value::RawValue::from_string(text) {
                 Ok(raw) => out.push(raw),
-                Err(e) => {
-                    let (namespace, name): (String, String) = (r.get(0), r.get(1));
-                    self.shared
-                        .stats
-                        .corrupt_rows
-                        .fetch_add(1, Ordering::Relaxed);
-                    tracing::error!(%kind, %namespace, %name, error = %e, "corrupt object row skipped");
-                }
+                Err(e) => self.report_corrupt(&r, &e),
             }
         }
-        Ok((out, seq.max(0) as u64))
+        Ok((out, seq))
     }
 
     /// One live object.
