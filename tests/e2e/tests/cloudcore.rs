@@ -642,3 +642,48 @@ async fn forced_410s_make_cloudcore_relist_and_still_converge() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_of_a_deleted_edge_node_are_not_left_behind() {
+    let h = Harness::start().await;
+    let mut e = h.edge("edge-x");
+    assert!(e.wait_for(LinkState::Connected, T).await);
+    h.wait_edge_node("edge-x").await;
+    let pods: Api<Pod> = Api::default_namespaced(h.client.clone());
+    for i in 0..3 {
+        pods.create(
+            &PostParams::default(),
+            &pod(&format!("x{i}"), "edge-x", json!({})),
+        )
+        .await
+        .unwrap();
+    }
+    pods.create(
+        &PostParams::default(),
+        &pod("elsewhere", "cloud-node", json!({})),
+    )
+    .await
+    .unwrap();
+    let store = e.store.clone();
+    eventually_async("pods on the edge", || async {
+        (0..3).all(|i| store.inner.get(&format!("default/pod/x{i}")).is_some())
+    })
+    .await;
+    let nodes: Api<Node> = Api::all(h.client.clone());
+    nodes
+        .delete("edge-x", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually_async("the deleted node's pods are gone", || async {
+        pods.list(&ListParams::default().fields("spec.nodeName=edge-x"))
+            .await
+            .unwrap()
+            .items
+            .is_empty()
+    })
+    .await;
+    assert!(
+        pods.get_opt("elsewhere").await.unwrap().is_some(),
+        "other pods stay"
+    );
+}
