@@ -18,7 +18,7 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use futures_util::stream::FuturesUnordered;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use kedge_common::backoff::Backoff;
 use kedge_common::message::{group, module};
 use kedge_common::wire::{Incoming, WireCodec};
@@ -222,14 +222,21 @@ impl<S: ObjectStore, O: Outbox> EdgeHub<S, O> {
         // Acks waiting for the store to commit. Stores apply in call order, so awaiting many at
         // once keeps the order and lets the store group-commit.
         let mut pending_acks: FuturesUnordered<PendingAck> = FuturesUnordered::new();
+        // Read the outbox at the start of a session and whenever something was put, not on
+        // every frame (it is a database query).
+        let mut outbox_dirty = true;
 
         loop {
             // Send outbox entries not yet sent on this session, oldest first.
-            let pending = self
-                .outbox
-                .pending_after(sent_up_to)
-                .await
-                .map_err(|e| LinkError::Lost(format!("outbox: {e}")))?;
+            let pending = if outbox_dirty {
+                outbox_dirty = false;
+                self.outbox
+                    .pending_after(sent_up_to)
+                    .await
+                    .map_err(|e| LinkError::Lost(format!("outbox: {e}")))?
+            } else {
+                Vec::new()
+            };
             if !pending.is_empty() {
                 for entry in pending {
                     let mut msg = entry.message;
@@ -261,10 +268,19 @@ impl<S: ObjectStore, O: Outbox> EdgeHub<S, O> {
                     if changed.is_err() {
                         return Err(LinkError::Lost("outbox closed".into()));
                     }
+                    outbox_dirty = true;
                 }
                 Some(ack) = pending_acks.next(), if !pending_acks.is_empty() => {
-                    let frame = codec.encode(&ack).map_err(|e| LinkError::Lost(e.to_string()))?;
-                    sink.send(frame).await.map_err(lost)?;
+                    // One group commit completes many acks at once: write them in one flush.
+                    let mut ready = vec![ack];
+                    while let Some(Some(more)) = pending_acks.next().now_or_never() {
+                        ready.push(more);
+                    }
+                    for ack in ready {
+                        let frame = codec.encode(&ack).map_err(|e| LinkError::Lost(e.to_string()))?;
+                        sink.feed(frame).await.map_err(lost)?;
+                    }
+                    sink.flush().await.map_err(lost)?;
                 }
                 frame = stream.next(), if pending_acks.len() < MAX_PENDING_ACKS => {
                     let frame = match frame {
