@@ -28,9 +28,14 @@ if [ -n "${KUBECONFIG:-}" ] && kubectl version --request-timeout=5s >/dev/null 2
 else
   KC="$LOCAL/kubeconfig"
   echo ">> no reachable cluster in \$KUBECONFIG: starting the kedge TEST API server (a local trial server, NOT a Kubernetes cluster)"
+  # A fresh test server starts its resourceVersions from scratch: what the edge stored from an
+  # earlier trial would look newer than everything it sends, so the edge starts empty too.
+  rm -f "$LOCAL"/edgecore.db "$LOCAL"/edgecore.db-wal "$LOCAL"/edgecore.db-shm
   "$BIN/test-apiserver" --port 16443 --kubeconfig "$KC" >"$LOCAL/test-apiserver.log" 2>&1 &
   echo "test-apiserver $!" >>"$LOCAL/pids"
+  TAS_PID=$!
   for _ in $(seq 50); do [ -s "$KC" ] && kubectl --kubeconfig "$KC" get ns >/dev/null 2>&1 && break; sleep 0.1; done
+  kill -0 "$TAS_PID" 2>/dev/null || { echo "the test API server did not start:"; cat "$LOCAL/test-apiserver.log"; exit 1; }
 fi
 K() { kubectl --kubeconfig "$KC" "$@"; }
 K apply --validate=false -f - >/dev/null <<YAML
@@ -87,6 +92,7 @@ for _ in $(seq 50); do
   grep -q "connected to the cloud" "$LOCAL/edgecore.log" 2>/dev/null && break
   sleep 0.1
 done
+grep -q "connected to the cloud" "$LOCAL/edgecore.log" || { echo "edgecore did not connect:"; cat "$LOCAL/edgecore.log"; exit 1; }
 
 for _ in $(seq 100); do K get node "$NODE" >/dev/null 2>&1 && break; sleep 0.1; done
 echo ">> applying an example ConfigMap and a pod bound to $NODE"

@@ -14,8 +14,7 @@ fn main() -> ExitCode {
     match cli::run(cli) {
         Ok(code) => code,
         Err(e) => {
-            // `{:#}` prints the whole cause chain on one line.
-            eprintln!("cloudcore: {e:#}");
+            eprintln!("cloudcore: {}", kedge_common::process::error_chain(e.as_ref()));
             ExitCode::FAILURE
         }
     }

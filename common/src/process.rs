@@ -24,3 +24,40 @@ pub async fn shutdown_signal() {
         }
     }
 }
+
+/// An error and its causes on one line, `a: b: c`, skipping a cause whose text the message
+/// before it already contains (many errors here name their cause in their own message).
+pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = err.to_string();
+    let mut last = out.clone();
+    let mut cur = err.source();
+    while let Some(e) = cur {
+        let text = e.to_string();
+        if !last.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        last = text;
+        cur = e.source();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("outer names it: {0}")]
+    struct Outer(#[source] std::io::Error);
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("wrapper")]
+    struct Wrapper(#[source] Outer);
+
+    #[test]
+    fn causes_are_not_repeated() {
+        let e = Wrapper(Outer(std::io::Error::other("disk full")));
+        assert_eq!(error_chain(&e), "wrapper: outer names it: disk full");
+    }
+}
