@@ -14,7 +14,10 @@ fn main() -> ExitCode {
     match cli::run(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("cloudcore: {}", kedge_common::process::error_chain(e.as_ref()));
+            eprintln!(
+                "cloudcore: {}",
+                kedge_common::process::error_chain(e.as_ref())
+            );
             ExitCode::FAILURE
         }
     }

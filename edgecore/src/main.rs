@@ -13,7 +13,10 @@ fn main() -> ExitCode {
     match cli::run(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("edgecore: {}", kedge_common::process::error_chain(e.as_ref()));
+            eprintln!(
+                "edgecore: {}",
+                kedge_common::process::error_chain(e.as_ref())
+            );
             ExitCode::FAILURE
         }
     }
