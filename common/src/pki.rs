@@ -308,6 +308,16 @@ pub fn not_after_unix(der: &[u8]) -> Result<i64, PkiError> {
     Ok(cert.validity().not_after.timestamp())
 }
 
+/// A DER certificate's validity as (not before, not after), unix seconds.
+pub fn validity_unix(der: &[u8]) -> Result<(i64, i64), PkiError> {
+    let (_, cert) =
+        X509Certificate::from_der(der).map_err(|e| PkiError::CertUnparsable(e.to_string()))?;
+    Ok((
+        cert.validity().not_before.timestamp(),
+        cert.validity().not_after.timestamp(),
+    ))
+}
+
 /// Extracts the first PEM block with `label` as DER.
 pub fn pem_to_der(text: &str, label: &str) -> Result<Vec<u8>, String> {
     let blocks = pem::parse_many(text).map_err(|e| e.to_string())?;

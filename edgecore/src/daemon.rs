@@ -14,8 +14,6 @@ use kedge_common::wire::WireCodec;
 use tokio_util::sync::CancellationToken;
 
 const BOOTSTRAP_TIMEOUT: Duration = Duration::from_secs(30);
-/// Rotate when less than this is left (node certificates live a year by default).
-const ROTATE_BEFORE: Duration = Duration::from_secs(30 * 86_400);
 
 /// The node's name: `hostnameOverride`, else the host name.
 pub fn node_name(cfg: &EdgeCoreConfig) -> anyhow::Result<String> {
@@ -142,10 +140,10 @@ async fn rotate_when_due(
         kedge_common::backoff::Backoff::new(Duration::from_secs(10), Duration::from_secs(3600));
     loop {
         let current = creds.read().unwrap_or_else(|p| p.into_inner()).clone();
-        let left = current.seconds_left().unwrap_or(0);
-        let wait = if left > ROTATE_BEFORE.as_secs() as i64 {
-            // Check again later; certificates are long-lived, so once an hour is plenty.
-            Duration::from_secs((left as u64 - ROTATE_BEFORE.as_secs()).min(3600))
+        let until = current.seconds_until_rotation().unwrap_or(0);
+        let wait = if until > 0 {
+            // Check again then, or within the hour (the clock may jump).
+            Duration::from_secs((until as u64).min(3600))
         } else {
             match credentials::rotate(&server, &current, &node, BOOTSTRAP_TIMEOUT).await {
                 Ok(fresh) => match fresh.save(&paths) {

@@ -82,18 +82,22 @@ impl NodeCredentials {
         pki::pem_to_der(&self.cert_pem, "CERTIFICATE")
     }
 
-    /// Seconds until the certificate expires (negative when expired).
-    pub fn seconds_left(&self) -> Result<i64, CredentialError> {
+    /// Seconds until the certificate should be rotated: once 80 % of its lifetime has passed
+    /// (as the kubelet does), so short-lived certificates rotate too, and only once per
+    /// lifetime. Zero or negative: rotate now.
+    pub fn seconds_until_rotation(&self) -> Result<i64, CredentialError> {
         let der = self.cert_der().map_err(|reason| CredentialError::BadFile {
             path: PathBuf::from("<memory>"),
             what: "certificate",
             reason,
         })?;
+        let (not_before, not_after) = pki::validity_unix(&der)?;
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs() as i64)
             .unwrap_or(0);
-        Ok(pki::not_after_unix(&der)? - now)
+        let rotate_at = not_before + (not_after - not_before) * 4 / 5;
+        Ok(rotate_at - now)
     }
 
     pub fn load(paths: &CredentialPaths) -> Result<Option<Self>, CredentialError> {
@@ -301,6 +305,29 @@ pub async fn rotate(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn creds_valid_for(validity: Duration) -> NodeCredentials {
+        let ca = pki::CertificateAuthority::generate("test", Duration::from_secs(86_400)).unwrap();
+        let (key_pem, csr) = pki::node_csr("n1").unwrap();
+        let der = ca
+            .sign_node_csr(csr.as_bytes(), "n1", &[], validity)
+            .unwrap();
+        NodeCredentials {
+            ca_der: ca.cert_der().to_vec(),
+            cert_pem: pki::der_to_pem(&der, "CERTIFICATE"),
+            key_pem,
+        }
+    }
+
+    #[test]
+    fn rotation_is_due_after_80_percent_of_the_lifetime() {
+        let long = creds_valid_for(Duration::from_secs(10 * 86_400));
+        let until = long.seconds_until_rotation().unwrap();
+        // Backdated 5 minutes, so a little under 8 days.
+        assert!((7 * 86_400..8 * 86_400).contains(&until), "{until}");
+        let short = creds_valid_for(Duration::from_secs(1));
+        assert!(short.seconds_until_rotation().unwrap() <= 0);
+    }
 
     #[test]
     fn server_urls() {
