@@ -46,7 +46,32 @@ pub fn credential_paths(cfg: &EdgeCoreConfig) -> CredentialPaths {
 pub async fn join(cfg: &EdgeCoreConfig, token: &str, server: &str) -> anyhow::Result<String> {
     let node = node_name(cfg)?;
     let creds = credentials::join(server, token, &node, BOOTSTRAP_TIMEOUT).await?;
-    creds.save(&credential_paths(cfg))?;
+    let paths = credential_paths(cfg);
+    // Joining a different cloud (another CA): what the node stored came from another cluster,
+    // whose resourceVersions mean nothing here, and its reports were for that cluster.
+    let previous_ca = std::fs::read_to_string(&paths.ca)
+        .ok()
+        .and_then(|pem| kedge_common::pki::pem_to_der(&pem, "CERTIFICATE").ok());
+    if previous_ca.is_some_and(|old| old != creds.ca_der) {
+        let db = &cfg.database.data_source;
+        for suffix in ["", "-wal", "-shm"] {
+            let mut p = db.clone().into_os_string();
+            p.push(suffix);
+            match std::fs::remove_file(&p) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => anyhow::bail!(
+                    "cannot clear the previous cloud's database {}: {e}",
+                    db.display()
+                ),
+            }
+        }
+        eprintln!(
+            "joined a different cloud (new CA): cleared the previous cloud's objects and reports in {}",
+            db.display()
+        );
+    }
+    creds.save(&paths)?;
     Ok(node)
 }
 
