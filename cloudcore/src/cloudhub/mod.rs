@@ -41,9 +41,49 @@ pub enum Upstream {
     /// A node's session ended (and no newer one replaced it).
     Disconnected { node: String },
     /// A message from the node; its `route.resource` is in cloud form (`node/<node>/…`).
-    Message { node: String, message: Box<Message> },
+    /// `ack` tells the node whether the report was processed; see [`ReportAck`].
+    Message {
+        node: String,
+        message: Box<Message>,
+        ack: ReportAck,
+    },
     /// The node acknowledged (durably stored) a keyed object version.
     Acked { node: String, acked: Acked },
+}
+
+/// The controllers' answer to a report the node wants acknowledged (`sync: true`, our edge's
+/// durable outbox). The node deletes the report only on a positive ack, so a report whose
+/// processing failed for a transient reason (API server down) is not lost: `retry_later` sends
+/// an `error` response and the node sends it again later. Dropping it acknowledges: reports that
+/// can never succeed (refused, malformed) must not be retried forever.
+#[derive(Debug)]
+pub struct ReportAck(Option<tokio::sync::oneshot::Sender<bool>>);
+
+impl ReportAck {
+    /// A report that asked for no acknowledgement.
+    pub fn none() -> Self {
+        ReportAck(None)
+    }
+
+    pub fn processed(mut self) {
+        if let Some(tx) = self.0.take() {
+            let _ = tx.send(true);
+        }
+    }
+
+    pub fn retry_later(mut self) {
+        if let Some(tx) = self.0.take() {
+            let _ = tx.send(false);
+        }
+    }
+}
+
+impl Drop for ReportAck {
+    fn drop(&mut self) {
+        if let Some(tx) = self.0.take() {
+            let _ = tx.send(true);
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -438,7 +478,7 @@ where
         .await;
     tracing::info!(%node, session = session_id, "edge node connected");
 
-    let result = session_loop(&hub, &slot, &node, ws, &cancel).await;
+    let result = session_loop(&hub, slot.clone(), &node, ws, &cancel).await;
 
     // Only the newest session unregisters; a replaced one just goes away.
     let was_current = {
@@ -464,7 +504,7 @@ where
 
 async fn session_loop<S>(
     hub: &Hub,
-    slot: &NodeSlot,
+    slot: Arc<NodeSlot>,
     node: &str,
     ws: tokio_tungstenite::WebSocketStream<S>,
     cancel: &CancellationToken,
@@ -525,7 +565,7 @@ where
                 };
                 last_heard = Instant::now();
                 match codec.decode(frame) {
-                    Ok(Incoming::Message(msg)) => handle_incoming(hub, slot, node, *msg).await?,
+                    Ok(Incoming::Message(msg)) => handle_incoming(hub, &slot, node, *msg).await?,
                     Ok(Incoming::Control) => {}
                     Ok(Incoming::Close(_)) => return Ok(()),
                     Err(e) => {
@@ -547,7 +587,7 @@ fn close_frame(code: CloseCode, reason: &'static str) -> tokio_tungstenite::tung
 
 async fn handle_incoming(
     hub: &Hub,
-    slot: &NodeSlot,
+    slot: &Arc<NodeSlot>,
     node: &str,
     mut msg: Message,
 ) -> Result<(), String> {
@@ -578,11 +618,16 @@ async fn handle_incoming(
             _ => {}
         }
     }
-    // A sync message (our edge's durable outbox) is acked once the controllers have it.
-    let ack = msg
-        .header
-        .sync
-        .then(|| msg.response(kedge_common::message::module::CLOUD_HUB, "OK".into()));
+    // A sync message (our edge's durable outbox) is acked once the controllers processed it.
+    let (ack, answer) = if msg.header.sync {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        (ReportAck(Some(tx)), Some(rx))
+    } else {
+        (ReportAck::none(), None)
+    };
+    let response = answer
+        .as_ref()
+        .map(|_| msg.response(kedge_common::message::module::CLOUD_HUB, "OK".into()));
     // Everything else goes up, tagged with the session's node: the edge cannot name another.
     let path = msg
         .edge_resource()
@@ -595,14 +640,23 @@ async fn handle_incoming(
         .send(Upstream::Message {
             node: node.to_owned(),
             message: Box::new(msg),
+            ack,
         })
         .await
         .map_err(|_| "controllers stopped".to_owned())?;
-    if let Some(ack) = ack {
-        if let Err(e) = slot.queue().push(None, ack) {
-            tracing::warn!(%node, error = %e, "cannot queue ack; the edge will re-send");
-        }
-        slot.wake.notify_one();
+    if let (Some(rx), Some(mut response)) = (answer, response) {
+        let slot = slot.clone();
+        let node = node.to_owned();
+        tokio::spawn(async move {
+            if !rx.await.unwrap_or(true) {
+                response.route.operation = Operation::Error;
+                response.content = "not processed; send it again later".into();
+            }
+            if let Err(e) = slot.queue().push(None, response) {
+                tracing::warn!(%node, error = %e, "cannot queue a report ack; the edge will send it again");
+            }
+            slot.wake.notify_one();
+        });
     }
     Ok(())
 }

@@ -846,12 +846,15 @@ impl Loop {
                     .remove(&node);
             }
             Upstream::Acked { node, acked } => self.sync.record(&node, &acked),
-            Upstream::Message { node, message } => {
+            Upstream::Message { node, message, ack } => {
                 let client = self.client.clone();
                 let shared = self.shared.clone();
                 let stats = self.stats.clone();
                 tokio::spawn(async move {
-                    upstream::handle_report(client, shared, stats, &node, *message).await;
+                    match upstream::handle_report(client, shared, stats, &node, *message).await {
+                        upstream::Outcome::Done => ack.processed(),
+                        upstream::Outcome::RetryLater => ack.retry_later(),
+                    }
                 });
             }
         }

@@ -199,6 +199,24 @@ fn field<'a>(v: &'a Value, lower: &str, upper: &str) -> Option<&'a Value> {
     v.get(lower).or_else(|| v.get(upper))
 }
 
+/// What became of a report: done (applied, or refused for good), or to be sent again later
+/// because the API server could not take it now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Done,
+    RetryLater,
+}
+
+/// A failed API call: a 404 means the object is gone and the report is moot; anything else may
+/// pass later.
+fn outcome_of(e: &kube::Error) -> Outcome {
+    if is_status(e, 404) {
+        Outcome::Done
+    } else {
+        Outcome::RetryLater
+    }
+}
+
 /// Handles one report from a node (the resource is already tagged with that node).
 pub async fn handle_report(
     client: kube::Client,
@@ -206,16 +224,16 @@ pub async fn handle_report(
     stats: Arc<Stats>,
     node: &str,
     msg: Message,
-) {
+) -> Outcome {
     let path = match ResourcePath::parse_cloud(&msg.route.resource) {
         Ok(p) if p.node() == Some(node) => p,
         Ok(p) => {
             tracing::warn!(%node, resource = %p, "report names another node; refused");
-            return;
+            return Outcome::Done;
         }
         Err(e) => {
             tracing::warn!(%node, error = %e, "report with a bad resource path; refused");
-            return;
+            return Outcome::Done;
         }
     };
     match path.resource_type() {
@@ -226,16 +244,17 @@ pub async fn handle_report(
             pod_status(&client, &shared, &stats, node, &ns, name, &msg.content).await
         }
         other => {
-            tracing::debug!(%node, resource_type = ?other, "report not handled by edgecontroller")
+            tracing::debug!(%node, resource_type = ?other, "report not handled by edgecontroller");
+            Outcome::Done
         }
     }
 }
 
-async fn node_status(client: &kube::Client, node: &str, content: &Value) {
+async fn node_status(client: &kube::Client, node: &str, content: &Value) -> Outcome {
     // KubeEdge sends {"UID", "Status", "ExtendResources"}; a Node object works too.
     let Some(status) = field(content, "status", "Status") else {
         tracing::warn!(%node, "node status report without a status; refused");
-        return;
+        return Outcome::Done;
     };
     let mut patch = json!({"status": {}});
     for f in [
@@ -256,7 +275,7 @@ async fn node_status(client: &kube::Client, node: &str, content: &Value) {
     let r = retry("node status", || api.patch_status(node, &pp, &merge)).await;
     if let Err(e) = r {
         tracing::warn!(%node, error = %e, "cannot patch node status");
-        return;
+        return outcome_of(&e);
     }
     // Architecture and OS labels come from the node's own report.
     let arch = status
@@ -281,8 +300,10 @@ async fn node_status(client: &kube::Client, node: &str, content: &Value) {
             .await
         {
             tracing::warn!(%node, error = %e, "cannot label node");
+            return outcome_of(&e);
         }
     }
+    Outcome::Done
 }
 
 /// Fields of `PodStatus` the kubelet owns; nothing else from the edge reaches the API.
@@ -312,7 +333,7 @@ async fn pod_status(
     ns: &str,
     name_from_path: Option<String>,
     content: &Value,
-) {
+) -> Outcome {
     let name = field(content, "name", "Name")
         .and_then(Value::as_str)
         .map(str::to_owned)
@@ -320,7 +341,7 @@ async fn pod_status(
     let Some(name) = name else {
         tracing::warn!(%node, "pod status report without a pod name; refused");
         stats.pod_status_refused.fetch_add(1, Ordering::Relaxed);
-        return;
+        return Outcome::Done;
     };
     let uid = field(content, "uid", "UID").and_then(Value::as_str);
     let owner = shared
@@ -335,12 +356,12 @@ async fn pod_status(
     if !owned {
         tracing::warn!(%node, pod = %format!("{ns}/{name}"), "status report for a pod not bound to this node; refused");
         stats.pod_status_refused.fetch_add(1, Ordering::Relaxed);
-        return;
+        return Outcome::Done;
     }
     let Some(status) = field(content, "status", "Status") else {
         tracing::warn!(%node, pod = %name, "pod status report without a status; refused");
         stats.pod_status_refused.fetch_add(1, Ordering::Relaxed);
-        return;
+        return Outcome::Done;
     };
     let mut owned_status = serde_json::Map::new();
     for f in KUBELET_POD_STATUS_FIELDS {
@@ -369,12 +390,17 @@ async fn pod_status(
                     Ok(_) => tracing::info!(%node, pod = %name, "containers stopped; pod deleted"),
                     Err(e) if is_status(&e, 404) => {}
                     Err(e) => {
-                        tracing::warn!(%node, pod = %name, error = %e, "cannot finish pod deletion")
+                        tracing::warn!(%node, pod = %name, error = %e, "cannot finish pod deletion");
+                        return Outcome::RetryLater;
                     }
                 }
             }
+            Outcome::Done
         }
-        Err(e) => tracing::warn!(%node, pod = %name, error = %e, "cannot patch pod status"),
+        Err(e) => {
+            tracing::warn!(%node, pod = %name, error = %e, "cannot patch pod status");
+            outcome_of(&e)
+        }
     }
 }
 

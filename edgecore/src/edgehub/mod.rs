@@ -214,9 +214,8 @@ impl<S: ObjectStore, O: Outbox> EdgeHub<S, O> {
         let mut ticker = tokio::time::interval(heartbeat);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut outbox_changes = self.outbox.subscribe();
-        let mut sent_up_to = 0u64;
         // msg_id -> (outbox key, seq) of reports waiting for the cloud's ack.
-        let mut awaiting: HashMap<String, (String, u64)> = HashMap::new();
+        let mut reports = Reports::default();
         let mut last_heard = Instant::now();
         let lost = |e: tokio_tungstenite::tungstenite::Error| LinkError::Lost(e.to_string());
         // Acks waiting for the store to commit. Stores apply in call order, so awaiting many at
@@ -231,7 +230,7 @@ impl<S: ObjectStore, O: Outbox> EdgeHub<S, O> {
             let pending = if outbox_dirty {
                 outbox_dirty = false;
                 self.outbox
-                    .pending_after(sent_up_to)
+                    .pending_after(reports.sent_up_to)
                     .await
                     .map_err(|e| LinkError::Lost(format!("outbox: {e}")))?
             } else {
@@ -241,8 +240,7 @@ impl<S: ObjectStore, O: Outbox> EdgeHub<S, O> {
                 for entry in pending {
                     let mut msg = entry.message;
                     msg.header.sync = true;
-                    sent_up_to = sent_up_to.max(entry.seq);
-                    awaiting.insert(msg.header.id.clone(), (entry.key, entry.seq));
+                    reports.sent(msg.header.id.clone(), entry.key, entry.seq);
                     let frame = codec
                         .encode(&msg)
                         .map_err(|e| LinkError::Lost(format!("outbox entry too large: {e}")))?;
@@ -257,6 +255,9 @@ impl<S: ObjectStore, O: Outbox> EdgeHub<S, O> {
                     return Ok(());
                 }
                 _ = ticker.tick() => {
+                    if reports.due(Instant::now(), REPORT_ACK_TIMEOUT) {
+                        outbox_dirty = true;
+                    }
                     if last_heard.elapsed() > silence_limit {
                         return Err(LinkError::Lost(format!("nothing from the cloud for {silence_limit:?}")));
                     }
@@ -295,7 +296,7 @@ impl<S: ObjectStore, O: Outbox> EdgeHub<S, O> {
                         Ok(Incoming::Close(_)) => return Ok(()),
                         Err(e) => return Err(LinkError::Malformed(e.to_string())),
                     };
-                    match self.handle_downstream(msg, &mut awaiting).await {
+                    match self.handle_downstream(msg, &mut reports).await {
                         Downstream::Done => {}
                         Downstream::Reply(reply) => {
                             let frame = codec.encode(&reply).map_err(|e| LinkError::Lost(e.to_string()))?;
@@ -309,22 +310,19 @@ impl<S: ObjectStore, O: Outbox> EdgeHub<S, O> {
     }
 
     /// Handles one message from the cloud.
-    async fn handle_downstream(
-        &self,
-        msg: Message,
-        awaiting: &mut HashMap<String, (String, u64)>,
-    ) -> Downstream {
+    async fn handle_downstream(&self, msg: Message, reports: &mut Reports) -> Downstream {
         if !msg.header.parent_id.is_empty()
             && matches!(msg.route.operation, Operation::Response | Operation::Error)
         {
             // The cloud acknowledged one of our reports.
-            if let Some((key, seq)) = awaiting.remove(&msg.header.parent_id) {
+            if let Some((key, seq, _)) = reports.awaiting.remove(&msg.header.parent_id) {
                 if msg.route.operation == Operation::Response {
                     if let Err(e) = self.outbox.remove(&key, seq).await {
                         tracing::warn!(%key, error = %e, "cannot remove an acknowledged report; it will be re-sent");
                     }
                 } else {
-                    tracing::warn!(%key, content = %msg.content, "cloud refused a report; it stays queued");
+                    tracing::warn!(%key, content = %msg.content, "cloud could not process a report; it stays queued and is sent again");
+                    reports.retry_from(seq, Instant::now() + REPORT_RETRY_DELAY);
                 }
             }
             return Downstream::Done;
@@ -353,6 +351,60 @@ impl<S: ObjectStore, O: Outbox> EdgeHub<S, O> {
     }
 }
 
+/// A report the cloud could not process is sent again after this.
+const REPORT_RETRY_DELAY: Duration = Duration::from_secs(5);
+/// A report unanswered this long is sent again (its ack may have been lost).
+const REPORT_ACK_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A session's bookkeeping of outbox reports: what was sent, what awaits an ack, what to resend.
+#[derive(Default)]
+struct Reports {
+    /// Outbox entries up to this sequence have been sent on this session.
+    sent_up_to: u64,
+    /// msg_id → (outbox key, seq, sent at).
+    awaiting: HashMap<String, (String, u64, Instant)>,
+    /// Resend everything from this sequence on, once due.
+    retry: Option<(u64, Instant)>,
+}
+
+impl Reports {
+    fn sent(&mut self, msg_id: String, key: String, seq: u64) {
+        self.sent_up_to = self.sent_up_to.max(seq);
+        self.awaiting.insert(msg_id, (key, seq, Instant::now()));
+    }
+
+    fn retry_from(&mut self, seq: u64, at: Instant) {
+        self.retry = Some(match self.retry {
+            Some((s, t)) => (s.min(seq), t.min(at)),
+            None => (seq, at),
+        });
+    }
+
+    /// On each heartbeat: reports unanswered for `timeout` are scheduled again; true when the
+    /// outbox must be re-read from an earlier sequence (entries still there are unacked).
+    fn due(&mut self, now: Instant, timeout: Duration) -> bool {
+        let expired: Vec<String> = self
+            .awaiting
+            .iter()
+            .filter(|(_, (_, _, at))| now.duration_since(*at) >= timeout)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in expired {
+            if let Some((_, seq, _)) = self.awaiting.remove(&id) {
+                self.retry_from(seq, now);
+            }
+        }
+        match self.retry {
+            Some((seq, at)) if at <= now => {
+                self.retry = None;
+                self.sent_up_to = self.sent_up_to.min(seq.saturating_sub(1));
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
 /// Most store writes awaiting their commit at once; beyond this EdgeHub stops reading.
 const MAX_PENDING_ACKS: usize = 4096;
 
@@ -368,4 +420,29 @@ fn error_reply(msg: &Message, why: String) -> Message {
     let mut r = msg.response(module::META_MANAGER, why.into());
     r.route.operation = Operation::Error;
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unanswered_or_refused_reports_are_scheduled_again() {
+        let t0 = Instant::now();
+        let mut r = Reports::default();
+        r.sent("m1".into(), "a".into(), 3);
+        r.sent("m2".into(), "b".into(), 5);
+        assert_eq!(r.sent_up_to, 5);
+        assert!(!r.due(t0, Duration::from_secs(30)));
+        // The cloud could not process report 5: resend from 5 once the delay passed.
+        r.awaiting.remove("m2");
+        r.retry_from(5, t0 + Duration::from_secs(5));
+        assert!(!r.due(t0 + Duration::from_secs(1), Duration::from_secs(30)));
+        assert!(r.due(t0 + Duration::from_secs(5), Duration::from_secs(30)));
+        assert_eq!(r.sent_up_to, 4);
+        // Report 3 never got an answer: after the timeout everything from 3 is sent again.
+        assert!(r.due(t0 + Duration::from_secs(31), Duration::from_secs(30)));
+        assert_eq!(r.sent_up_to, 2);
+        assert!(r.awaiting.is_empty());
+    }
 }

@@ -259,7 +259,7 @@ async fn a_certificate_for_node_a_cannot_connect_as_node_b_nor_speak_for_it() {
         .await
         .unwrap();
     match ev {
-        Upstream::Message { node, message } => {
+        Upstream::Message { node, message, .. } => {
             assert_eq!(node, "node-a");
             assert!(
                 message.route.resource.starts_with("node/node-a/"),
@@ -560,4 +560,49 @@ async fn silent_sessions_are_closed_and_heartbeating_ones_are_not() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(*edge.link.borrow(), LinkState::Connected);
     assert!(!edge.link.has_changed().unwrap(), "link flapped");
+}
+
+#[tokio::test]
+async fn a_report_the_cloud_could_not_process_is_sent_again_and_kept_until_processed() {
+    let mut cloud = TestCloud::start(HubSettings::default()).await.unwrap();
+    let creds = cloud.node_credentials("retry").unwrap();
+    let mut edge = start_edge(
+        edge_settings(cloud.websocket_addr, "retry"),
+        creds,
+        Arc::new(MemoryStore::new()),
+    );
+    wait_link(&mut edge.link, LinkState::Connected).await;
+    let report = Message::new(
+        "edged",
+        "resource",
+        Operation::Update,
+        "default/podstatus/web",
+        json!({"phase": "Running"}),
+    );
+    edge.outbox.put("pod/web", report).await.unwrap();
+    // First delivery: the API server is "down".
+    match cloud
+        .expect_upstream(T, |e| matches!(e, Upstream::Message { .. }))
+        .await
+        .unwrap()
+    {
+        Upstream::Message { ack, .. } => ack.retry_later(),
+        other => panic!("{other:?}"),
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(edge.outbox.len(), 1, "an unprocessed report must stay");
+    // It comes again, and this time it is processed.
+    match cloud
+        .expect_upstream(T, |e| matches!(e, Upstream::Message { .. }))
+        .await
+        .unwrap()
+    {
+        Upstream::Message { message, ack, .. } => {
+            assert_eq!(message.content, json!({"phase": "Running"}));
+            ack.processed();
+        }
+        other => panic!("{other:?}"),
+    }
+    let outbox = edge.outbox.clone();
+    eventually("report removed after processing", T, || outbox.is_empty()).await;
 }
