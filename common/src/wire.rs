@@ -76,7 +76,12 @@ impl WireCodec {
             .max_frame_size(Some(self.max_frame_bytes))
             .read_buffer_size(READ_BUFFER_BYTES)
             .write_buffer_size(WRITE_BUFFER_BYTES)
-            .max_write_buffer_size(self.max_frame_bytes.saturating_mul(2))
+            // tungstenite requires room for a whole frame beyond the batching threshold.
+            .max_write_buffer_size(
+                self.max_frame_bytes
+                    .saturating_mul(2)
+                    .max(WRITE_BUFFER_BYTES.saturating_add(self.max_frame_bytes)),
+            )
     }
 
     /// Turns one frame into a message, a control frame, or a close.
@@ -178,6 +183,8 @@ mod tests {
         let cfg = codec.websocket_config();
         assert_eq!(cfg.max_frame_size, Some(64));
         assert_eq!(cfg.max_message_size, Some(64));
+        // Small limits give a configuration tungstenite accepts (it panics on invalid ones).
+        assert!(cfg.max_write_buffer_size > cfg.write_buffer_size);
     }
 
     #[test]
