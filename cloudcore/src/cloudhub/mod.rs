@@ -527,8 +527,8 @@ where
             let frame = match codec.encode(&msg) {
                 Ok(f) => f,
                 Err(e) => {
-                    // Too big for the wire: it can never be delivered; say so loudly and drop it
-                    // from flight by treating it as refused (it stays in backoff).
+                    // Too big for the wire: say so loudly. It stays queued and is retried with
+                    // backoff, so a newer (smaller) version replaces it; nothing is dropped.
                     tracing::error!(%node, resource = %msg.route.resource, error = %e, "message cannot be sent");
                     slot.queue().nack(&msg.header.id, Instant::now());
                     continue;

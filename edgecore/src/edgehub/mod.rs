@@ -240,10 +240,17 @@ impl<S: ObjectStore, O: Outbox> EdgeHub<S, O> {
                 for entry in pending {
                     let mut msg = entry.message;
                     msg.header.sync = true;
+                    let frame = match codec.encode(&msg) {
+                        Ok(f) => f,
+                        Err(e) => {
+                            // It can never be sent; ending the session would only repeat this
+                            // forever. It stays in the outbox (a newer report replaces it).
+                            tracing::error!(key = %entry.key, error = %e, "report too large to send; kept in the outbox");
+                            reports.skipped(entry.seq);
+                            continue;
+                        }
+                    };
                     reports.sent(msg.header.id.clone(), entry.key, entry.seq);
-                    let frame = codec
-                        .encode(&msg)
-                        .map_err(|e| LinkError::Lost(format!("outbox entry too large: {e}")))?;
                     sink.feed(frame).await.map_err(lost)?;
                 }
                 sink.flush().await.map_err(lost)?;
@@ -371,6 +378,11 @@ impl Reports {
     fn sent(&mut self, msg_id: String, key: String, seq: u64) {
         self.sent_up_to = self.sent_up_to.max(seq);
         self.awaiting.insert(msg_id, (key, seq, Instant::now()));
+    }
+
+    /// An entry that cannot be sent: not awaited, not sent again on this session.
+    fn skipped(&mut self, seq: u64) {
+        self.sent_up_to = self.sent_up_to.max(seq);
     }
 
     fn retry_from(&mut self, seq: u64, at: Instant) {

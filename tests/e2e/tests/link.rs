@@ -606,3 +606,51 @@ async fn a_report_the_cloud_could_not_process_is_sent_again_and_kept_until_proce
     let outbox = edge.outbox.clone();
     eventually("report removed after processing", T, || outbox.is_empty()).await;
 }
+
+#[tokio::test]
+async fn a_report_too_large_to_send_stays_queued_without_breaking_the_link() {
+    let mut cloud = TestCloud::start(HubSettings::default()).await.unwrap();
+    let creds = cloud.node_credentials("big").unwrap();
+    let mut settings = edge_settings(cloud.websocket_addr, "big");
+    settings.codec = kedge_common::wire::WireCodec::new(2048);
+    let mut edge = start_edge(settings, creds, Arc::new(MemoryStore::new()));
+    wait_link(&mut edge.link, LinkState::Connected).await;
+    let report = |name: &str, payload: String| {
+        Message::new(
+            "edged",
+            "resource",
+            Operation::Update,
+            format!("default/podstatus/{name}"),
+            json!({"message": payload}),
+        )
+    };
+    edge.outbox
+        .put("pod/huge", report("huge", "x".repeat(4096)))
+        .await
+        .unwrap();
+    edge.outbox
+        .put("pod/small", report("small", "ok".into()))
+        .await
+        .unwrap();
+    let ev = cloud
+        .expect_upstream(T, |e| matches!(e, Upstream::Message { .. }))
+        .await
+        .unwrap();
+    match ev {
+        Upstream::Message { message, ack, .. } => {
+            assert_eq!(message.route.resource, "node/big/default/podstatus/small");
+            ack.processed();
+        }
+        other => panic!("{other:?}"),
+    }
+    let outbox = edge.outbox.clone();
+    eventually("small report acked", T, || outbox.len() == 1).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(*edge.link.borrow(), LinkState::Connected);
+    assert!(!edge.link.has_changed().unwrap(), "the link must not flap");
+    assert_eq!(
+        edge.outbox.len(),
+        1,
+        "the oversized report is kept, not dropped"
+    );
+}
