@@ -43,10 +43,6 @@ impl Backoff {
     pub fn reset(&mut self) {
         self.current = self.initial;
     }
-
-    pub fn max(&self) -> Duration {
-        self.max
-    }
 }
 
 #[cfg(test)]

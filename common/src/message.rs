@@ -263,11 +263,6 @@ impl Message {
         ResourcePath::parse_edge(&self.route.resource)
     }
 
-    /// Parses `route.resource` as a cloud-side path (`node/<node>/<namespace>/<type>[/<name>]`).
-    pub fn cloud_resource(&self) -> Result<ResourcePath, PathError> {
-        ResourcePath::parse_cloud(&self.route.resource)
-    }
-
     /// Decodes one message from bytes, refusing anything over `limit` bytes.
     pub fn from_slice(bytes: &[u8], limit: usize) -> Result<Message, MessageError> {
         if bytes.len() > limit {

@@ -50,7 +50,8 @@ pub enum PkiError {
     Random,
 }
 
-fn now_unix() -> i64 {
+/// Now, in unix seconds (0 if the clock is before 1970).
+pub fn now_unix() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))

@@ -110,10 +110,7 @@ pub fn server_sans(advertise: &[String]) -> Vec<String> {
 }
 
 fn server_cert_usable(server: &CertAndKey, stored_sans: &str, sans: &[String]) -> bool {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
+    let now = kedge_common::pki::now_unix();
     let fresh = not_after_unix(&server.cert_der)
         .is_ok_and(|t| t > now + SERVER_RENEW_BEFORE.as_secs() as i64);
     fresh && stored_sans == sans.join(",")

@@ -294,17 +294,6 @@ impl NodeQueue {
         self.in_flight.values().map(|f| f.due).min()
     }
 
-    /// Whether something can be sent right now without waiting.
-    pub fn has_sendable(&self, now: Instant) -> bool {
-        !self.unkeyed.is_empty()
-            || (!self.order.is_empty() && self.in_flight.len() < self.limits.max_in_flight)
-            || self.next_deadline().is_some_and(|d| d <= now)
-    }
-
-    pub fn in_flight_len(&self) -> usize {
-        self.in_flight.len()
-    }
-
     /// Messages waiting to be sent or acked.
     pub fn outstanding(&self) -> usize {
         self.unkeyed.len()

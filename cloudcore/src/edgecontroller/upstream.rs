@@ -95,13 +95,9 @@ pub async fn ensure_node(client: kube::Client, node: String) {
     }
 }
 
+/// Now as a Kubernetes `MicroTime` (RFC 3339, microseconds, UTC).
 fn micro_time_now() -> String {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    let secs = now.as_secs() as i64;
-    let dt =
-        time::OffsetDateTime::from_unix_timestamp(secs).unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    let dt = time::OffsetDateTime::now_utc();
     format!(
         "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z",
         dt.year(),
@@ -110,7 +106,7 @@ fn micro_time_now() -> String {
         dt.hour(),
         dt.minute(),
         dt.second(),
-        now.subsec_micros()
+        dt.microsecond()
     )
 }
 

@@ -92,10 +92,7 @@ impl NodeCredentials {
             reason,
         })?;
         let (not_before, not_after) = pki::validity_unix(&der)?;
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs() as i64)
-            .unwrap_or(0);
+        let now = pki::now_unix();
         let rotate_at = not_before + (not_after - not_before) * 4 / 5;
         Ok(rotate_at - now)
     }
