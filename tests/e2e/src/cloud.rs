@@ -88,16 +88,7 @@ impl TestCloud {
 
     /// A node identity signed directly by the CA (no bootstrap round trip).
     pub fn node_credentials(&self, node: &str) -> anyhow::Result<NodeCredentials> {
-        let (key_pem, csr) = pki::node_csr(node)?;
-        let der =
-            self.pki
-                .ca
-                .sign_node_csr(csr.as_bytes(), node, &[], Duration::from_secs(86_400))?;
-        Ok(NodeCredentials {
-            ca_der: self.pki.ca.cert_der().to_vec(),
-            cert_pem: pki::der_to_pem(&der, "CERTIFICATE"),
-            key_pem,
-        })
+        issue_node_credentials(&self.pki.ca, node)
     }
 
     /// Waits for the next upstream event matching `pred`, up to `timeout`.
@@ -123,6 +114,21 @@ impl Drop for TestCloud {
     fn drop(&mut self) {
         self.shutdown.cancel();
     }
+}
+
+/// A node identity (key, certificate valid for a day, CA) signed directly by `ca`, as the
+/// bootstrap endpoint would sign it.
+pub fn issue_node_credentials(
+    ca: &pki::CertificateAuthority,
+    node: &str,
+) -> anyhow::Result<NodeCredentials> {
+    let (key_pem, csr) = pki::node_csr(node)?;
+    let der = ca.sign_node_csr(csr.as_bytes(), node, &[], Duration::from_secs(86_400))?;
+    Ok(NodeCredentials {
+        ca_der: ca.cert_der().to_vec(),
+        cert_pem: pki::der_to_pem(&der, "CERTIFICATE"),
+        key_pem,
+    })
 }
 
 pub type RawWs = WebSocketStream<tokio_rustls::client::TlsStream<TcpStream>>;

@@ -801,13 +801,7 @@ async fn fifty_writers_twenty_watchers_every_event_in_order_exactly_once() {
 async fn cloudcore_keeps_its_pki_in_secrets_and_replicas_agree() {
     let server = TestApiServer::start().await.unwrap();
     let client = server.client().unwrap();
-    let ns: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
-    ns.create(
-        &PostParams::default(),
-        &serde_json::from_value(json!({"metadata": {"name": "kubeedge"}})).unwrap(),
-    )
-    .await
-    .unwrap();
+    server.create_namespace("kubeedge").await.unwrap();
     let sans = vec!["127.0.0.1".to_owned()];
     use cloudcore::cloudhub::certs::load_or_create_in_secrets;
     // Two "replicas" starting at once agree on one CA.

@@ -16,7 +16,7 @@ use cloudcore::server::{CloudCoreOptions, RunningCloudCore};
 use edgecore::edgehub::LinkState;
 use edgecore::edgehub::outbox::Outbox;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, Pod, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Secret};
 use kedge_common::{Message, Operation};
 use kedge_e2e::apiserver::TestApiServer;
 use kedge_e2e::edge::{RecordingStore, TestEdge, fast_settings};
@@ -39,13 +39,7 @@ impl Harness {
         kedge_common::tls::install_crypto_provider();
         let api = TestApiServer::start().await.unwrap();
         let client = api.client().unwrap();
-        let ns: Api<Namespace> = Api::all(client.clone());
-        ns.create(
-            &PostParams::default(),
-            &serde_json::from_value(json!({"metadata": {"name": "kubeedge"}})).unwrap(),
-        )
-        .await
-        .unwrap();
+        api.create_namespace("kubeedge").await.unwrap();
         let dir = tempfile::tempdir().unwrap();
         let pki =
             Arc::new(certs::load_or_create_in_dir(dir.path(), &["127.0.0.1".to_owned()]).unwrap());
@@ -88,17 +82,7 @@ impl Harness {
     }
 
     fn edge(&self, node: &str) -> TestEdge<RecordingStore> {
-        let (key_pem, csr) = kedge_common::pki::node_csr(node).unwrap();
-        let der = self
-            .pki
-            .ca
-            .sign_node_csr(csr.as_bytes(), node, &[], Duration::from_secs(86_400))
-            .unwrap();
-        let creds = edgecore::edgehub::credentials::NodeCredentials {
-            ca_der: self.pki.ca.cert_der().to_vec(),
-            cert_pem: kedge_common::pki::der_to_pem(&der, "CERTIFICATE"),
-            key_pem,
-        };
+        let creds = kedge_e2e::cloud::issue_node_credentials(&self.pki.ca, node).unwrap();
         TestEdge::start(
             fast_settings(self.ws_addr, node),
             creds,

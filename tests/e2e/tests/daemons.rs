@@ -8,7 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, Pod};
+use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod};
 use kedge_e2e::apiserver::TestApiServer;
 use kube::api::{Api, PostParams};
 use serde_json::json;
@@ -93,13 +93,7 @@ async fn cloudcore_and_edgecore_binaries_deliver_a_pod_to_the_edge_api() {
     );
     let server = TestApiServer::start().await.unwrap();
     let client = server.client().unwrap();
-    let ns: Api<Namespace> = Api::all(client.clone());
-    ns.create(
-        &PostParams::default(),
-        &serde_json::from_value(json!({"metadata": {"name": "kubeedge"}})).unwrap(),
-    )
-    .await
-    .unwrap();
+    server.create_namespace("kubeedge").await.unwrap();
 
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();

@@ -200,6 +200,15 @@ impl TestApiServer {
         Ok(kube::Client::try_from(config)?)
     }
 
+    /// Creates a namespace (e.g. cloudcore's `kubeedge`) through the API.
+    pub async fn create_namespace(&self, name: &str) -> anyhow::Result<()> {
+        use k8s_openapi::api::core::v1::Namespace;
+        let api: kube::Api<Namespace> = kube::Api::all(self.client()?);
+        let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": name}}))?;
+        api.create(&kube::api::PostParams::default(), &ns).await?;
+        Ok(())
+    }
+
     pub fn store(&self) -> &Store {
         &self.shared.store
     }

@@ -18,11 +18,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use edgecore::edgehub::credentials::NodeCredentials;
 use edgecore::edgehub::outbox::MemoryOutbox;
 use edgecore::edgehub::{EdgeHub, EdgeHubSettings};
 use edgecore::metamanager::store::MemoryStore;
-use kedge_common::pki::{self, CertificateAuthority};
+use kedge_common::pki::CertificateAuthority;
+use kedge_e2e::cloud::issue_node_credentials;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -144,13 +144,7 @@ async fn main() -> anyhow::Result<()> {
     let mut creds = Vec::with_capacity(n);
     for i in 0..n {
         let node = node_name(i);
-        let (key_pem, csr) = pki::node_csr(&node)?;
-        let der = ca.sign_node_csr(csr.as_bytes(), &node, &[], Duration::from_secs(86_400))?;
-        creds.push(NodeCredentials {
-            ca_der: ca.cert_der().to_vec(),
-            cert_pem: pki::der_to_pem(&der, "CERTIFICATE"),
-            key_pem,
-        });
+        creds.push(issue_node_credentials(&ca, &node)?);
     }
     println!(
         "signed {n} node certificates in {:.1} s",

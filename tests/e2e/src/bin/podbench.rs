@@ -19,15 +19,15 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Parser;
-use edgecore::edgehub::credentials::NodeCredentials;
 use edgecore::edgehub::outbox::MemoryOutbox;
 use edgecore::edgehub::{EdgeHub, EdgeHubSettings};
 use edgecore::metamanager::store::{Applied, MemoryStore, ObjectStore, StoreError};
 use futures_util::StreamExt;
-use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
+use k8s_openapi::api::core::v1::{Node, Pod};
 use kedge_common::Message;
-use kedge_common::pki::{self, CertificateAuthority};
+use kedge_common::pki::CertificateAuthority;
 use kedge_e2e::apiserver::TestApiServer;
+use kedge_e2e::cloud::issue_node_credentials;
 use kube::api::{Api, ListParams, PostParams};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
@@ -99,12 +99,7 @@ async fn main() -> anyhow::Result<()> {
     let start = Instant::now();
     let server = TestApiServer::start().await?;
     let client = server.client()?;
-    let ns: Api<Namespace> = Api::all(client.clone());
-    ns.create(
-        &PostParams::default(),
-        &serde_json::from_value(json!({"metadata": {"name": "kubeedge"}}))?,
-    )
-    .await?;
+    server.create_namespace("kubeedge").await?;
 
     let dir = tempfile::tempdir()?;
     let cert_dir = dir.path().join("certs");
@@ -144,13 +139,7 @@ async fn main() -> anyhow::Result<()> {
     let stop = CancellationToken::new();
     for i in 0..n {
         let node = format!("edge-{i:05}");
-        let (key_pem, csr) = pki::node_csr(&node)?;
-        let der = ca.sign_node_csr(csr.as_bytes(), &node, &[], Duration::from_secs(86_400))?;
-        let creds = NodeCredentials {
-            ca_der: ca.cert_der().to_vec(),
-            cert_pem: pki::der_to_pem(&der, "CERTIFICATE"),
-            key_pem,
-        };
+        let creds = issue_node_credentials(&ca, &node)?;
         let edge = EdgeHub::new(
             EdgeHubSettings::new(format!("127.0.0.1:{port}"), node),
             Arc::new(RwLock::new(creds)),
