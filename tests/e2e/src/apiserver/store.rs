@@ -880,26 +880,7 @@ impl Store {
                 else {
                     continue;
                 };
-                let victims: Vec<((String, String), Value)> = s
-                    .data
-                    .get(&(g.clone(), p.clone()))
-                    .map(|c| {
-                        c.iter()
-                            .filter(|((n, _), _)| n == name)
-                            .map(|(k, v)| (k.clone(), v.clone()))
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                for ((n, objname), obj) in victims {
-                    self.commit(
-                        &mut s,
-                        &t,
-                        (&n, &objname),
-                        EventType::Deleted,
-                        obj.clone(),
-                        Some(obj),
-                    );
-                }
+                self.delete_all(&mut s, &t, |ns| ns == name);
             }
         }
         if ty.group == "apiextensions.k8s.io" && ty.plural == "customresourcedefinitions" {
@@ -919,21 +900,7 @@ impl Store {
                 .find(|t| t.group == group && t.plural == plural)
                 .cloned()
             {
-                let victims: Vec<((String, String), Value)> = s
-                    .data
-                    .get(&(group.clone(), plural.clone()))
-                    .map(|c| c.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
-                    .unwrap_or_default();
-                for ((n, objname), obj) in victims {
-                    self.commit(
-                        &mut s,
-                        &t,
-                        (&n, &objname),
-                        EventType::Deleted,
-                        obj.clone(),
-                        Some(obj),
-                    );
-                }
+                self.delete_all(&mut s, &t, |_| true);
             }
             s.types
                 .retain(|t| !(t.group == group && t.plural == plural));
@@ -945,6 +912,31 @@ impl Store {
             "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success",
             "details": {"name": name, "group": ty.group, "kind": ty.plural, "uid": uid}
         }))
+    }
+
+    /// Deletes every object of `ty` in a namespace `in_ns` accepts, with DELETED events (the
+    /// cascades real controllers perform for namespaces and CRDs).
+    fn delete_all(&self, s: &mut State, ty: &TypeInfo, in_ns: impl Fn(&str) -> bool) {
+        let victims: Vec<((String, String), Value)> = s
+            .data
+            .get(&(ty.group.clone(), ty.plural.clone()))
+            .map(|c| {
+                c.iter()
+                    .filter(|((ns, _), _)| in_ns(ns))
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        for ((ns, name), obj) in victims {
+            self.commit(
+                s,
+                ty,
+                (&ns, &name),
+                EventType::Deleted,
+                obj.clone(),
+                Some(obj),
+            );
+        }
     }
 
     /// Starts a watch: the events to send first and the live subscription.
