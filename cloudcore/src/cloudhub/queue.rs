@@ -13,7 +13,7 @@
 //!
 //! Time is passed in, so the logic is tested without sleeping.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use kedge_common::backoff::Backoff;
@@ -126,6 +126,8 @@ pub struct NodeQueue {
     order: VecDeque<ObjectKey>,
     unkeyed: VecDeque<Message>,
     in_flight: HashMap<String, InFlight>,
+    /// `(due, msg_id)` of everything in flight, so finding due retries is not a scan.
+    due: BTreeSet<(Instant, String)>,
 }
 
 impl NodeQueue {
@@ -137,6 +139,7 @@ impl NodeQueue {
             order: VecDeque::new(),
             unkeyed: VecDeque::new(),
             in_flight: HashMap::new(),
+            due: BTreeSet::new(),
         }
     }
 
@@ -188,27 +191,37 @@ impl NodeQueue {
     /// A new session started: everything in flight falls due at once (it may never have reached
     /// the edge), oldest retry first.
     pub fn session_started(&mut self, now: Instant) {
-        for f in self.in_flight.values_mut() {
+        self.due.clear();
+        for (id, f) in self.in_flight.iter_mut() {
             f.due = now;
             f.backoff.reset();
+            self.due.insert((now, id.clone()));
         }
+    }
+
+    /// Moves an in-flight message to a new due time.
+    fn reschedule(&mut self, id: &str, now: Instant) -> Option<&InFlight> {
+        let f = self.in_flight.get_mut(id)?;
+        self.due.remove(&(f.due, id.to_owned()));
+        f.due = now + f.backoff.next_plain();
+        self.due.insert((f.due, id.to_owned()));
+        Some(f)
+    }
+
+    /// Takes a message out of flight.
+    fn take_in_flight(&mut self, id: &str) -> Option<InFlight> {
+        let f = self.in_flight.remove(id)?;
+        self.due.remove(&(f.due, id.to_owned()));
+        Some(f)
     }
 
     /// The next message to write to the session, if any is due now.
     pub fn next_to_send(&mut self, now: Instant) -> Option<Message> {
-        // 1. Retries that are due.
-        let mut due: Option<(&String, &InFlight)> = None;
-        for (id, f) in &self.in_flight {
-            if f.due <= now && due.is_none_or(|(did, d)| (f.due, id) < (d.due, did)) {
-                due = Some((id, f));
-            }
-        }
-        if let Some((id, _)) = due {
-            let id = id.clone();
-            if let Some(f) = self.in_flight.get_mut(&id) {
-                f.due = now + f.backoff.next_plain();
-                return Some(f.message.clone());
-            }
+        // 1. Retries that are due (keeping their msg_id, so a late ack still matches).
+        if let Some((when, id)) = self.due.first().cloned()
+            && when <= now
+        {
+            return self.reschedule(&id, now).map(|f| f.message.clone());
         }
         // 2. Unkeyed messages, in order.
         if let Some(m) = self.unkeyed.pop_front() {
@@ -226,16 +239,18 @@ impl NodeQueue {
                 continue;
             };
             // A newer version supersedes the one in flight; a late ack of the old one is ignored.
-            if let Some(old) = entry.in_flight.take() {
-                self.in_flight.remove(&old);
-            }
+            let superseded = entry.in_flight.take();
             entry.in_flight = Some(msg.header.id.clone());
             entry.in_flight_rv = Some((
                 msg.header.resource_version.clone(),
                 msg.route.operation == Operation::Delete,
             ));
+            if let Some(old) = superseded {
+                self.take_in_flight(&old);
+            }
             let mut backoff = Backoff::new(self.limits.ack_timeout, self.limits.max_retry_interval);
             let due = now + backoff.next_plain();
+            self.due.insert((due, msg.header.id.clone()));
             self.in_flight.insert(
                 msg.header.id.clone(),
                 InFlight {
@@ -253,7 +268,7 @@ impl NodeQueue {
     /// Records an ack for `parent_id`. Returns what was acknowledged, or `None` for an unknown or
     /// superseded message id.
     pub fn ack(&mut self, parent_id: &str) -> Option<Acked> {
-        let f = self.in_flight.remove(parent_id)?;
+        let f = self.take_in_flight(parent_id)?;
         let rv = f.message.header.resource_version.clone();
         let operation = f.message.route.operation.clone();
         if let Some(entry) = self.entries.get_mut(&f.key) {
@@ -261,12 +276,17 @@ impl NodeQueue {
                 entry.in_flight = None;
                 entry.in_flight_rv = None;
             }
-            let newer = match &entry.last_acked_rv {
-                Some(old) => rv.is_empty() || rv_is_newer(&rv, old),
-                None => true,
-            };
-            if newer {
-                entry.last_acked_rv = Some(rv.clone());
+            if operation == Operation::Delete {
+                // The node holds nothing now.
+                entry.last_acked_rv = None;
+            } else {
+                let newer = match &entry.last_acked_rv {
+                    Some(old) => rv.is_empty() || rv_is_newer(&rv, old),
+                    None => true,
+                };
+                if newer {
+                    entry.last_acked_rv = Some(rv.clone());
+                }
             }
             if operation == Operation::Delete
                 && entry.pending.is_none()
@@ -284,14 +304,12 @@ impl NodeQueue {
 
     /// The edge refused a message (`error` response): retry it later with backoff.
     pub fn nack(&mut self, parent_id: &str, now: Instant) {
-        if let Some(f) = self.in_flight.get_mut(parent_id) {
-            f.due = now + f.backoff.next_plain();
-        }
+        self.reschedule(parent_id, now);
     }
 
     /// When the next retry falls due, if anything is in flight.
     pub fn next_deadline(&self) -> Option<Instant> {
-        self.in_flight.values().map(|f| f.due).min()
+        self.due.first().map(|(when, _)| *when)
     }
 
     /// Messages waiting to be sent or acked.
