@@ -76,6 +76,8 @@ enum Input {
     ConfigMaps(Box<watcher::Event<ConfigMap>>),
     Secrets(Box<watcher::Event<Secret>>),
     Hub(Upstream),
+    /// Try again to pick up the pods already bound to a new edge node.
+    Adopt(String),
 }
 
 type NsName = (String, String);
@@ -148,6 +150,7 @@ struct Loop {
     orphans_checked: bool,
     /// Pod events that arrived before ConfigMaps and Secrets were first listed.
     held_pods: Vec<watcher::Event<Pod>>,
+    retry_tx: mpsc::WeakSender<Input>,
 }
 
 impl EdgeController {
@@ -234,6 +237,9 @@ impl EdgeController {
                 }
             }
         });
+        // The loop keeps a weak sender for its own retries, so the channel still closes when the
+        // watchers stop.
+        let retry_tx = tx.downgrade();
         drop(tx);
 
         tokio::spawn(upstream::renew_leases(
@@ -258,6 +264,7 @@ impl EdgeController {
             relists: Default::default(),
             orphans_checked: false,
             held_pods: Vec::new(),
+            retry_tx,
         };
         loop {
             let input = tokio::select! {
@@ -332,6 +339,11 @@ impl Loop {
             Input::ConfigMaps(ev) => self.on_refs(*ev, RefKind::ConfigMap),
             Input::Secrets(ev) => self.on_refs(*ev, RefKind::Secret),
             Input::Hub(ev) => self.on_hub(ev),
+            Input::Adopt(node) => {
+                if self.edge_nodes.contains_key(&node) {
+                    self.adopt_pods_of(&node).await;
+                }
+            }
         }
         if !self.held_pods.is_empty() && self.refs_listed() {
             for ev in std::mem::take(&mut self.held_pods) {
@@ -492,7 +504,15 @@ impl Loop {
                 }
             }
             Err(e) => {
-                tracing::warn!(%node, error = %e, "cannot list the pods of a new edge node; the pod watch will deliver changes")
+                // Pods that do not change would otherwise never reach the node: try again.
+                tracing::warn!(%node, error = %e, "cannot list the pods of a new edge node; retrying in 2 s");
+                let (tx, node) = (self.retry_tx.clone(), node.to_owned());
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                    if let Some(tx) = tx.upgrade() {
+                        let _ = tx.send(Input::Adopt(node)).await;
+                    }
+                });
             }
         }
     }
