@@ -46,6 +46,54 @@ pub fn query_value<'a>(params: &'a [(String, String)], key: &str) -> Option<&'a 
         .map(|(_, v)| v.as_str())
 }
 
+/// Response body of the local HTTP servers.
+pub type Body = http_body_util::combinators::BoxBody<bytes::Bytes, std::convert::Infallible>;
+
+/// Serves plain HTTP/1.1 on `listener` with `handler` until `shutdown` is cancelled: the accept
+/// loop shared by the MetaServer and the test API server. `TCP_NODELAY` is set because
+/// responses go out in several segments and delayed ACKs would add ~40 ms to each.
+pub fn serve<F, Fut>(
+    listener: tokio::net::TcpListener,
+    shutdown: tokio_util::sync::CancellationToken,
+    handler: F,
+) -> tokio::task::JoinHandle<()>
+where
+    F: Fn(http::Request<hyper::body::Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = http::Response<Body>> + Send + 'static,
+{
+    tokio::spawn(async move {
+        loop {
+            let tcp = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                a = listener.accept() => match a {
+                    Ok((tcp, _)) => tcp,
+                    Err(e) => {
+                        // EMFILE and friends: back off briefly rather than spin.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let _ = tcp.set_nodelay(true);
+            let handler = handler.clone();
+            let stop = shutdown.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req| {
+                    let handler = handler.clone();
+                    async move { Ok::<_, std::convert::Infallible>(handler(req).await) }
+                });
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc);
+                tokio::select! {
+                    _ = conn => {}
+                    _ = stop.cancelled() => {}
+                }
+            });
+        }
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -16,11 +16,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
-use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
 use kedge_common::selectors::{FieldSelector, LabelSelector, supported_fields};
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
@@ -29,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::sqlite::{Change, SqliteStore};
 
-type Body = BoxBody<Bytes, Infallible>;
+use kedge_common::http::Body;
 
 /// A resource the MetaServer serves.
 #[derive(Debug, Clone, Copy)]
@@ -183,37 +180,7 @@ pub async fn start(
         source,
     })?;
     let state = Arc::new(State { store, settings });
-    tokio::spawn(async move {
-        loop {
-            let (tcp, _) = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                a = listener.accept() => match a {
-                    Ok(x) => x,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "MetaServer accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-            };
-            // Responses are written in several segments; without this, delayed ACKs add ~40 ms.
-            let _ = tcp.set_nodelay(true);
-            let state = state.clone();
-            let stop = shutdown.clone();
-            tokio::spawn(async move {
-                let svc = service_fn(move |req| {
-                    let state = state.clone();
-                    async move { Ok::<_, Infallible>(handle(state, req).await) }
-                });
-                let conn = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(tcp), svc);
-                tokio::select! {
-                    _ = conn => {}
-                    _ = stop.cancelled() => {}
-                }
-            });
-        }
-    });
+    kedge_common::http::serve(listener, shutdown, move |req| handle(state.clone(), req));
     Ok(addr)
 }
 

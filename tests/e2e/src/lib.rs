@@ -12,4 +12,5 @@
 pub mod apiserver;
 pub mod cloud;
 pub mod edge;
+pub mod procfs;
 pub mod proxy;

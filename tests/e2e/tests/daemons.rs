@@ -20,11 +20,7 @@ fn bin(name: &str) -> PathBuf {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    kedge_e2e::procfs::free_port().unwrap()
 }
 
 struct Daemon(Child);

@@ -28,10 +28,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full, Limited, StreamBody, combinators::BoxBody};
+use http_body_util::{BodyExt, Full, Limited, StreamBody};
 use hyper::body::{Frame, Incoming};
-use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::sync::{broadcast, mpsc, watch};
@@ -40,7 +38,7 @@ use tokio_util::sync::CancellationToken;
 use store::{ApiError, EventType, Filter, ListOptions, Store, StoreConfig, transition};
 use types::TypeInfo;
 
-type Body = BoxBody<Bytes, Infallible>;
+use kedge_common::http::Body;
 
 /// Largest request body (the real server's limit is 3 MiB).
 const MAX_BODY: usize = 3 * 1024 * 1024;
@@ -147,29 +145,9 @@ impl TestApiServer {
         let kubeconfig = dir.path().join("kubeconfig");
         write_kubeconfig(&kubeconfig, addr)?;
         let shutdown = CancellationToken::new();
-        let (s2, stop) = (shared.clone(), shutdown.clone());
-        tokio::spawn(async move {
-            loop {
-                let (tcp, _) = tokio::select! {
-                    _ = stop.cancelled() => return,
-                    a = listener.accept() => match a { Ok(x) => x, Err(_) => continue },
-                };
-                let _ = tcp.set_nodelay(true);
-                let shared = s2.clone();
-                let stop = stop.clone();
-                tokio::spawn(async move {
-                    let svc = service_fn(move |req| {
-                        let shared = shared.clone();
-                        async move { Ok::<_, Infallible>(handle(shared, req).await) }
-                    });
-                    let conn = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(tcp), svc);
-                    tokio::select! {
-                        _ = conn => {}
-                        _ = stop.cancelled() => {}
-                    }
-                });
-            }
+        let s2 = shared.clone();
+        kedge_common::http::serve(listener, shutdown.clone(), move |req| {
+            handle(s2.clone(), req)
         });
         Ok(TestApiServer {
             shared,

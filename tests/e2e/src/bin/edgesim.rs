@@ -23,6 +23,7 @@ use edgecore::edgehub::{EdgeHub, EdgeHubSettings};
 use edgecore::metamanager::store::MemoryStore;
 use kedge_common::pki::CertificateAuthority;
 use kedge_e2e::cloud::issue_node_credentials;
+use kedge_e2e::procfs::{cpu_ticks, rss_kb};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -86,31 +87,6 @@ impl Hub {
     }
 }
 
-/// (VmRSS kB, VmHWM kB) of a process.
-fn rss_kb(pid: u32) -> anyhow::Result<(u64, u64)> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let field = |name: &str| {
-        status
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    };
-    Ok((field("VmRSS:"), field("VmHWM:")))
-}
-
-/// utime + stime of a process, in clock ticks (100 per second on Linux x86-64/aarch64).
-fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ut: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0);
-    let st: u64 = f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
-    Ok(ut + st)
-}
-
 fn node_name(i: usize) -> String {
     format!("sim-{i:05}")
 }
@@ -133,7 +109,7 @@ async fn main() -> anyhow::Result<()> {
     let mut hub = Hub::spawn(&hub_bin, &cert_dir, "127.0.0.1:0")?;
     let addr = hub.addr.clone();
     println!("hub pid {} on {addr}; {n} nodes", hub.pid());
-    let (rss0, _) = rss_kb(hub.pid())?;
+    let (rss0, _) = rss_kb(hub.pid());
 
     // Node identities, signed directly with the hub's CA.
     let t = Instant::now();
@@ -153,7 +129,7 @@ async fn main() -> anyhow::Result<()> {
 
     // Start every node at once: the initial connect is itself a storm.
     let stop = CancellationToken::new();
-    let cpu_start = cpu_ticks(hub.pid())?;
+    let cpu_start = cpu_ticks(hub.pid());
     let t = Instant::now();
     for (i, c) in creds.into_iter().enumerate() {
         let mut s = EdgeHubSettings::new(addr.clone(), node_name(i));
@@ -168,18 +144,18 @@ async fn main() -> anyhow::Result<()> {
     }
     let reply = tokio::task::block_in_place(|| hub.ask(&format!("WAIT_CONNECTED {n}")))?;
     let connect_s = t.elapsed().as_secs_f64();
-    let connect_cpu = cpu_ticks(hub.pid())? - cpu_start;
-    let (rss_connected, _) = rss_kb(hub.pid())?;
+    let connect_cpu = cpu_ticks(hub.pid()) - cpu_start;
+    let (rss_connected, _) = rss_kb(hub.pid());
     println!(
         "all {n} connected in {connect_s:.2} s (hub: {reply:?}); hub CPU {:.2} s",
         connect_cpu as f64 / 100.0
     );
 
     // Idle: keepalives only.
-    let c0 = cpu_ticks(hub.pid())?;
+    let c0 = cpu_ticks(hub.pid());
     tokio::time::sleep(Duration::from_secs(args.idle_seconds)).await;
-    let idle_ticks = cpu_ticks(hub.pid())? - c0;
-    let (rss_idle, hwm_idle) = rss_kb(hub.pid())?;
+    let idle_ticks = cpu_ticks(hub.pid()) - c0;
+    let (rss_idle, hwm_idle) = rss_kb(hub.pid());
     let idle_pct = idle_ticks as f64 / args.idle_seconds as f64;
     println!(
         "idle {}s: hub CPU {idle_pct:.1}% of one core; RSS {} MiB (peak {} MiB), {:.1} KiB/node",
@@ -190,9 +166,9 @@ async fn main() -> anyhow::Result<()> {
     );
 
     // Fan-out: one update to every node, until every node has acked it.
-    let c0 = cpu_ticks(hub.pid())?;
+    let c0 = cpu_ticks(hub.pid());
     let reply = tokio::task::block_in_place(|| hub.ask(&format!("FANOUT {n} 2")))?;
-    let fan_cpu = cpu_ticks(hub.pid())? - c0;
+    let fan_cpu = cpu_ticks(hub.pid()) - c0;
     let fan_ms: u64 = reply.get(2).and_then(|v| v.parse().ok()).unwrap_or(0);
     let acked: usize = reply.get(1).and_then(|v| v.parse().ok()).unwrap_or(0);
     if acked != n {
@@ -209,13 +185,13 @@ async fn main() -> anyhow::Result<()> {
     let _ = hub.child.wait();
     let t = Instant::now();
     let mut hub = Hub::spawn(&hub_bin, &cert_dir, &addr)?;
-    let c0 = cpu_ticks(hub.pid())?;
+    let c0 = cpu_ticks(hub.pid());
     let reply = tokio::task::block_in_place(|| hub.ask(&format!("WAIT_CONNECTED {n}")))?;
     let reconnect_s = t.elapsed().as_secs_f64();
     let reply2 = tokio::task::block_in_place(|| hub.ask(&format!("FANOUT {n} 3")))?;
     let resync_s = t.elapsed().as_secs_f64();
-    let storm_cpu = cpu_ticks(hub.pid())? - c0;
-    let (rss_after, hwm_after) = rss_kb(hub.pid())?;
+    let storm_cpu = cpu_ticks(hub.pid()) - c0;
+    let (rss_after, hwm_after) = rss_kb(hub.pid());
     println!(
         "restart: all {n} reconnected in {reconnect_s:.2} s ({reply:?}), resynced (one object each, acked) at {resync_s:.2} s ({reply2:?}); hub CPU {:.2} s; RSS {} MiB (peak {} MiB)",
         storm_cpu as f64 / 100.0,

@@ -28,6 +28,7 @@ use kedge_common::Message;
 use kedge_common::pki::CertificateAuthority;
 use kedge_e2e::apiserver::TestApiServer;
 use kedge_e2e::cloud::issue_node_credentials;
+use kedge_e2e::procfs::{free_port, rss_kb};
 use kube::api::{Api, ListParams, PostParams};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
@@ -61,25 +62,6 @@ impl ObjectStore for CountingStore {
         }
         std::future::ready(r)
     }
-}
-
-fn rss_kb(pid: u32) -> (u64, u64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    };
-    (field("VmRSS:"), field("VmHWM:"))
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
 }
 
 #[tokio::main]
