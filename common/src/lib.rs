@@ -7,6 +7,7 @@ pub mod config;
 pub mod crd;
 pub mod files;
 pub mod http;
+pub mod inventory;
 pub mod logging;
 pub mod message;
 pub mod pki;

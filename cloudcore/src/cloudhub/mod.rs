@@ -8,6 +8,11 @@
 //! - Upstream messages are re-tagged `node/<node>/…` from the session and handed to the
 //!   controllers over one bounded, typed channel ([`Upstream`]), together with acks and
 //!   connect/disconnect events. A node can only ever speak for itself.
+//! - An edge that offers an inventory (handshake header `kedge-inventory`, see
+//!   [`kedge_common::inventory`]) gets it accepted in the handshake response; its queue sends
+//!   nothing keyed until the inventory is in and applied, and the controllers get it
+//!   ([`Upstream::Inventory`]) to delete what the node should no longer hold and send what it
+//!   lacks. KubeEdge edges offer none and are served from what their acks said.
 //! - Malformed frames close only the offending connection.
 
 pub mod bootstrap;
@@ -20,6 +25,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
+use kedge_common::inventory::{self, InventoryItem};
 use kedge_common::wire::{Incoming, WireCodec};
 use kedge_common::{Message, Operation, ResourcePath};
 use tokio::net::{TcpListener, TcpStream};
@@ -31,13 +37,18 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_util::sync::CancellationToken;
 
-pub use queue::{Acked, ObjectKey, Pushed, QueueError, QueueLimits};
+pub use queue::{Acked, InventoryApplied, ObjectKey, Pushed, QueueError, QueueLimits};
 
 /// What the hub hands to the controllers, in order, per node.
 #[derive(Debug)]
 pub enum Upstream {
-    /// A node's session started.
-    Connected { node: String },
+    /// A node's session started; `inventory`: its edge will send an inventory.
+    Connected { node: String, inventory: bool },
+    /// The node's inventory: every live object it holds, already applied to its queue.
+    Inventory {
+        node: String,
+        objects: Vec<InventoryItem>,
+    },
     /// A node's session ended (and no newer one replaced it).
     Disconnected { node: String },
     /// A message from the node; its `route.resource` is in cloud form (`node/<node>/…`).
@@ -398,9 +409,11 @@ async fn handle_connection(
     let at_limit =
         hub.connected.load(std::sync::atomic::Ordering::Relaxed) >= hub.settings.node_limit;
     let expected = cert_node.clone();
+    let offers_inventory = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let offered = offers_inventory.clone();
     // The callback's signature is tungstenite's; its error type is an HTTP response.
     #[allow(clippy::result_large_err)]
-    let callback = move |req: &Request, resp: Response| -> Result<Response, ErrorResponse> {
+    let callback = move |req: &Request, mut resp: Response| -> Result<Response, ErrorResponse> {
         let Some(url_node) = node_from_path(req.uri().path()) else {
             return Err(refuse(
                 StatusCode::NOT_FOUND,
@@ -427,6 +440,17 @@ async fn handle_connection(
                 "node limit reached",
             ));
         }
+        if req
+            .headers()
+            .get(inventory::HEADER)
+            .is_some_and(|v| v.as_bytes() == inventory::VERSION.as_bytes())
+        {
+            resp.headers_mut().insert(
+                inventory::HEADER,
+                tokio_tungstenite::tungstenite::http::HeaderValue::from_static(inventory::VERSION),
+            );
+            offered.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
         Ok(resp)
     };
     let ws = tokio::time::timeout(
@@ -441,13 +465,15 @@ async fn handle_connection(
     .map_err(|_| "WebSocket handshake timed out".to_owned())?
     .map_err(|e| format!("WebSocket handshake for {cert_node} refused: {e}"))?;
 
-    run_session(hub, cert_node, ws, shutdown).await
+    let inventory = offers_inventory.load(std::sync::atomic::Ordering::Relaxed);
+    run_session(hub, cert_node, ws, inventory, shutdown).await
 }
 
 async fn run_session<S>(
     hub: Arc<Hub>,
     node: String,
     ws: tokio_tungstenite::WebSocketStream<S>,
+    inventory: bool,
     shutdown: CancellationToken,
 ) -> Result<(), String>
 where
@@ -469,16 +495,23 @@ where
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
     }
-    slot.queue().session_started(Instant::now());
+    slot.queue().session_started(Instant::now(), inventory);
     slot.wake.notify_one();
     // Tell the controllers; await so that Connected is ordered before this node's messages.
     let _ = hub
         .upstream
-        .send(Upstream::Connected { node: node.clone() })
+        .send(Upstream::Connected {
+            node: node.clone(),
+            inventory,
+        })
         .await;
-    tracing::info!(%node, session = session_id, "edge node connected");
+    tracing::info!(%node, session = session_id, inventory, "edge node connected");
 
-    let result = session_loop(&hub, slot.clone(), &node, ws, &cancel).await;
+    let mut session = Session {
+        inventory: inventory.then(inventory::Assembler::default),
+        inventory_started: None,
+    };
+    let result = session_loop(&hub, slot.clone(), &node, ws, &mut session, &cancel).await;
 
     // Only the newest session unregisters; a replaced one just goes away.
     let was_current = {
@@ -502,11 +535,20 @@ where
     result
 }
 
+/// Per-session state of the reading side.
+struct Session {
+    /// Collects the inventory's chunks; `None` when the session negotiated none.
+    inventory: Option<inventory::Assembler>,
+    /// When the first chunk arrived (for the log line that says how long the exchange took).
+    inventory_started: Option<Instant>,
+}
+
 async fn session_loop<S>(
     hub: &Hub,
     slot: Arc<NodeSlot>,
     node: &str,
     ws: tokio_tungstenite::WebSocketStream<S>,
+    session: &mut Session,
     cancel: &CancellationToken,
 ) -> Result<(), String>
 where
@@ -565,6 +607,12 @@ where
                 };
                 last_heard = Instant::now();
                 match codec.decode(frame) {
+                    Ok(Incoming::Message(msg)) if inventory::is_inventory(&msg) => {
+                        if let Err(e) = handle_inventory(hub, &slot, node, session, &msg).await {
+                            let _ = sink.send(close_frame(CloseCode::Invalid, "malformed inventory")).await;
+                            return Err(format!("inventory from {node}: {e}"));
+                        }
+                    }
                     Ok(Incoming::Message(msg)) => handle_incoming(hub, &slot, node, *msg).await?,
                     Ok(Incoming::Control) => {}
                     Ok(Incoming::Close(_)) => return Ok(()),
@@ -583,6 +631,62 @@ fn close_frame(code: CloseCode, reason: &'static str) -> tokio_tungstenite::tung
         code,
         reason: reason.into(),
     }))
+}
+
+/// Adds one inventory chunk; once complete, applies it to the node's queue (which resumes
+/// sending exactly what the node lacks) and hands it to the controllers.
+async fn handle_inventory(
+    hub: &Hub,
+    slot: &Arc<NodeSlot>,
+    node: &str,
+    session: &mut Session,
+    msg: &Message,
+) -> Result<(), inventory::InventoryError> {
+    let Some(assembler) = session.inventory.as_mut() else {
+        tracing::warn!(%node, "inventory chunk on a session that negotiated none; ignored");
+        return Ok(());
+    };
+    let started = *session.inventory_started.get_or_insert_with(Instant::now);
+    let chunk = inventory::decode(msg)?;
+    match assembler.push(chunk)? {
+        None => {}
+        Some(inventory::Inventory::Unavailable(reason)) => {
+            tracing::warn!(%node, %reason, "the edge cannot tell what it holds; sending from what its acks said");
+            slot.queue().release();
+            slot.wake.notify_one();
+            session.inventory_started = None;
+        }
+        Some(inventory::Inventory::Complete(objects)) => {
+            let held: HashMap<ObjectKey, String> = objects
+                .iter()
+                .map(|i| {
+                    (
+                        ObjectKey {
+                            kind: i.kind.clone(),
+                            namespace: i.namespace.clone(),
+                            name: i.name.clone(),
+                            uid: i.uid.clone(),
+                        },
+                        i.resource_version.clone(),
+                    )
+                })
+                .collect();
+            let applied = slot.queue().apply_inventory(&held);
+            slot.wake.notify_one();
+            tracing::info!(%node, objects = objects.len(), already_held = applied.already_held,
+                to_send = applied.to_send, missing = applied.missing,
+                elapsed = ?started.elapsed(), "inventory applied");
+            session.inventory_started = None;
+            let _ = hub
+                .upstream
+                .send(Upstream::Inventory {
+                    node: node.to_owned(),
+                    objects,
+                })
+                .await;
+        }
+    }
+    Ok(())
 }
 
 async fn handle_incoming(

@@ -11,9 +11,13 @@
 //!   (the controllers) must retry later; nothing already queued is dropped. A keyed entry is
 //!   forgotten once a delete of it is acked, so churn does not grow the queue.
 //!
+//! - A session whose edge sends an inventory starts [`Hold::AwaitingInventory`]: nothing keyed
+//!   is sent until [`NodeQueue::apply_inventory`] has replaced what the queue believed about the
+//!   node with what the node says it holds, so nothing the node already has is sent again.
+//!
 //! Time is passed in, so the logic is tested without sleeping.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use kedge_common::backoff::Backoff;
@@ -95,6 +99,31 @@ struct InFlight {
     message: Message,
     due: Instant,
     backoff: Backoff,
+    /// Send order, so messages taken back out of flight keep their order.
+    sent_seq: u64,
+}
+
+/// Whether keyed messages may be sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hold {
+    /// Entered when a session starts that offered no inventory (or when an inventory was
+    /// applied); left only when a session that offers one starts.
+    Sending,
+    /// Entered when a session starts whose edge will send its inventory: only unkeyed messages
+    /// (report acks) go out, because what the queue believes the node holds may be wrong. Left
+    /// by [`NodeQueue::apply_inventory`] or [`NodeQueue::release`].
+    AwaitingInventory,
+}
+
+/// What [`NodeQueue::apply_inventory`] changed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct InventoryApplied {
+    /// Pending or in-flight versions dropped because the node already holds them (or newer).
+    pub already_held: usize,
+    /// Versions that will be (re)sent because the node lacks them.
+    pub to_send: usize,
+    /// Objects the queue believed acked that the node does not hold.
+    pub missing: usize,
 }
 
 /// Compares Kubernetes resourceVersions. They are opaque strings, but every API server in
@@ -128,6 +157,8 @@ pub struct NodeQueue {
     in_flight: HashMap<String, InFlight>,
     /// `(due, msg_id)` of everything in flight, so finding due retries is not a scan.
     due: BTreeSet<(Instant, String)>,
+    hold: Hold,
+    sent_seq: u64,
 }
 
 impl NodeQueue {
@@ -140,6 +171,8 @@ impl NodeQueue {
             unkeyed: VecDeque::new(),
             in_flight: HashMap::new(),
             due: BTreeSet::new(),
+            hold: Hold::Sending,
+            sent_seq: 0,
         }
     }
 
@@ -189,8 +222,14 @@ impl NodeQueue {
     }
 
     /// A new session started: everything in flight falls due at once (it may never have reached
-    /// the edge), oldest retry first.
-    pub fn session_started(&mut self, now: Instant) {
+    /// the edge), oldest retry first — or, when the edge will send its inventory, nothing keyed is
+    /// sent until it has been applied.
+    pub fn session_started(&mut self, now: Instant, expects_inventory: bool) {
+        self.hold = if expects_inventory {
+            Hold::AwaitingInventory
+        } else {
+            Hold::Sending
+        };
         self.due.clear();
         for (id, f) in self.in_flight.iter_mut() {
             f.due = now;
@@ -215,8 +254,98 @@ impl NodeQueue {
         Some(f)
     }
 
+    pub fn hold(&self) -> Hold {
+        self.hold
+    }
+
+    /// Sends again without an inventory (the edge could not produce one): the queue keeps what
+    /// it learnt from acks.
+    pub fn release(&mut self) {
+        self.hold = Hold::Sending;
+    }
+
+    /// Replaces what the queue believes the node holds with what it says it holds (`held`: key →
+    /// resourceVersion of every live object) and resumes sending:
+    /// - every object's last acked version becomes the held one (or none);
+    /// - pending and in-flight versions the node already holds (or holds newer) are dropped,
+    ///   the rest are sent (again), in their original order;
+    /// - objects the node holds that the queue never heard of are remembered as acked, so the
+    ///   controllers can decide to delete them (see `edgecontroller`).
+    pub fn apply_inventory(&mut self, held: &HashMap<ObjectKey, String>) -> InventoryApplied {
+        let mut result = InventoryApplied::default();
+        // Everything in flight was sent on an earlier session: take it back, oldest first.
+        let mut taken: Vec<InFlight> = self.in_flight.drain().map(|(_, f)| f).collect();
+        self.due.clear();
+        taken.sort_by_key(|f| f.sent_seq);
+        let mut requeued = Vec::new();
+        for f in taken {
+            let Some(entry) = self.entries.get_mut(&f.key) else {
+                continue;
+            };
+            entry.in_flight = None;
+            entry.in_flight_rv = None;
+            // A pending version is newer than the one in flight (push guarantees it).
+            if entry.pending.is_none() {
+                entry.pending = Some(f.message);
+                requeued.push(f.key);
+            }
+        }
+        let mut remove = Vec::new();
+        for (key, entry) in self.entries.iter_mut() {
+            let held_rv = held.get(key);
+            if entry.last_acked_rv.is_some() && held_rv.is_none() {
+                result.missing += 1;
+            }
+            entry.last_acked_rv = held_rv.cloned();
+            if let Some(m) = &entry.pending {
+                let rv = &m.header.resource_version;
+                let is_delete = m.route.operation == Operation::Delete;
+                let needed = match held_rv {
+                    Some(h) => supersedes(rv, is_delete, h, false),
+                    // Deleting what the node does not hold changes nothing.
+                    None => !is_delete,
+                };
+                if needed {
+                    result.to_send += 1;
+                } else {
+                    entry.pending = None;
+                    result.already_held += 1;
+                }
+            }
+            if entry.pending.is_none() && entry.last_acked_rv.is_none() {
+                remove.push(key.clone());
+            }
+        }
+        for key in remove {
+            self.entries.remove(&key);
+        }
+        for (key, rv) in held {
+            self.entries.entry(key.clone()).or_insert_with(|| Entry {
+                last_acked_rv: Some(rv.clone()),
+                ..Entry::default()
+            });
+        }
+        // Taken-back messages first (they were sent before anything now pending), then the rest
+        // in the order they became pending; each key once, only if still pending.
+        let mut seen = HashSet::new();
+        let order: VecDeque<ObjectKey> = requeued
+            .into_iter()
+            .chain(std::mem::take(&mut self.order))
+            .filter(|k| {
+                self.entries.get(k).is_some_and(|e| e.pending.is_some()) && seen.insert(k.clone())
+            })
+            .collect();
+        self.order = order;
+        self.hold = Hold::Sending;
+        result
+    }
+
     /// The next message to write to the session, if any is due now.
     pub fn next_to_send(&mut self, now: Instant) -> Option<Message> {
+        if self.hold == Hold::AwaitingInventory {
+            // Only unkeyed messages (report acks) until the inventory is applied.
+            return self.unkeyed.pop_front();
+        }
         // 1. Retries that are due (keeping their msg_id, so a late ack still matches).
         if let Some((when, id)) = self.due.first().cloned()
             && when <= now
@@ -251,6 +380,7 @@ impl NodeQueue {
             let mut backoff = Backoff::new(self.limits.ack_timeout, self.limits.max_retry_interval);
             let due = now + backoff.next_plain();
             self.due.insert((due, msg.header.id.clone()));
+            self.sent_seq += 1;
             self.in_flight.insert(
                 msg.header.id.clone(),
                 InFlight {
@@ -258,6 +388,7 @@ impl NodeQueue {
                     message: msg.clone(),
                     due,
                     backoff,
+                    sent_seq: self.sent_seq,
                 },
             );
             return Some(msg);
@@ -307,8 +438,11 @@ impl NodeQueue {
         self.reschedule(parent_id, now);
     }
 
-    /// When the next retry falls due, if anything is in flight.
+    /// When the next retry falls due, if anything is in flight (and may be sent).
     pub fn next_deadline(&self) -> Option<Instant> {
+        if self.hold == Hold::AwaitingInventory {
+            return None;
+        }
         self.due.first().map(|(when, _)| *when)
     }
 
@@ -422,7 +556,7 @@ mod tests {
         assert!(q.next_to_send(t0 + Duration::from_secs(14)).is_none());
         assert!(q.next_to_send(t0 + Duration::from_secs(15)).is_some());
         // A new session re-sends immediately.
-        q.session_started(t0 + Duration::from_secs(16));
+        q.session_started(t0 + Duration::from_secs(16), false);
         assert!(q.next_to_send(t0 + Duration::from_secs(16)).is_some());
         assert!(q.ack(&first.header.id).is_some());
         assert_eq!(q.next_deadline(), None);
@@ -500,6 +634,96 @@ mod tests {
         q.ack(&sent.header.id);
         // Needed again at the same version: sent again.
         assert_eq!(q.push(Some(key("a")), msg("a", 5)).unwrap(), Pushed::Queued);
+    }
+
+    fn del(name: &str, rv: u64) -> Message {
+        let mut m = msg(name, rv);
+        m.route.operation = Operation::Delete;
+        m
+    }
+
+    #[test]
+    fn nothing_keyed_is_sent_until_the_inventory_is_applied() {
+        let mut q = NodeQueue::new("n1", limits());
+        let t = Instant::now();
+        q.session_started(t, true);
+        q.push(Some(key("a")), msg("a", 1)).unwrap();
+        q.push(None, msg("ack", 0)).unwrap();
+        assert_eq!(q.next_to_send(t).unwrap().route.resource, "default/pod/ack");
+        assert!(q.next_to_send(t).is_none(), "keyed messages wait");
+        assert_eq!(q.next_deadline(), None);
+        // The node already holds a@1: nothing to send.
+        let held = HashMap::from([(key("a"), "1".to_owned())]);
+        let r = q.apply_inventory(&held);
+        assert_eq!(r.already_held, 1);
+        assert_eq!(q.hold(), Hold::Sending);
+        assert!(q.next_to_send(t).is_none());
+        assert_eq!(q.last_acked(&key("a")), Some("1"));
+    }
+
+    #[test]
+    fn the_inventory_replaces_what_acks_said() {
+        let limits = QueueLimits {
+            max_objects: 100,
+            max_in_flight: 100,
+            ..limits()
+        };
+        let mut q = NodeQueue::new("n1", limits);
+        let t = Instant::now();
+        // a: believed acked at 5 (an ack recorded before a crash), but the node lost it.
+        q.seed_acked(key("a"), "5".into());
+        // b, c: in flight when the link broke; the node stored b, not c.
+        q.push(Some(key("b")), msg("b", 3)).unwrap();
+        q.push(Some(key("c")), msg("c", 4)).unwrap();
+        // d: a delete of something the node does not hold.
+        q.push(Some(key("d")), del("d", 9)).unwrap();
+        let b = q.next_to_send(t).unwrap();
+        let c = q.next_to_send(t).unwrap();
+        let _d = q.next_to_send(t).unwrap();
+        q.session_started(t, true);
+        // e: held by the node, never heard of here. f: held older than pending.
+        q.push(Some(key("f")), msg("f", 8)).unwrap();
+        let held = HashMap::from([
+            (key("b"), "3".to_owned()),
+            (key("e"), "7".to_owned()),
+            (key("f"), "2".to_owned()),
+        ]);
+        let r = q.apply_inventory(&held);
+        assert_eq!(
+            r,
+            InventoryApplied {
+                already_held: 2,
+                to_send: 2,
+                missing: 1
+            }
+        );
+        let sent: Vec<String> = std::iter::from_fn(|| q.next_to_send(t))
+            .map(|m| format!("{} {}", m.route.resource, m.header.resource_version))
+            .collect();
+        assert_eq!(
+            sent,
+            ["default/pod/c 4", "default/pod/f 8"],
+            "c re-sent first, then f"
+        );
+        assert!(q.ack(&b.header.id).is_none(), "b was taken out of flight");
+        assert!(q.ack(&c.header.id).is_some(), "c keeps its msg_id");
+        // a is missing at the node: sending it again is no longer stale.
+        assert_eq!(q.push(Some(key("a")), msg("a", 5)).unwrap(), Pushed::Queued);
+        // e is known as held, so a delete of it at the held version goes out, once.
+        assert_eq!(q.push(Some(key("e")), del("e", 7)).unwrap(), Pushed::Queued);
+        assert_eq!(q.push(Some(key("e")), del("e", 7)).unwrap(), Pushed::Stale);
+        assert_eq!(q.push(Some(key("b")), msg("b", 3)).unwrap(), Pushed::Stale);
+    }
+
+    #[test]
+    fn release_without_inventory_keeps_what_acks_said() {
+        let mut q = NodeQueue::new("n1", limits());
+        let t = Instant::now();
+        q.push(Some(key("a")), msg("a", 1)).unwrap();
+        q.session_started(t, true);
+        assert!(q.next_to_send(t).is_none());
+        q.release();
+        assert_eq!(q.next_to_send(t).unwrap().header.resource_version, "1");
     }
 
     #[test]

@@ -5,8 +5,9 @@
 //! ConfigMap/Secret they reference, sent *before* the pod. Changes go into the node's CloudHub
 //! queue; a referenced object no pod on a node needs any more is deleted from that node. After a
 //! re-list (watch expired, cloudcore restarted) objects that did not reappear are treated as
-//! deleted, and objects a node acknowledged before a restart but that are gone now are deleted
-//! from it (synccontroller), so nothing is orphaned on the edge.
+//! deleted. A kedge edge's inventory on every connect makes the node hold exactly what it must
+//! (see `resync`); for KubeEdge edges, objects acknowledged before a restart that are gone now
+//! are deleted from the node (synccontroller).
 //!
 //! Up: a connecting node gets its Node object (edge role label) and a Lease it renews while
 //! connected; node status reports patch the Node's status; pod status reports patch the pod's
@@ -14,6 +15,7 @@
 //! reporting node; a terminating pod whose containers all stopped is deleted with grace period 0.
 
 pub mod refs;
+mod resync;
 mod upstream;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -23,6 +25,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Secret};
+use kedge_common::inventory::InventoryItem;
 use kedge_common::{Message, Operation};
 use kube::api::{Api, DeleteParams, ListParams, Preconditions};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -150,6 +153,11 @@ struct Loop {
     orphans_checked: bool,
     /// Pod events that arrived before ConfigMaps and Secrets were first listed.
     held_pods: Vec<watcher::Event<Pod>>,
+    /// Nodes whose current (or last) session sent an inventory: the edge, not the synccontroller,
+    /// says what they hold.
+    inventory_nodes: HashSet<String>,
+    /// Inventories that arrived before the first lists finished.
+    pending_inventories: HashMap<String, Vec<InventoryItem>>,
     retry_tx: mpsc::WeakSender<Input>,
 }
 
@@ -264,6 +272,8 @@ impl EdgeController {
             relists: Default::default(),
             orphans_checked: false,
             held_pods: Vec::new(),
+            inventory_nodes: HashSet::new(),
+            pending_inventories: HashMap::new(),
             retry_tx,
         };
         loop {
@@ -353,6 +363,7 @@ impl Loop {
         if !self.orphans_checked && self.relists.iter().all(|r| r.done_once) {
             self.orphans_checked = true;
             self.delete_orphans_after_restart();
+            self.reconcile_held_inventories();
         }
     }
 
@@ -780,82 +791,22 @@ impl Loop {
         }
     }
 
-    // ---------------------------------------------------------------------------------------
-    // Restart: deletes for objects nodes acknowledged earlier that are gone now
-
-    fn delete_orphans_after_restart(&mut self) {
-        let mut deletes = 0;
-        for node in self.sync.nodes() {
-            for o in self.sync.acked_objects(&node) {
-                let still_wanted = match o.kind.as_str() {
-                    "pod" => self
-                        .pods
-                        .get(&(o.namespace.clone().unwrap_or_default(), o.name.clone()))
-                        .is_some_and(|e| {
-                            e.node == node && e.pod.metadata.uid.as_deref() == Some(o.uid.as_str())
-                        }),
-                    "configmap" | "secret" => {
-                        let kind = if o.kind == "configmap" {
-                            RefKind::ConfigMap
-                        } else {
-                            RefKind::Secret
-                        };
-                        let r = ObjectRef {
-                            kind: kind.clone(),
-                            namespace: o.namespace.clone().unwrap_or_default(),
-                            name: o.name.clone(),
-                        };
-                        let held = self.holders.get(&r).is_some_and(|m| m.contains_key(&node));
-                        let key = (r.namespace.clone(), r.name.clone());
-                        let uid_now = match kind {
-                            RefKind::ConfigMap => self
-                                .configmaps
-                                .get(&key)
-                                .and_then(|c| c.metadata.uid.clone()),
-                            RefKind::Secret => {
-                                self.secrets.get(&key).and_then(|c| c.metadata.uid.clone())
-                            }
-                        };
-                        held && uid_now.as_deref() == Some(o.uid.as_str())
-                    }
-                    "node" => self
-                        .edge_nodes
-                        .get(&node)
-                        .is_some_and(|n| n.metadata.uid.as_deref() == Some(o.uid.as_str())),
-                    _ => true,
-                };
-                if still_wanted {
-                    continue;
-                }
-                let rv = o.rv.clone();
-                let content = serde_json::json!({
-                    "metadata": {"name": o.name, "namespace": o.namespace, "uid": o.uid}
-                });
-                self.send(
-                    &node,
-                    obj_key(&o.kind, o.namespace.as_deref(), &o.name, &o.uid),
-                    &rv,
-                    Operation::Delete,
-                    content,
-                );
-                deletes += 1;
-            }
-        }
-        tracing::info!(
-            deletes,
-            unchanged = self.stats.unchanged.load(Ordering::Relaxed),
-            "initial sync done; objects deleted while cloudcore was away sent as deletes"
-        );
-    }
-
     fn on_hub(&mut self, ev: Upstream) {
         match ev {
-            Upstream::Connected { node } => {
+            Upstream::Connected { node, inventory } => {
                 self.shared
                     .connected
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .insert(node.clone());
+                if inventory {
+                    // Acks need no recording for a node that says what it holds.
+                    self.sync.forget(&node);
+                    self.inventory_nodes.insert(node.clone());
+                } else {
+                    self.inventory_nodes.remove(&node);
+                    self.pending_inventories.remove(&node);
+                }
                 tokio::spawn(upstream::ensure_node(self.client.clone(), node));
             }
             Upstream::Disconnected { node } => {
@@ -865,7 +816,18 @@ impl Loop {
                     .unwrap_or_else(|p| p.into_inner())
                     .remove(&node);
             }
-            Upstream::Acked { node, acked } => self.sync.record(&node, &acked),
+            Upstream::Acked { node, acked } => {
+                if !self.inventory_nodes.contains(&node) {
+                    self.sync.record(&node, &acked);
+                }
+            }
+            Upstream::Inventory { node, objects } => {
+                if self.orphans_checked {
+                    self.reconcile_inventory(&node, objects);
+                } else {
+                    self.pending_inventories.insert(node, objects);
+                }
+            }
             Upstream::Message { node, message, ack } => {
                 let client = self.client.clone();
                 let shared = self.shared.clone();

@@ -7,8 +7,16 @@
 //! That is ~1 write per busy node per second instead of one per message, and one list call at
 //! start-up instead of one per object.
 //!
-//! Losing the last second of acks in a crash is harmless: the node then looks as if it had an
-//! older version, gets the newer one again, finds it stale and acks it (at-least-once delivery).
+//! Only nodes that send no inventory are recorded — KubeEdge edges. A kedge edge says what it
+//! holds on every connect (see `edgecontroller::resync`), which is exact where recorded acks are
+//! not: an ack not yet recorded when cloudcore dies, or lost with a cut link, leaves the record
+//! wrong. So the ConfigMap of a node is deleted once the node sends an inventory, and a fleet of
+//! kedge edges costs no sync writes at all.
+//!
+//! For KubeEdge edges, losing the last second of acks in a crash means: a node that looks as if
+//! it had an older version gets the newer one again, finds it stale and acks it (harmless); an
+//! object acked in that second and deleted while cloudcore is down stays on the node (the gap the
+//! inventory closes for kedge edges).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Mutex;
@@ -78,6 +86,14 @@ pub struct SyncState {
     api: Api<ConfigMap>,
     acked: Mutex<HashMap<String, BTreeMap<String, AckedObject>>>,
     dirty: Mutex<HashSet<String>>,
+    /// Nodes whose ConfigMap exists (loaded or written by us).
+    persisted: Mutex<HashSet<String>>,
+    /// Nodes whose ConfigMap is to be deleted at the next flush.
+    forgotten: Mutex<HashSet<String>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl SyncState {
@@ -86,6 +102,8 @@ impl SyncState {
             api: Api::namespaced(client, namespace),
             acked: Mutex::new(HashMap::new()),
             dirty: Mutex::new(HashSet::new()),
+            persisted: Mutex::new(HashSet::new()),
+            forgotten: Mutex::new(HashSet::new()),
         }
     }
 
@@ -107,6 +125,7 @@ impl SyncState {
             let Some(node) = name.strip_prefix("kedge-sync-").map(str::to_owned) else {
                 continue;
             };
+            lock(&self.persisted).insert(node.clone());
             let parsed = cm
                 .data
                 .as_ref()
@@ -157,6 +176,16 @@ impl SyncState {
             .insert(node.to_owned());
     }
 
+    /// Stops recording `node` (it sends inventories) and deletes its ConfigMap, if any, at the
+    /// next flush.
+    pub fn forget(&self, node: &str) {
+        lock(&self.acked).remove(node);
+        lock(&self.dirty).remove(node);
+        if lock(&self.persisted).remove(node) {
+            lock(&self.forgotten).insert(node.to_owned());
+        }
+    }
+
     /// Everything `node` is known to hold.
     pub fn acked_objects(&self, node: &str) -> Vec<AckedObject> {
         let all = self.acked.lock().unwrap_or_else(|p| p.into_inner());
@@ -170,8 +199,23 @@ impl SyncState {
         all.keys().cloned().collect()
     }
 
-    /// Writes the state of every node that changed since the last flush.
+    /// Writes the state of every node that changed since the last flush, and deletes the state
+    /// of forgotten nodes.
     pub async fn flush(&self) {
+        let forgotten: Vec<String> = std::mem::take(&mut *lock(&self.forgotten))
+            .into_iter()
+            .collect();
+        for node in forgotten {
+            let name = configmap_name(&node);
+            match self.api.delete(&name, &Default::default()).await {
+                Ok(_) => tracing::info!(%node, "node sends inventories; its sync state is deleted"),
+                Err(kube::Error::Api(s)) if s.code == 404 => {}
+                Err(e) => {
+                    tracing::warn!(%node, error = %e, "cannot delete sync state; will retry");
+                    lock(&self.forgotten).insert(node);
+                }
+            }
+        }
         let nodes: Vec<String> =
             std::mem::take(&mut *self.dirty.lock().unwrap_or_else(|p| p.into_inner()))
                 .into_iter()
@@ -193,6 +237,7 @@ impl SyncState {
                 "data": {DATA_KEY: text},
             });
             let pp = PatchParams::apply(FIELD_MANAGER).force();
+            lock(&self.persisted).insert(node.clone());
             if let Err(e) = self.api.patch(&name, &pp, &Patch::Apply(&body)).await {
                 tracing::warn!(%node, error = %e, "cannot write sync state; will retry");
                 self.dirty

@@ -9,6 +9,10 @@
 //! - Upstream reports wait in the [`Outbox`] and are sent in order whenever the link is up, each
 //!   with `sync: true`, and removed only when the cloud acknowledges them.
 //! - Link changes are published on a `watch` channel ([`LinkState`]) for the other modules.
+//! - A session starts with the node's inventory (every live object it holds; see
+//!   [`kedge_common::inventory`]) when the cloud accepts one, so the cloud sends exactly what is
+//!   missing or stale and deletes what the node should no longer hold — acks lost in a crash or a
+//!   cut cannot leave orphans behind.
 
 pub mod credentials;
 pub mod outbox;
@@ -20,6 +24,7 @@ use std::time::{Duration, Instant};
 use futures_util::stream::FuturesUnordered;
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use kedge_common::backoff::Backoff;
+use kedge_common::inventory;
 use kedge_common::message::{group, module};
 use kedge_common::wire::{Incoming, WireCodec};
 use kedge_common::{Message, Operation};
@@ -53,6 +58,9 @@ pub struct EdgeHubSettings {
     pub handshake_timeout: Duration,
     pub backoff_initial: Duration,
     pub backoff_max: Duration,
+    /// Offer the cloud an inventory at the start of each session (off only to behave like a
+    /// KubeEdge edge in tests).
+    pub inventory: bool,
 }
 
 impl EdgeHubSettings {
@@ -67,6 +75,7 @@ impl EdgeHubSettings {
             handshake_timeout: Duration::from_secs(30),
             backoff_initial: Duration::from_millis(200),
             backoff_max: Duration::from_secs(2),
+            inventory: true,
         }
     }
 }
@@ -115,11 +124,11 @@ impl<S: ObjectStore, O: Outbox> EdgeHub<S, O> {
         let mut backoff = Backoff::new(self.settings.backoff_initial, self.settings.backoff_max);
         while !shutdown.is_cancelled() {
             match self.connect().await {
-                Ok(ws) => {
+                Ok((ws, inventory)) => {
                     backoff.reset();
                     self.link.send_replace(LinkState::Connected);
-                    tracing::info!(server = %self.settings.server, node = %self.settings.node, "connected to the cloud");
-                    let result = self.session(ws, &shutdown).await;
+                    tracing::info!(server = %self.settings.server, node = %self.settings.node, inventory, "connected to the cloud");
+                    let result = self.session(ws, inventory, &shutdown).await;
                     self.link.send_replace(LinkState::Disconnected);
                     match result {
                         Ok(()) => tracing::info!("cloud link closed"),
@@ -139,7 +148,10 @@ impl<S: ObjectStore, O: Outbox> EdgeHub<S, O> {
     async fn connect(
         &self,
     ) -> Result<
-        tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<TcpStream>>,
+        (
+            tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<TcpStream>>,
+            bool,
+        ),
         LinkError,
     > {
         let s = &self.settings;
@@ -184,14 +196,26 @@ impl<S: ObjectStore, O: Outbox> EdgeHub<S, O> {
                     HeaderValue::from_str(v).map_err(|e| fail(e.to_string()))?,
                 );
             }
-            let (ws, _resp) = tokio_tungstenite::client_async_with_config(
+            if s.inventory {
+                headers.insert(
+                    inventory::HEADER,
+                    HeaderValue::from_static(inventory::VERSION),
+                );
+            }
+            let (ws, resp) = tokio_tungstenite::client_async_with_config(
                 req,
                 tls,
                 Some(s.codec.websocket_config()),
             )
             .await
             .map_err(|e| fail(format!("WebSocket: {e}")))?;
-            Ok(ws)
+            // A cloud that does not answer the offer (KubeEdge's) gets no inventory.
+            let accepted = s.inventory
+                && resp
+                    .headers()
+                    .get(inventory::HEADER)
+                    .is_some_and(|v| v.as_bytes() == inventory::VERSION.as_bytes());
+            Ok((ws, accepted))
         };
         tokio::time::timeout(s.handshake_timeout, handshake)
             .await
@@ -201,6 +225,7 @@ impl<S: ObjectStore, O: Outbox> EdgeHub<S, O> {
     async fn session<T>(
         &self,
         ws: tokio_tungstenite::WebSocketStream<T>,
+        send_inventory: bool,
         shutdown: &CancellationToken,
     ) -> Result<(), LinkError>
     where
@@ -224,6 +249,18 @@ impl<S: ObjectStore, O: Outbox> EdgeHub<S, O> {
         // Read the outbox at the start of a session and whenever something was put, not on
         // every frame (it is a database query).
         let mut outbox_dirty = true;
+
+        if send_inventory {
+            // First, before anything this session delivers: the cloud holds what it would send
+            // until it has this.
+            for msg in self.inventory_messages().await {
+                let frame = codec
+                    .encode(&msg)
+                    .map_err(|e| LinkError::Lost(e.to_string()))?;
+                sink.feed(frame).await.map_err(lost)?;
+            }
+            sink.flush().await.map_err(lost)?;
+        }
 
         loop {
             // Send outbox entries not yet sent on this session, oldest first.
@@ -312,6 +349,29 @@ impl<S: ObjectStore, O: Outbox> EdgeHub<S, O> {
                         Downstream::Pending(ack) => pending_acks.push(ack),
                     }
                 }
+            }
+        }
+    }
+
+    /// The node's inventory as messages under the size limit; if the store cannot say what it
+    /// holds, one message saying so (the cloud then relies on what it knows from acks).
+    async fn inventory_messages(&self) -> Vec<Message> {
+        let started = Instant::now();
+        let limit = self.settings.codec.max_frame_bytes();
+        let built = match self.store.inventory().await {
+            Ok(items) => inventory::to_messages(&items, limit)
+                .map(|msgs| (items.len(), msgs))
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        match built {
+            Ok((objects, msgs)) => {
+                tracing::info!(objects, chunks = msgs.len(), elapsed = ?started.elapsed(), "sending inventory");
+                msgs
+            }
+            Err(reason) => {
+                tracing::error!(%reason, "cannot build the inventory; the cloud falls back to what it knows");
+                vec![inventory::unavailable(&reason)]
             }
         }
     }

@@ -21,6 +21,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use kedge_common::inventory::InventoryItem;
 use kedge_common::{Message, Operation, ResourcePath};
 use serde_json::Value;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
@@ -87,6 +88,14 @@ pub struct StoreStats {
 }
 
 type Reply = oneshot::Sender<Result<Applied, StoreError>>;
+type InventoryReply = oneshot::Sender<Result<Vec<InventoryItem>, StoreError>>;
+
+/// What the writer task is asked to do, in call order.
+enum WriterOp {
+    Apply(Box<Message>, Reply),
+    /// Read the inventory once everything queued before it has committed.
+    Inventory(InventoryReply),
+}
 
 struct Shared {
     seq: AtomicU64,
@@ -99,7 +108,7 @@ struct Shared {
 #[derive(Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
-    writer: mpsc::UnboundedSender<(Message, Reply)>,
+    writer: mpsc::UnboundedSender<WriterOp>,
     shared: Arc<Shared>,
     path: PathBuf,
 }
@@ -336,7 +345,19 @@ impl ObjectStore for SqliteStore {
         msg: &Message,
     ) -> impl Future<Output = Result<Applied, StoreError>> + Send + 'static + use<> {
         let (tx, rx) = oneshot::channel();
-        let queued = self.writer.send((msg.clone(), tx));
+        let queued = self.writer.send(WriterOp::Apply(Box::new(msg.clone()), tx));
+        async move {
+            queued.map_err(|_| StoreError::Storage("the database writer has stopped".into()))?;
+            rx.await
+                .map_err(|_| StoreError::Storage("the database writer has stopped".into()))?
+        }
+    }
+
+    fn inventory(
+        &self,
+    ) -> impl Future<Output = Result<Vec<InventoryItem>, StoreError>> + Send + 'static + use<> {
+        let (tx, rx) = oneshot::channel();
+        let queued = self.writer.send(WriterOp::Inventory(tx));
         async move {
             queued.map_err(|_| StoreError::Storage("the database writer has stopped".into()))?;
             rx.await
@@ -347,14 +368,31 @@ impl ObjectStore for SqliteStore {
 
 async fn writer(
     mut conn: SqliteConnection,
-    mut rx: mpsc::UnboundedReceiver<(Message, Reply)>,
+    mut rx: mpsc::UnboundedReceiver<WriterOp>,
     shared: Arc<Shared>,
 ) {
-    while let Some(first) = rx.recv().await {
+    // An inventory request that ended the previous batch, served once that batch committed.
+    let mut barrier: Option<InventoryReply> = None;
+    loop {
+        if let Some(reply) = barrier.take() {
+            let _ = reply.send(read_inventory(&mut conn).await);
+        }
+        let Some(first) = rx.recv().await else { break };
+        let first = match first {
+            WriterOp::Apply(msg, reply) => (msg, reply),
+            WriterOp::Inventory(reply) => {
+                barrier = Some(reply);
+                continue;
+            }
+        };
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
-                Ok(r) => batch.push(r),
+                Ok(WriterOp::Apply(msg, reply)) => batch.push((msg, reply)),
+                Ok(WriterOp::Inventory(reply)) => {
+                    barrier = Some(reply);
+                    break;
+                }
                 Err(_) => break,
             }
         }
@@ -409,6 +447,31 @@ async fn writer(
             }
         }
     }
+}
+
+/// Every live object's identity and version, read on the writer's connection (so after every
+/// write queued before the request).
+async fn read_inventory(conn: &mut SqliteConnection) -> Result<Vec<InventoryItem>, StoreError> {
+    let rows = sqlx::query(
+        "SELECT kind, namespace, name, uid, resource_version FROM objects WHERE deleted = 0",
+    )
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(storage)?;
+    Ok(rows
+        .into_iter()
+        .map(|r| {
+            let namespace: String = r.get(1);
+            InventoryItem {
+                kind: r.get(0),
+                namespace: (namespace != kedge_common::resource::CLUSTER_SCOPE)
+                    .then_some(namespace),
+                name: r.get(2),
+                uid: r.get(3),
+                resource_version: r.get(4),
+            }
+        })
+        .collect())
 }
 
 async fn apply_one(
@@ -650,6 +713,52 @@ mod tests {
             "no resurrection"
         );
         assert!(s.get("pod", "default", "web").await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn inventory_lists_live_objects_after_every_earlier_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(&dir).await;
+        let node = Message::new(
+            "cloud",
+            "resource",
+            Operation::Update,
+            "null/node/edge-1",
+            json!({"metadata": {"name": "edge-1", "uid": "u-node"}}),
+        )
+        .with_resource_version("9");
+        // Queued, not awaited: the inventory still sees them (it is ordered after them).
+        let writes: Vec<_> = (0..300)
+            .map(|i| s.apply(&m(Operation::Insert, &format!("p{i}"), 10 + i)))
+            .chain([s.apply(&m(Operation::Delete, "p7", 400)), s.apply(&node)])
+            .collect();
+        let mut inv = s.inventory().await.unwrap();
+        futures_util::future::join_all(writes).await;
+        inv.sort();
+        assert_eq!(
+            inv.len(),
+            300,
+            "299 pods + the node; the tombstone is left out"
+        );
+        assert!(!inv.iter().any(|i| i.name == "p7"));
+        let n = inv.iter().find(|i| i.kind == "node").unwrap();
+        assert_eq!(
+            (
+                n.namespace.as_deref(),
+                n.uid.as_str(),
+                n.resource_version.as_str()
+            ),
+            (None, "u-node", "9")
+        );
+        let p = inv.iter().find(|i| i.name == "p3").unwrap();
+        assert_eq!(
+            (
+                p.namespace.as_deref(),
+                p.uid.as_str(),
+                p.resource_version.as_str()
+            ),
+            (Some("default"), "u-p3", "13")
+        );
     }
 
     #[tokio::test]

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Mutex;
 
+use kedge_common::inventory::InventoryItem;
 use kedge_common::{Message, Operation, ResourcePath};
 use serde_json::Value;
 
@@ -45,6 +46,36 @@ pub trait ObjectStore: Send + Sync + 'static {
         &self,
         msg: &Message,
     ) -> impl Future<Output = Result<Applied, StoreError>> + Send + 'static + use<Self>;
+
+    /// Every live object the store holds (tombstones excluded), for the cloud to diff against.
+    ///
+    /// Ordered after every `apply` called before it: a message applied earlier is in the
+    /// inventory even if its commit was still in progress when this was called.
+    fn inventory(
+        &self,
+    ) -> impl Future<Output = Result<Vec<InventoryItem>, StoreError>> + Send + 'static + use<Self>;
+}
+
+/// The inventory entry for a stored object at edge path `path`.
+pub fn inventory_item(path: &str, object: &StoredObject) -> Result<InventoryItem, StoreError> {
+    let p = ResourcePath::parse_edge(path)?;
+    let (Some(kind), Some(name)) = (p.resource_type(), p.name()) else {
+        return Err(StoreError::Storage(format!(
+            "resource `{path}` does not name an object"
+        )));
+    };
+    Ok(InventoryItem {
+        kind: kind.to_owned(),
+        namespace: p.namespace().map(str::to_owned),
+        name: name.to_owned(),
+        uid: object
+            .content
+            .pointer("/metadata/uid")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned(),
+        resource_version: object.resource_version.clone(),
+    })
 }
 
 /// The resourceVersion a message carries: the header's, else the object's own.
@@ -161,6 +192,17 @@ impl ObjectStore for MemoryStore {
         msg: &Message,
     ) -> impl Future<Output = Result<Applied, StoreError>> + Send + 'static + use<> {
         std::future::ready(self.apply_now(msg))
+    }
+
+    fn inventory(
+        &self,
+    ) -> impl Future<Output = Result<Vec<InventoryItem>, StoreError>> + Send + 'static + use<> {
+        let items = self
+            .snapshot()
+            .iter()
+            .map(|(path, o)| inventory_item(path, o))
+            .collect::<Result<Vec<_>, _>>();
+        std::future::ready(items)
     }
 }
 

@@ -52,6 +52,17 @@ impl ObjectStore for RecordingStore {
     {
         std::future::ready(self.record(msg))
     }
+
+    fn inventory(
+        &self,
+    ) -> impl std::future::Future<
+        Output = Result<Vec<kedge_common::inventory::InventoryItem>, StoreError>,
+    >
+    + Send
+    + 'static
+    + use<> {
+        self.inner.inventory()
+    }
 }
 
 impl RecordingStore {

@@ -55,7 +55,7 @@ fn pod_msg(node: &str, name: &str, rv: u64) -> Message {
         "resource",
         Operation::Update,
         format!("node/{node}/default/pod/{name}"),
-        json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": "default", "resourceVersion": rv.to_string()}}),
+        json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": "default", "uid": format!("uid-{name}"), "resourceVersion": rv.to_string()}}),
     )
     .with_resource_version(rv.to_string())
 }
@@ -89,7 +89,7 @@ async fn join_with_a_good_token_then_objects_flow_and_are_acked() {
     cloud
         .expect_upstream(
             T,
-            |e| matches!(e, Upstream::Connected { node } if node == "edge-1"),
+            |e| matches!(e, Upstream::Connected { node, .. } if node == "edge-1"),
         )
         .await
         .unwrap();

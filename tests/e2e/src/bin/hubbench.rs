@@ -92,7 +92,7 @@ async fn main() -> anyhow::Result<()> {
                         Operation::Update,
                         format!("node/{node}/default/configmap/bench"),
                         serde_json::json!({"apiVersion": "v1", "kind": "ConfigMap",
-                            "metadata": {"name": "bench", "namespace": "default", "resourceVersion": rv},
+                            "metadata": {"name": "bench", "namespace": "default", "uid": "bench-uid", "resourceVersion": rv},
                             "data": {"key": "value"}}),
                     )
                     .with_resource_version(*rv);

@@ -126,8 +126,8 @@ async fn main() -> anyhow::Result<()> {
         let key = ObjectKey {
             kind: "pod".into(),
             namespace: Some("default".into()),
+            uid: format!("0b1c2d3e-{name}"),
             name,
-            uid: String::new(),
         };
         cloud.handle.enqueue(Some(key), m)?;
     }

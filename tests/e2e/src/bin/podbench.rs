@@ -62,6 +62,17 @@ impl ObjectStore for CountingStore {
         }
         std::future::ready(r)
     }
+
+    fn inventory(
+        &self,
+    ) -> impl std::future::Future<
+        Output = Result<Vec<kedge_common::inventory::InventoryItem>, StoreError>,
+    >
+    + Send
+    + 'static
+    + use<> {
+        self.inner.inventory()
+    }
 }
 
 #[tokio::main]

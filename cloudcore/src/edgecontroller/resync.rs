@@ -1,0 +1,227 @@
+//! Making a node hold exactly what it must after a gap: a cloudcore restart or a new session.
+//!
+//! Two sources of truth, by what the edge can do:
+//! - **A kedge edge sends its inventory** on every connect. The node's queue has already taken it
+//!   as the truth (see `cloudhub::queue`); here the controller compares it with what the node
+//!   must hold and sends what is missing or older, and deletes whatever the node holds that it
+//!   should not — including objects this cloudcore never heard of (deleted while it was down, or
+//!   acked in a session whose ack was lost). This is exact: no orphans, nothing missing.
+//! - **A KubeEdge edge sends none.** For it the synccontroller records acks, and after a restart
+//!   objects it acknowledged that are gone now are sent as deletes (best effort: an ack not yet
+//!   recorded when cloudcore died is not known).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::Ordering;
+
+use kedge_common::Operation;
+use kedge_common::inventory::InventoryItem;
+use serde_json::Value;
+
+use super::refs::{ObjectRef, RefKind};
+use super::{Loop, obj_key, rv_of, to_json};
+use crate::cloudhub::ObjectKey;
+use crate::cloudhub::queue::rv_is_newer;
+
+/// One object a node must hold, as it would be sent.
+struct Wanted {
+    key: ObjectKey,
+    rv: String,
+    content: Value,
+}
+
+impl Loop {
+    pub(super) fn delete_orphans_after_restart(&mut self) {
+        let mut deletes = 0;
+        for node in self.sync.nodes() {
+            if self.inventory_nodes.contains(&node) {
+                continue;
+            }
+            for o in self.sync.acked_objects(&node) {
+                let still_wanted = match o.kind.as_str() {
+                    "pod" => self
+                        .pods
+                        .get(&(o.namespace.clone().unwrap_or_default(), o.name.clone()))
+                        .is_some_and(|e| {
+                            e.node == node && e.pod.metadata.uid.as_deref() == Some(o.uid.as_str())
+                        }),
+                    "configmap" | "secret" => {
+                        let kind = if o.kind == "configmap" {
+                            RefKind::ConfigMap
+                        } else {
+                            RefKind::Secret
+                        };
+                        let r = ObjectRef {
+                            kind: kind.clone(),
+                            namespace: o.namespace.clone().unwrap_or_default(),
+                            name: o.name.clone(),
+                        };
+                        let held = self.holders.get(&r).is_some_and(|m| m.contains_key(&node));
+                        let key = (r.namespace.clone(), r.name.clone());
+                        let uid_now = match kind {
+                            RefKind::ConfigMap => self
+                                .configmaps
+                                .get(&key)
+                                .and_then(|c| c.metadata.uid.clone()),
+                            RefKind::Secret => {
+                                self.secrets.get(&key).and_then(|c| c.metadata.uid.clone())
+                            }
+                        };
+                        held && uid_now.as_deref() == Some(o.uid.as_str())
+                    }
+                    "node" => self
+                        .edge_nodes
+                        .get(&node)
+                        .is_some_and(|n| n.metadata.uid.as_deref() == Some(o.uid.as_str())),
+                    _ => true,
+                };
+                if still_wanted {
+                    continue;
+                }
+                let rv = o.rv.clone();
+                let content = serde_json::json!({
+                    "metadata": {"name": o.name, "namespace": o.namespace, "uid": o.uid}
+                });
+                self.send(
+                    &node,
+                    obj_key(&o.kind, o.namespace.as_deref(), &o.name, &o.uid),
+                    &rv,
+                    Operation::Delete,
+                    content,
+                );
+                deletes += 1;
+            }
+        }
+        tracing::info!(
+            deletes,
+            unchanged = self.stats.unchanged.load(Ordering::Relaxed),
+            "initial sync done; objects deleted while cloudcore was away sent as deletes"
+        );
+    }
+
+    /// Everything `node` must hold now, references first (the order they are sent in).
+    fn wanted_by(&self, node: &str) -> Vec<Wanted> {
+        let mut out = Vec::new();
+        let mut refs: Vec<&ObjectRef> = self
+            .holders
+            .iter()
+            .filter(|(_, nodes)| nodes.contains_key(node))
+            .map(|(r, _)| r)
+            .collect();
+        refs.sort();
+        for r in refs {
+            let key = (r.namespace.clone(), r.name.clone());
+            let found = match r.kind {
+                RefKind::ConfigMap => self
+                    .configmaps
+                    .get(&key)
+                    .map(|o| (to_json(o), o.metadata.clone())),
+                RefKind::Secret => self
+                    .secrets
+                    .get(&key)
+                    .map(|o| (to_json(o), o.metadata.clone())),
+            };
+            // A reference that does not exist (yet) is nothing the node can hold.
+            let Some((content, meta)) = found else {
+                continue;
+            };
+            out.push(Wanted {
+                key: obj_key(
+                    r.kind.wire_type(),
+                    Some(&r.namespace),
+                    &r.name,
+                    meta.uid.as_deref().unwrap_or_default(),
+                ),
+                rv: meta.resource_version.unwrap_or_default(),
+                content,
+            });
+        }
+        if let Some(n) = self.edge_nodes.get(node) {
+            out.push(Wanted {
+                key: obj_key(
+                    "node",
+                    None,
+                    node,
+                    n.metadata.uid.as_deref().unwrap_or_default(),
+                ),
+                rv: rv_of(n),
+                content: to_json(n),
+            });
+        }
+        let mut pods: Vec<_> = self.pods.iter().filter(|(_, e)| e.node == node).collect();
+        pods.sort_by(|a, b| a.0.cmp(b.0));
+        for ((ns, name), e) in pods {
+            out.push(Wanted {
+                key: obj_key(
+                    "pod",
+                    Some(ns),
+                    name,
+                    e.pod.metadata.uid.as_deref().unwrap_or_default(),
+                ),
+                rv: rv_of(&e.pod),
+                content: to_json(&e.pod),
+            });
+        }
+        out
+    }
+
+    /// Makes `node` hold exactly what it must, given its inventory: deletes for what it holds
+    /// and should not (at the version it holds), then what it lacks or holds older. Objects it
+    /// holds current are not sent (the queue already knows them as acked).
+    pub(super) fn reconcile_inventory(&mut self, node: &str, objects: Vec<InventoryItem>) {
+        let held: HashMap<ObjectKey, String> = objects
+            .into_iter()
+            .map(|i| {
+                (
+                    ObjectKey {
+                        kind: i.kind,
+                        namespace: i.namespace,
+                        name: i.name,
+                        uid: i.uid,
+                    },
+                    i.resource_version,
+                )
+            })
+            .collect();
+        let wanted = self.wanted_by(node);
+        let wanted_keys: HashSet<&ObjectKey> = wanted.iter().map(|w| &w.key).collect();
+        let mut orphans: Vec<(&ObjectKey, &String)> = held
+            .iter()
+            .filter(|(k, _)| !wanted_keys.contains(k))
+            .collect();
+        // Pods first, so a pod never outlives what it references on the node.
+        orphans.sort_by_key(|(k, _)| (k.kind != "pod", (*k).clone()));
+        let deletes = orphans.len();
+        for (key, rv) in orphans {
+            let content = serde_json::json!({
+                "metadata": {"name": key.name, "namespace": key.namespace, "uid": key.uid}
+            });
+            self.send(node, key.clone(), rv, Operation::Delete, content);
+        }
+        let mut sent = 0;
+        for w in &wanted {
+            let op = match held.get(&w.key) {
+                Some(h) if !rv_is_newer(&w.rv, h) => continue,
+                Some(_) => Operation::Update,
+                None => Operation::Insert,
+            };
+            sent += 1;
+            self.send(node, w.key.clone(), &w.rv, op, w.content.clone());
+        }
+        tracing::info!(
+            %node,
+            held = held.len(),
+            wanted = wanted.len(),
+            deletes,
+            sent,
+            "inventory reconciled"
+        );
+    }
+
+    /// Inventories that arrived before the first lists finished, now that the controller knows
+    /// what every node must hold.
+    pub(super) fn reconcile_held_inventories(&mut self) {
+        for (node, objects) in std::mem::take(&mut self.pending_inventories) {
+            self.reconcile_inventory(&node, objects);
+        }
+    }
+}
