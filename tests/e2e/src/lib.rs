@@ -7,10 +7,12 @@
 //! - [`cloud::TestCloud`]: cloudhub started in-process with a throw-away PKI on random ports.
 //! - [`edge::TestEdge`]: a real EdgeHub with a [`edge::RecordingStore`].
 //! - [`cloud::raw_connect`]: a bare WebSocket client with a node certificate, for protocol-level tests.
+//! - [`daemons::Setup`]: the shipped binaries with their config files, killable and restartable.
 #![forbid(unsafe_code)]
 
 pub mod apiserver;
 pub mod cloud;
+pub mod daemons;
 pub mod edge;
 pub mod procfs;
 pub mod proxy;

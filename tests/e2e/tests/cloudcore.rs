@@ -82,12 +82,30 @@ impl Harness {
     }
 
     fn edge(&self, node: &str) -> TestEdge<RecordingStore> {
+        self.edge_with(node, true, Arc::new(RecordingStore::default()))
+    }
+
+    /// An edge with a given store; `inventory: false` behaves like a KubeEdge edge (no
+    /// inventory offered).
+    fn edge_with(
+        &self,
+        node: &str,
+        inventory: bool,
+        store: Arc<RecordingStore>,
+    ) -> TestEdge<RecordingStore> {
         let creds = kedge_e2e::cloud::issue_node_credentials(&self.pki.ca, node).unwrap();
-        TestEdge::start(
-            fast_settings(self.ws_addr, node),
-            creds,
-            Arc::new(RecordingStore::default()),
-        )
+        let mut settings = fast_settings(self.ws_addr, node);
+        settings.inventory = inventory;
+        TestEdge::start(settings, creds, store)
+    }
+
+    /// Whether cloudcore keeps a sync ConfigMap for `node`.
+    async fn has_sync_state(&self, node: &str) -> bool {
+        let cms: Api<ConfigMap> = Api::namespaced(self.client.clone(), "kubeedge");
+        cms.get_opt(&cloudcore::synccontroller::configmap_name(node))
+            .await
+            .unwrap()
+            .is_some()
     }
 
     async fn wait_edge_node(&self, node: &str) {
@@ -499,8 +517,18 @@ async fn converged(h: &Harness, store: &RecordingStore, node: &str) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_while_objects_change_converges_without_orphans_and_skips_unchanged_objects() {
+    restart_converges(true).await;
+}
+
+/// A KubeEdge edge sends no inventory: the sync ConfigMap still makes it converge as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_converges_for_an_edge_without_inventory_from_the_sync_state() {
+    restart_converges(false).await;
+}
+
+async fn restart_converges(inventory: bool) {
     let mut h = Harness::start().await;
-    let mut e = h.edge("edge-r");
+    let mut e = h.edge_with("edge-r", inventory, Arc::new(RecordingStore::default()));
     assert!(e.wait_for(LinkState::Connected, T).await);
     h.wait_edge_node("edge-r").await;
     let pods: Api<Pod> = Api::default_namespaced(h.client.clone());
@@ -582,8 +610,134 @@ async fn restart_while_objects_change_converges_without_orphans_and_skips_unchan
             "unchanged {r} was re-sent"
         );
     }
-    let unchanged = h.cloud().stats.unchanged.load(Ordering::Relaxed);
-    assert!(unchanged >= 30, "unchanged objects counted: {unchanged}");
+    if !inventory {
+        // Without an inventory, skipping unchanged objects relies on the recorded acks.
+        let unchanged = h.cloud().stats.unchanged.load(Ordering::Relaxed);
+        assert!(unchanged >= 30, "unchanged objects counted: {unchanged}");
+    }
+    assert_eq!(
+        h.has_sync_state("edge-r").await,
+        !inventory,
+        "sync state is kept only for edges without inventory"
+    );
+}
+
+/// The window the inventory closes: objects acked by the edge but not recorded by cloudcore when
+/// it dies (for a kedge edge nothing is recorded at all), then deleted in the cluster while
+/// cloudcore is down, are deleted on the edge after the restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn objects_acked_but_unrecorded_when_cloudcore_dies_are_deleted_after_restart() {
+    let mut h = Harness::start().await;
+    let mut e = h.edge("edge-w");
+    assert!(e.wait_for(LinkState::Connected, T).await);
+    h.wait_edge_node("edge-w").await;
+    create_cm(&h.client, "wcm", "1").await;
+    let pods: Api<Pod> = Api::default_namespaced(h.client.clone());
+    let spec = json!({"volumes": [{"name": "v", "configMap": {"name": "wcm"}}]});
+    pods.create(&PostParams::default(), &pod("wpod", "edge-w", spec.clone()))
+        .await
+        .unwrap();
+    pods.create(&PostParams::default(), &pod("wkeep", "edge-w", json!({})))
+        .await
+        .unwrap();
+    let store = e.store.clone();
+    eventually_async("pod and ConfigMap on the edge", || async {
+        store.inner.get("default/pod/wpod").is_some()
+            && store.inner.get("default/configmap/wcm").is_some()
+            && store.inner.get("default/pod/wkeep").is_some()
+    })
+    .await;
+    let hub = h.cloud().hub.clone();
+    eventually_async("acked", || async { hub.outstanding("edge-w") == 0 }).await;
+    // Killed right after the acks: nothing was written down.
+    h.cloud.take().unwrap().kill().await;
+    assert!(!h.has_sync_state("edge-w").await);
+    assert!(e.wait_for(LinkState::Disconnected, T).await);
+    pods.delete("wpod", &DeleteParams::default().grace_period(0))
+        .await
+        .unwrap();
+    let cms: Api<ConfigMap> = Api::default_namespaced(h.client.clone());
+    cms.delete("wcm", &DeleteParams::default()).await.unwrap();
+    let before = e.store.arrivals().len();
+
+    h.start_cloudcore().await;
+    assert!(e.wait_for(LinkState::Connected, T).await);
+    let store = e.store.clone();
+    eventually_async("pod and ConfigMap deleted on the edge", || async {
+        store.inner.get("default/pod/wpod").is_none()
+            && store.inner.get("default/configmap/wcm").is_none()
+    })
+    .await;
+    let hub = h.cloud().hub.clone();
+    eventually_async("acked after restart", || async {
+        hub.outstanding("edge-w") == 0
+    })
+    .await;
+    let after: Vec<String> = e.store.arrivals()[before..]
+        .iter()
+        .map(|a| format!("{} {}", a.operation, a.resource))
+        .collect();
+    assert!(store.inner.get("default/pod/wkeep").is_some());
+    assert_eq!(
+        after,
+        ["delete default/pod/wpod", "delete default/configmap/wcm"],
+        "exactly the two deletes; the unchanged pod and Node are not sent again"
+    );
+}
+
+/// The other direction: the edge lost what cloudcore believes it holds (its database was
+/// replaced). The inventory says so, and everything the node needs is sent again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_that_lost_its_objects_gets_them_again_and_objects_nobody_knows_are_deleted() {
+    let h = Harness::start().await;
+    let mut e = h.edge("edge-l");
+    assert!(e.wait_for(LinkState::Connected, T).await);
+    h.wait_edge_node("edge-l").await;
+    create_cm(&h.client, "lcm", "1").await;
+    let pods: Api<Pod> = Api::default_namespaced(h.client.clone());
+    let spec = json!({"volumes": [{"name": "v", "configMap": {"name": "lcm"}}]});
+    pods.create(&PostParams::default(), &pod("lpod", "edge-l", spec))
+        .await
+        .unwrap();
+    let store = e.store.clone();
+    eventually_async("pod on the edge", || async {
+        store.inner.get("default/pod/lpod").is_some()
+    })
+    .await;
+    let hub = h.cloud().hub.clone();
+    eventually_async("acked", || async { hub.outstanding("edge-l") == 0 }).await;
+    e.stop();
+    assert!(e.wait_for(LinkState::Disconnected, T).await);
+    drop(e);
+
+    // A fresh store that holds only an object the cluster never had.
+    let fresh = Arc::new(RecordingStore::default());
+    fresh
+        .inner
+        .apply_now(
+            &Message::new(
+                "test",
+                "resource",
+                Operation::Insert,
+                "default/pod/ghost",
+                json!({"metadata": {"name": "ghost", "namespace": "default", "uid": "ghost-uid"}}),
+            )
+            .with_resource_version("3"),
+        )
+        .unwrap();
+    let mut e2 = h.edge_with("edge-l", true, fresh.clone());
+    assert!(e2.wait_for(LinkState::Connected, T).await);
+    eventually_async("everything back, the ghost gone", || async {
+        fresh.inner.get("default/pod/lpod").is_some()
+            && fresh.inner.get("default/configmap/lcm").is_some()
+            && fresh.inner.get("null/node/edge-l").is_some()
+            && fresh.inner.get("default/pod/ghost").is_none()
+    })
+    .await;
+    // The ConfigMap arrived before the pod that uses it.
+    let cm_at = fresh.first_arrival("default/configmap/lcm").unwrap();
+    let pod_at = fresh.first_arrival("default/pod/lpod").unwrap();
+    assert!(cm_at < pod_at);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

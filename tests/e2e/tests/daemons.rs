@@ -3,48 +3,16 @@
 //! readable from the edge's MetaServer, and the Node and its Lease appear in the cluster.
 #![allow(clippy::unwrap_used)]
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod};
 use kedge_e2e::apiserver::TestApiServer;
+use kedge_e2e::daemons::Setup;
 use kube::api::{Api, PostParams};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-fn bin(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    exe.parent().unwrap().parent().unwrap().join(name)
-}
-
-fn free_port() -> u16 {
-    kedge_e2e::procfs::free_port().unwrap()
-}
-
-struct Daemon(Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn spawn(bin: &Path, config: &Path, log: &Path) -> Daemon {
-    let log = std::fs::File::create(log).unwrap();
-    Daemon(
-        Command::new(bin)
-            .arg("--config")
-            .arg(config)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap(),
-    )
-}
 
 async fn http_get(port: u16, path: &str) -> Option<serde_json::Value> {
     let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
@@ -82,75 +50,30 @@ where
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cloudcore_and_edgecore_binaries_deliver_a_pod_to_the_edge_api() {
-    let (cloudcore, edgecore) = (bin("cloudcore"), bin("edgecore"));
-    assert!(
-        cloudcore.exists() && edgecore.exists(),
-        "binaries not built"
-    );
     let server = TestApiServer::start().await.unwrap();
     let client = server.client().unwrap();
     server.create_namespace("kubeedge").await.unwrap();
 
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let (ws, https, meta) = (free_port(), free_port(), free_port());
-    let cc = d.join("cloudcore.yaml");
-    std::fs::write(
-        &cc,
-        format!(
-            "kubeAPIConfig:\n  kubeConfig: {kc}\nmodules:\n  cloudHub:\n    certDir: {d}/cloud-certs\n    advertiseAddress: [\"127.0.0.1\"]\n    websocket: {{address: 127.0.0.1, port: {ws}}}\n    https: {{address: 127.0.0.1, port: {https}}}\n  edgeController:\n    nodeUpdateFrequency: 1\n",
-            kc = server.kubeconfig_path().display(),
-            d = d.display()
-        ),
-    )
-    .unwrap();
-    let ec = d.join("edgecore.yaml");
-    std::fs::write(
-        &ec,
-        format!(
-            "database:\n  dataSource: {d}/edge/edgecore.db\nmodules:\n  edgeHub:\n    heartbeat: 1\n    httpServer: https://127.0.0.1:{https}\n    tlsCaFile: {d}/edge/ca.crt\n    tlsCertFile: {d}/edge/edge.crt\n    tlsPrivateKeyFile: {d}/edge/edge.key\n    websocket: {{server: 127.0.0.1:{ws}}}\n  edged:\n    hostnameOverride: edge-bin\n  metaManager:\n    metaServer: {{server: 127.0.0.1:{meta}}}\n",
-            d = d.display()
-        ),
-    )
-    .unwrap();
-
-    let _cloud = spawn(&cloudcore, &cc, &d.join("cloudcore.log"));
+    let setup = Setup::write(d, server.kubeconfig_path(), "edge-bin").unwrap();
+    let meta = setup.metaserver_port;
+    let _cloud = setup.cloudcore().unwrap();
     eventually("cloudcore listening", d, || async {
         std::fs::read_to_string(d.join("cloudcore.log"))
             .unwrap_or_default()
             .contains("cloudhub listening")
     })
     .await;
-    let token = Command::new(&cloudcore)
-        .args(["--config"])
-        .arg(&cc)
-        .arg("token")
-        .output()
-        .unwrap();
-    assert!(
-        token.status.success(),
-        "{}",
-        String::from_utf8_lossy(&token.stderr)
-    );
-    let token = String::from_utf8(token.stdout).unwrap().trim().to_owned();
-    let join = Command::new(&edgecore)
-        .args(["--config"])
-        .arg(&ec)
-        .args(["join", "--token", &token])
-        .output()
-        .unwrap();
-    assert!(
-        join.status.success(),
-        "{}",
-        String::from_utf8_lossy(&join.stderr)
-    );
+    let token = setup.token().unwrap();
+    setup.join(&token).unwrap();
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(d.join("edge/edge.key"))
         .unwrap()
         .permissions()
         .mode();
     assert_eq!(mode & 0o777, 0o600);
-    let _edge = spawn(&edgecore, &ec, &d.join("edgecore.log"));
+    let _edge = setup.edgecore().unwrap();
 
     let nodes: Api<Node> = Api::all(client.clone());
     eventually("edge Node registered", d, || async {

@@ -1,0 +1,200 @@
+//! The shipped `cloudcore` and `edgecore` binaries as a user runs them, for end-to-end tests:
+//! config files in a temporary directory, `cloudcore token`, `edgecore join`, and daemons that
+//! can be killed with SIGKILL and started again on the same state.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use anyhow::{Context, bail};
+
+/// A binary built next to the running test executable (`target/<profile>/<name>`).
+pub fn bin(name: &str) -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .context("test executable has no parent directory")?;
+    let path = dir.join(name);
+    if !path.exists() {
+        bail!("{} is not built", path.display());
+    }
+    Ok(path)
+}
+
+/// Ports and config files for one cloudcore and one edge node.
+pub struct Setup {
+    pub dir: PathBuf,
+    pub node: String,
+    pub websocket_port: u16,
+    pub https_port: u16,
+    pub metaserver_port: u16,
+    pub cloudcore_config: PathBuf,
+    pub edgecore_config: PathBuf,
+}
+
+impl Setup {
+    /// Writes `cloudcore.yaml` (against `kubeconfig`) and `edgecore.yaml` (node `node`) into
+    /// `dir`, on free loopback ports, with a 1 s heartbeat and Lease renewal.
+    pub fn write(dir: &Path, kubeconfig: &Path, node: &str) -> anyhow::Result<Setup> {
+        let port = crate::procfs::free_port;
+        let (ws, https, meta) = (port()?, port()?, port()?);
+        let d = dir.display();
+        let cloudcore_config = dir.join("cloudcore.yaml");
+        std::fs::write(
+            &cloudcore_config,
+            format!(
+                "kubeAPIConfig:\n  kubeConfig: {kc}\nmodules:\n  cloudHub:\n    certDir: {d}/cloud-certs\n    advertiseAddress: [\"127.0.0.1\"]\n    websocket: {{address: 127.0.0.1, port: {ws}}}\n    https: {{address: 127.0.0.1, port: {https}}}\n  edgeController:\n    nodeUpdateFrequency: 1\n",
+                kc = kubeconfig.display(),
+            ),
+        )?;
+        let edgecore_config = dir.join("edgecore.yaml");
+        std::fs::write(
+            &edgecore_config,
+            format!(
+                "database:\n  dataSource: {d}/edge/edgecore.db\nmodules:\n  edgeHub:\n    heartbeat: 1\n    httpServer: https://127.0.0.1:{https}\n    tlsCaFile: {d}/edge/ca.crt\n    tlsCertFile: {d}/edge/edge.crt\n    tlsPrivateKeyFile: {d}/edge/edge.key\n    websocket: {{server: 127.0.0.1:{ws}}}\n  edged:\n    hostnameOverride: {node}\n  metaManager:\n    metaServer: {{server: 127.0.0.1:{meta}}}\n",
+            ),
+        )?;
+        Ok(Setup {
+            dir: dir.to_owned(),
+            node: node.to_owned(),
+            websocket_port: ws,
+            https_port: https,
+            metaserver_port: meta,
+            cloudcore_config,
+            edgecore_config,
+        })
+    }
+
+    /// The edge's SQLite database.
+    pub fn edge_database(&self) -> PathBuf {
+        self.dir.join("edge/edgecore.db")
+    }
+
+    /// `cloudcore token` with this setup's config.
+    pub fn token(&self) -> anyhow::Result<String> {
+        let out = Command::new(bin("cloudcore")?)
+            .arg("--config")
+            .arg(&self.cloudcore_config)
+            .arg("token")
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "cloudcore token failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8(out.stdout)?.trim().to_owned())
+    }
+
+    /// `edgecore join --token <token>` with this setup's config.
+    pub fn join(&self, token: &str) -> anyhow::Result<()> {
+        let out = Command::new(bin("edgecore")?)
+            .arg("--config")
+            .arg(&self.edgecore_config)
+            .args(["join", "--token", token])
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "edgecore join failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
+    }
+
+    pub fn cloudcore(&self) -> anyhow::Result<Daemon> {
+        Daemon::new(
+            bin("cloudcore")?,
+            &self.cloudcore_config,
+            self.dir.join("cloudcore.log"),
+        )
+    }
+
+    pub fn edgecore(&self) -> anyhow::Result<Daemon> {
+        Daemon::new(
+            bin("edgecore")?,
+            &self.edgecore_config,
+            self.dir.join("edgecore.log"),
+        )
+    }
+
+    /// The last `lines` lines of both logs, for failure messages.
+    pub fn log_tails(&self, lines: usize) -> String {
+        let mut out = String::new();
+        for f in ["cloudcore.log", "edgecore.log"] {
+            let text = std::fs::read_to_string(self.dir.join(f)).unwrap_or_default();
+            let all: Vec<&str> = text.lines().collect();
+            let from = all.len().saturating_sub(lines);
+            out.push_str(&format!(
+                "--- {f} (last {lines} lines)\n{}\n",
+                all[from..].join("\n")
+            ));
+        }
+        out
+    }
+}
+
+/// A daemon process that can be killed and started again; its log is appended to across runs.
+/// Dropping it kills it.
+pub struct Daemon {
+    bin: PathBuf,
+    config: PathBuf,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Daemon {
+    fn new(bin: PathBuf, config: &Path, log: PathBuf) -> anyhow::Result<Daemon> {
+        let mut d = Daemon {
+            bin,
+            config: config.to_owned(),
+            log,
+            child: None,
+        };
+        d.start()?;
+        Ok(d)
+    }
+
+    /// Starts the process if it is not running.
+    pub fn start(&mut self) -> anyhow::Result<()> {
+        if self.child.is_some() {
+            return Ok(());
+        }
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
+        let child = Command::new(&self.bin)
+            .arg("--config")
+            .arg(&self.config)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", self.bin.display()))?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// SIGKILL, and wait for the process to be gone.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

@@ -1,0 +1,416 @@
+//! Randomized chaos with the real binaries: while pods (with ConfigMap and Secret references),
+//! ConfigMaps and Secrets bound to one edge node are created, updated and deleted, cloudcore and
+//! edgecore are each killed with SIGKILL and restarted at random moments. Afterwards the edge's
+//! database holds exactly what the node must hold — the node's pods and the ConfigMaps/Secrets
+//! they reference, at the cluster's UIDs and resourceVersions — within 10 s: no orphans, nothing
+//! missing, nothing stale.
+//!
+//! CI runs it for 60 s with a fixed seed. By hand: `KEDGE_CHAOS_SEED=<n>|random
+//! KEDGE_CHAOS_SECONDS=<s> cargo nextest run -p kedge-e2e --test chaos`. The seed is printed.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use cloudcore::edgecontroller::refs::{RefKind, pod_refs};
+use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Secret};
+use kedge_e2e::apiserver::TestApiServer;
+use kedge_e2e::daemons::{Daemon, Setup};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use serde_json::json;
+use sqlx::Row;
+
+const NODE: &str = "edge-chaos";
+const DEFAULT_SEED: u64 = 20_261_202;
+const DEFAULT_SECONDS: u64 = 60;
+const CONVERGENCE_LIMIT: Duration = Duration::from_secs(10);
+/// About this many objects of each kind are kept alive by the workload.
+const POPULATION: u64 = 20;
+
+/// splitmix64: a small deterministic generator, enough to replay a run from its seed.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+    fn millis(&mut self, from: u64, to: u64) -> Duration {
+        Duration::from_millis(from + self.below(to - from))
+    }
+}
+
+/// `kind/namespace/name` → (uid, resourceVersion).
+type State = BTreeMap<String, (String, String)>;
+
+/// What the node must hold, read from the API: its pods, the ConfigMaps and Secrets they
+/// reference that exist, and its Node.
+async fn expected(client: &kube::Client) -> State {
+    let mut out = State::new();
+    let pods: Api<Pod> = Api::all(client.clone());
+    let cms: Api<ConfigMap> = Api::all(client.clone());
+    let secrets: Api<Secret> = Api::all(client.clone());
+    let pods = pods
+        .list(&ListParams::default().fields(&format!("spec.nodeName={NODE}")))
+        .await
+        .unwrap();
+    let cms: BTreeMap<(String, String), ConfigMap> = cms
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .map(|c| {
+            (
+                (
+                    c.metadata.namespace.clone().unwrap(),
+                    c.metadata.name.clone().unwrap(),
+                ),
+                c,
+            )
+        })
+        .collect();
+    let secrets: BTreeMap<(String, String), Secret> = secrets
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .map(|c| {
+            (
+                (
+                    c.metadata.namespace.clone().unwrap(),
+                    c.metadata.name.clone().unwrap(),
+                ),
+                c,
+            )
+        })
+        .collect();
+    for p in pods.items {
+        let (ns, name) = (
+            p.metadata.namespace.clone().unwrap(),
+            p.metadata.name.clone().unwrap(),
+        );
+        for r in pod_refs(&p) {
+            let key = (r.namespace.clone(), r.name.clone());
+            let meta = match r.kind {
+                RefKind::ConfigMap => cms.get(&key).map(|o| &o.metadata),
+                RefKind::Secret => secrets.get(&key).map(|o| &o.metadata),
+            };
+            if let Some(m) = meta {
+                out.insert(
+                    format!("{}/{}/{}", r.kind.wire_type(), r.namespace, r.name),
+                    (m.uid.clone().unwrap(), m.resource_version.clone().unwrap()),
+                );
+            }
+        }
+        out.insert(
+            format!("pod/{ns}/{name}"),
+            (
+                p.metadata.uid.clone().unwrap(),
+                p.metadata.resource_version.clone().unwrap(),
+            ),
+        );
+    }
+    let nodes: Api<Node> = Api::all(client.clone());
+    if let Some(n) = nodes.get_opt(NODE).await.unwrap() {
+        out.insert(
+            format!("node/null/{NODE}"),
+            (
+                n.metadata.uid.unwrap(),
+                n.metadata.resource_version.unwrap(),
+            ),
+        );
+    }
+    out
+}
+
+/// What the edge's database holds (live rows only).
+async fn held(db: &std::path::Path) -> Option<State> {
+    let opts = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(db)
+        .read_only(true);
+    let mut conn = sqlx::ConnectOptions::connect(&opts).await.ok()?;
+    let rows = sqlx::query(
+        "SELECT kind, namespace, name, uid, resource_version FROM objects WHERE deleted = 0",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .ok()?;
+    Some(
+        rows.into_iter()
+            .map(|r| {
+                let (kind, ns, name): (String, String, String) = (r.get(0), r.get(1), r.get(2));
+                (format!("{kind}/{ns}/{name}"), (r.get(3), r.get(4)))
+            })
+            .collect(),
+    )
+}
+
+fn diff(want: &State, have: &State) -> String {
+    let mut out = String::new();
+    for (k, v) in want {
+        match have.get(k) {
+            None => out.push_str(&format!("  missing at the edge: {k} {v:?}\n")),
+            Some(h) if h != v => {
+                out.push_str(&format!("  stale at the edge: {k} {h:?}, cluster {v:?}\n"))
+            }
+            _ => {}
+        }
+    }
+    for (k, v) in have {
+        if !want.contains_key(k) {
+            out.push_str(&format!("  orphan at the edge: {k} {v:?}\n"));
+        }
+    }
+    out
+}
+
+/// The objects the workload created and has not deleted. Names are never reused, so an object
+/// left behind on the edge is never hidden by a namesake created later.
+#[derive(Default)]
+struct World {
+    next: u64,
+    pods: Vec<String>,
+    configmaps: Vec<String>,
+    secrets: Vec<String>,
+}
+
+impl World {
+    fn fresh(&mut self, prefix: &str) -> String {
+        self.next += 1;
+        format!("{prefix}-{}", self.next)
+    }
+}
+
+/// Picks a live name (or, rarely, one that does not exist).
+fn pick(rng: &mut Rng, live: &[String], missing: &str) -> String {
+    if live.is_empty() || rng.below(10) == 0 {
+        return missing.to_owned();
+    }
+    live[rng.below(live.len() as u64) as usize].clone()
+}
+
+fn take(rng: &mut Rng, live: &mut Vec<String>) -> Option<String> {
+    (!live.is_empty()).then(|| live.swap_remove(rng.below(live.len() as u64) as usize))
+}
+
+/// One random change to the objects bound to the node (or to a pod elsewhere): creates keep
+/// about `POPULATION` objects of each kind alive, updates and deletes pick live ones.
+async fn random_change(rng: &mut Rng, w: &mut World, client: &kube::Client, step: u64) {
+    let pods: Api<Pod> = Api::default_namespaced(client.clone());
+    let cms: Api<ConfigMap> = Api::default_namespaced(client.clone());
+    let secrets: Api<Secret> = Api::default_namespaced(client.clone());
+    let pp = PostParams::default();
+    let dp = DeleteParams::default().grace_period(0);
+    let label = |v: String| Patch::Merge(json!({"metadata": {"labels": {"step": v}}}));
+    let grow = |n: usize| n < POPULATION as usize;
+    match rng.below(100) {
+        0..=19 if grow(w.pods.len()) || rng.below(3) == 0 => {
+            let name = w.fresh("pod");
+            let cm1 = pick(rng, &w.configmaps, "cm-none");
+            let cm2 = pick(rng, &w.configmaps, "cm-none");
+            let sec = pick(rng, &w.secrets, "sec-none");
+            let node = if rng.below(8) == 0 {
+                "cloud-node"
+            } else {
+                NODE
+            };
+            let pod: Pod = serde_json::from_value(json!({
+                "metadata": {"name": name},
+                "spec": {"nodeName": node,
+                    "containers": [{"name": "c", "image": "busybox",
+                        "envFrom": [{"configMapRef": {"name": cm2}}],
+                        "env": [{"name": "S", "valueFrom": {"secretKeyRef": {"name": sec, "key": "k"}}}]}],
+                    "volumes": [{"name": "v", "configMap": {"name": cm1}}]}
+            }))
+            .unwrap();
+            if pods.create(&pp, &pod).await.is_ok() {
+                w.pods.push(name);
+            }
+        }
+        0..=34 => {
+            let name = pick(rng, &w.pods, "pod-none");
+            let _ = pods
+                .patch(&name, &PatchParams::default(), &label(step.to_string()))
+                .await;
+        }
+        35..=44 => {
+            if let Some(name) = take(rng, &mut w.pods) {
+                let _ = pods.delete(&name, &dp).await;
+            }
+        }
+        45..=54 if grow(w.configmaps.len()) || rng.below(3) == 0 => {
+            let name = w.fresh("cm");
+            let body = json!({"metadata": {"name": name}, "data": {"v": step.to_string()}});
+            if cms
+                .create(&pp, &serde_json::from_value(body).unwrap())
+                .await
+                .is_ok()
+            {
+                w.configmaps.push(name);
+            }
+        }
+        45..=64 => {
+            let name = pick(rng, &w.configmaps, "cm-none");
+            let body = json!({"data": {"v": step.to_string()}});
+            let _ = cms
+                .patch(&name, &PatchParams::default(), &Patch::Merge(body))
+                .await;
+        }
+        65..=72 => {
+            if let Some(name) = take(rng, &mut w.configmaps) {
+                let _ = cms.delete(&name, &dp).await;
+            }
+        }
+        73..=80 if grow(w.secrets.len()) || rng.below(3) == 0 => {
+            let name = w.fresh("sec");
+            let body = json!({"metadata": {"name": name}, "stringData": {"k": step.to_string()}});
+            if secrets
+                .create(&pp, &serde_json::from_value(body).unwrap())
+                .await
+                .is_ok()
+            {
+                w.secrets.push(name);
+            }
+        }
+        73..=92 => {
+            let name = pick(rng, &w.secrets, "sec-none");
+            let body = json!({"stringData": {"k": step.to_string()}});
+            let _ = secrets
+                .patch(&name, &PatchParams::default(), &Patch::Merge(body))
+                .await;
+        }
+        _ => {
+            if let Some(name) = take(rng, &mut w.secrets) {
+                let _ = secrets.delete(&name, &dp).await;
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_sigkills_of_both_daemons_leave_the_edge_holding_exactly_the_clusters_state() {
+    let seed = match std::env::var("KEDGE_CHAOS_SEED").ok().as_deref() {
+        None | Some("") => DEFAULT_SEED,
+        Some("random") => std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64,
+        Some(s) => s
+            .parse()
+            .expect("KEDGE_CHAOS_SEED must be a number or `random`"),
+    };
+    let seconds: u64 = std::env::var("KEDGE_CHAOS_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(DEFAULT_SECONDS);
+    println!("chaos seed {seed}, {seconds} s (replay: KEDGE_CHAOS_SEED={seed})");
+    let mut rng = Rng(seed);
+
+    kedge_common::tls::install_crypto_provider();
+    let server = TestApiServer::start().await.unwrap();
+    let client = server.client().unwrap();
+    server.create_namespace("kubeedge").await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let setup = Setup::write(dir.path(), server.kubeconfig_path(), NODE).unwrap();
+    let mut cloud = setup.cloudcore().unwrap();
+    let log = dir.path().join("cloudcore.log");
+    let started = Instant::now();
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("cloudhub listening")
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "cloudcore did not start\n{}",
+            setup.log_tails(50)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    setup.join(&setup.token().unwrap()).unwrap();
+    let mut edge = setup.edgecore().unwrap();
+
+    // Chaos: each daemon is killed at random moments and restarted after a random pause.
+    let mut kills = [0u32; 2];
+    let mut restart_at: [Option<Instant>; 2] = [None, None];
+    let mut next_kill = Instant::now() + rng.millis(1_000, 4_000);
+    let mut last_restart = Instant::now();
+    let mut changes = 0u64;
+    let mut world = World::default();
+    let end = Instant::now() + Duration::from_secs(seconds);
+    while Instant::now() < end {
+        let now = Instant::now();
+        if now >= next_kill {
+            let which = rng.below(2) as usize;
+            let d: &mut Daemon = if which == 0 { &mut cloud } else { &mut edge };
+            if d.is_running() {
+                d.kill();
+                kills[which] += 1;
+                restart_at[which] = Some(now + rng.millis(200, 3_000));
+            }
+            next_kill = now + rng.millis(1_500, 5_000);
+        }
+        for (which, at) in restart_at.iter_mut().enumerate() {
+            if at.is_some_and(|t| now >= t) {
+                *at = None;
+                let d: &mut Daemon = if which == 0 { &mut cloud } else { &mut edge };
+                d.start().unwrap();
+                last_restart = Instant::now();
+            }
+        }
+        random_change(&mut rng, &mut world, &client, changes).await;
+        changes += 1;
+        tokio::time::sleep(rng.millis(10, 60)).await;
+    }
+    let workload_end = Instant::now();
+    for (which, at) in restart_at.iter_mut().enumerate() {
+        if at.take().is_some() {
+            let d: &mut Daemon = if which == 0 { &mut cloud } else { &mut edge };
+            d.start().unwrap();
+            last_restart = Instant::now();
+        }
+    }
+    println!(
+        "{changes} changes, {} cloudcore kills, {} edgecore kills",
+        kills[0], kills[1]
+    );
+    assert!(
+        kills[0] >= 2 && kills[1] >= 2 || seconds < 30,
+        "too few kills: {kills:?}"
+    );
+
+    let from = last_restart.max(workload_end);
+    let db = setup.edge_database();
+    let mut have = State::new();
+    let want = loop {
+        let want = expected(&client).await;
+        if let Some(h) = held(&db).await {
+            have = h;
+            if want == have {
+                break want;
+            }
+        }
+        if from.elapsed() > CONVERGENCE_LIMIT {
+            break want;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let took = from.elapsed();
+    assert!(
+        want == have,
+        "seed {seed}: the edge did not converge within {CONVERGENCE_LIMIT:?}:\n{}\n{}",
+        diff(&want, &have),
+        setup.log_tails(40)
+    );
+    println!(
+        "converged {took:?} after the last restart/change: {} objects on the edge, exactly the cluster's",
+        have.len()
+    );
+}
