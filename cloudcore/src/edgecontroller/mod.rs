@@ -54,6 +54,8 @@ pub struct Stats {
     pub pod_status_applied: AtomicU64,
     pub pod_status_refused: AtomicU64,
     pub lease_renewals: AtomicU64,
+    /// Inventories compared with what their node must hold.
+    pub inventories_reconciled: AtomicU64,
 }
 
 #[derive(Debug, Clone)]
@@ -158,6 +160,8 @@ struct Loop {
     inventory_nodes: HashSet<String>,
     /// Inventories that arrived before the first lists finished.
     pending_inventories: HashMap<String, Vec<InventoryItem>>,
+    /// Per node, the worker that applies its reports in order.
+    report_workers: HashMap<String, upstream::ReportSender>,
     retry_tx: mpsc::WeakSender<Input>,
 }
 
@@ -274,6 +278,7 @@ impl EdgeController {
             held_pods: Vec::new(),
             inventory_nodes: HashSet::new(),
             pending_inventories: HashMap::new(),
+            report_workers: HashMap::new(),
             retry_tx,
         };
         loop {
@@ -531,6 +536,8 @@ impl Loop {
     /// An edge node's Node object is gone: its pods must not be left behind (as the pod GC).
     fn node_gone(&mut self, node: &str) {
         self.edge_nodes.remove(node);
+        // Its worker finishes what it has and stops.
+        self.report_workers.remove(node);
         let victims: Vec<(NsName, String)> = self
             .pods
             .iter()
@@ -829,15 +836,27 @@ impl Loop {
                 }
             }
             Upstream::Message { node, message, ack } => {
-                let client = self.client.clone();
-                let shared = self.shared.clone();
-                let stats = self.stats.clone();
-                tokio::spawn(async move {
-                    match upstream::handle_report(client, shared, stats, &node, *message).await {
-                        upstream::Outcome::Done => ack.processed(),
-                        upstream::Outcome::RetryLater => ack.retry_later(),
-                    }
+                // One worker per node applies its reports in the order they came: two status
+                // reports of one pod applied concurrently could leave the older one in the API.
+                let worker = self.report_workers.entry(node.clone()).or_insert_with(|| {
+                    upstream::spawn_report_worker(
+                        self.client.clone(),
+                        self.shared.clone(),
+                        self.stats.clone(),
+                        node.clone(),
+                    )
                 });
+                if let Err(mpsc::error::SendError((message, ack))) = worker.send((message, ack)) {
+                    // The worker is gone (it never stops on its own): start another.
+                    let worker = upstream::spawn_report_worker(
+                        self.client.clone(),
+                        self.shared.clone(),
+                        self.stats.clone(),
+                        node.clone(),
+                    );
+                    let _ = worker.send((message, ack));
+                    self.report_workers.insert(node, worker);
+                }
             }
         }
     }

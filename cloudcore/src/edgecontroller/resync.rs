@@ -207,6 +207,9 @@ impl Loop {
             sent += 1;
             self.send(node, w.key.clone(), &w.rv, op, w.content.clone());
         }
+        self.stats
+            .inventories_reconciled
+            .fetch_add(1, Ordering::Relaxed);
         tracing::info!(
             %node,
             held = held.len(),

@@ -1,4 +1,12 @@
 //! Node → cluster: the Node object of a joining node, its Lease, node status and pod status.
+//!
+//! Reports are applied in the order a node sent them (one worker per node) and acknowledged only
+//! after they were applied, so a cloudcore crash in between makes the edge send the report
+//! again. That is safe because every report kind is idempotent: node and pod status are merge
+//! patches of absolute values (a restart count, not an increment), and finishing a pod's deletion
+//! carries the pod's UID as a precondition (a second attempt finds it gone). The edge's outbox
+//! keeps only the latest report per object, so what is sent again is never older than what was
+//! applied.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -10,9 +18,11 @@ use k8s_openapi::api::core::v1::{Node, Pod};
 use kedge_common::{Message, ResourcePath};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams, Preconditions};
 use serde_json::{Value, json};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::{EDGE_ROLE_LABEL, EdgeControllerSettings, Shared, Stats};
+use crate::cloudhub::ReportAck;
 
 const LEASE_NAMESPACE: &str = "kube-node-lease";
 
@@ -211,6 +221,37 @@ fn outcome_of(e: &kube::Error) -> Outcome {
     } else {
         Outcome::RetryLater
     }
+}
+
+/// Where a node's reports are queued for its worker.
+pub type ReportSender = mpsc::UnboundedSender<(Box<Message>, ReportAck)>;
+
+/// Starts the worker that applies one node's reports one after the other, answering each
+/// report's ack with its outcome. It stops when the sender is dropped.
+pub fn spawn_report_worker(
+    client: kube::Client,
+    shared: Arc<Shared>,
+    stats: Arc<Stats>,
+    node: String,
+) -> ReportSender {
+    let (tx, mut rx) = mpsc::unbounded_channel::<(Box<Message>, ReportAck)>();
+    tokio::spawn(async move {
+        while let Some((message, ack)) = rx.recv().await {
+            let outcome = handle_report(
+                client.clone(),
+                shared.clone(),
+                stats.clone(),
+                &node,
+                *message,
+            )
+            .await;
+            match outcome {
+                Outcome::Done => ack.processed(),
+                Outcome::RetryLater => ack.retry_later(),
+            }
+        }
+    });
+    tx
 }
 
 /// Handles one report from a node (the resource is already tagged with that node).

@@ -8,6 +8,7 @@
 //! ```sh
 //! cargo build --release -p cloudcore -p kedge-e2e --bins
 //! ./target/release/podbench --nodes 1000 --pods-per-node 10
+//! ./target/release/podbench --nodes 1000 --pods-per-node 10 --no-inventory   # edges like KubeEdge's
 //! ```
 
 use std::io::{BufRead, BufReader};
@@ -42,6 +43,10 @@ struct Args {
     /// The cloudcore binary (default: next to this one).
     #[arg(long)]
     cloudcore: Option<PathBuf>,
+    /// Edges offer no inventory (like KubeEdge's): cloudcore records their acks in sync
+    /// ConfigMaps, as it did for every edge before inventories.
+    #[arg(long)]
+    no_inventory: bool,
 }
 
 /// A store that counts pods stored, across all simulated nodes.
@@ -122,7 +127,10 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     std::thread::spawn(move || for _ in lines.by_ref() {});
-    println!("cloudcore pid {pid} on 127.0.0.1:{port}; {n} nodes x {per} pods");
+    println!(
+        "cloudcore pid {pid} on 127.0.0.1:{port}; {n} nodes x {per} pods; edges {} inventories",
+        if args.no_inventory { "without" } else { "with" }
+    );
 
     let ca = CertificateAuthority::from_pem(
         &std::fs::read_to_string(cert_dir.join("ca.crt"))?,
@@ -133,8 +141,10 @@ async fn main() -> anyhow::Result<()> {
     for i in 0..n {
         let node = format!("edge-{i:05}");
         let creds = issue_node_credentials(&ca, &node)?;
+        let mut settings = EdgeHubSettings::new(format!("127.0.0.1:{port}"), node);
+        settings.inventory = !args.no_inventory;
         let edge = EdgeHub::new(
-            EdgeHubSettings::new(format!("127.0.0.1:{port}"), node),
+            settings,
             Arc::new(RwLock::new(creds)),
             Arc::new(CountingStore {
                 inner: MemoryStore::new(),
