@@ -825,3 +825,73 @@ async fn pods_of_a_deleted_edge_node_are_not_left_behind() {
         "other pods stay"
     );
 }
+
+/// Reports of one node are applied in the order it sent them: a burst of status reports for one
+/// pod leaves the last one in the API (applied concurrently, an older one could land last).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nodes_reports_are_applied_in_the_order_it_sent_them() {
+    use futures_util::{SinkExt, StreamExt};
+    let h = Harness::start().await;
+    let creds = kedge_e2e::cloud::issue_node_credentials(&h.pki.ca, "edge-o").unwrap();
+    let mut ws = kedge_e2e::cloud::raw_connect(h.ws_addr, &creds, "edge-o")
+        .await
+        .unwrap();
+    h.wait_edge_node("edge-o").await;
+    let pods: Api<Pod> = Api::default_namespaced(h.client.clone());
+    let created = pods
+        .create(&PostParams::default(), &pod("ordered", "edge-o", json!({})))
+        .await
+        .unwrap();
+    let uid = created.metadata.uid.unwrap();
+    // cloudcore knows the pod is bound to edge-o once it sent it.
+    loop {
+        let frame = tokio::time::timeout(T, ws.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        if frame
+            .to_text()
+            .unwrap_or_default()
+            .contains("default/pod/ordered")
+        {
+            break;
+        }
+    }
+    const REPORTS: i32 = 60;
+    for i in 1..=REPORTS {
+        let status = json!({"phase": "Running", "containerStatuses": [{"name": "c", "ready": true,
+            "restartCount": i, "image": "busybox", "imageID": "", "state": {"running": {}}}]});
+        let mut m = status_report("ordered", &uid, status);
+        m.header.sync = true;
+        ws.feed(tokio_tungstenite::tungstenite::Message::text(m.to_json()))
+            .await
+            .unwrap();
+    }
+    ws.flush().await.unwrap();
+    // Every report is acked once applied; after the last ack the API holds the last report.
+    let mut acks = 0;
+    while acks < REPORTS {
+        let frame = tokio::time::timeout(T, ws.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        if let Ok(m) = Message::from_str_limited(frame.to_text().unwrap_or_default(), 1 << 20)
+            && m.route.operation == Operation::Response
+            && m.route.resource.contains("podstatus")
+        {
+            acks += 1;
+        }
+    }
+    let restarts = pods
+        .get("ordered")
+        .await
+        .unwrap()
+        .status
+        .unwrap()
+        .container_statuses
+        .unwrap()[0]
+        .restart_count;
+    assert_eq!(restarts, REPORTS);
+}
