@@ -13,6 +13,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 
+use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Secret};
 use kedge_common::Operation;
 use kedge_common::inventory::InventoryItem;
 use serde_json::Value;
@@ -22,11 +23,30 @@ use super::{Loop, obj_key, rv_of, to_json};
 use crate::cloudhub::ObjectKey;
 use crate::cloudhub::queue::rv_is_newer;
 
-/// One object a node must hold, as it would be sent.
-struct Wanted {
+/// One object a node must hold. Its content is encoded only if it has to be sent: most objects
+/// of a reconnecting node are current, and encoding them all would dominate the exchange.
+struct Wanted<'a> {
     key: ObjectKey,
     rv: String,
-    content: Value,
+    object: WantedObject<'a>,
+}
+
+enum WantedObject<'a> {
+    ConfigMap(&'a ConfigMap),
+    Secret(&'a Secret),
+    Node(&'a Node),
+    Pod(&'a Pod),
+}
+
+impl WantedObject<'_> {
+    fn content(&self) -> Value {
+        match self {
+            WantedObject::ConfigMap(o) => to_json(*o),
+            WantedObject::Secret(o) => to_json(*o),
+            WantedObject::Node(o) => to_json(*o),
+            WantedObject::Pod(o) => to_json(*o),
+        }
+    }
 }
 
 impl Loop {
@@ -99,7 +119,7 @@ impl Loop {
     }
 
     /// Everything `node` must hold now, references first (the order they are sent in).
-    fn wanted_by(&self, node: &str) -> Vec<Wanted> {
+    fn wanted_by(&self, node: &str) -> Vec<Wanted<'_>> {
         let mut out = Vec::new();
         let mut refs: Vec<&ObjectRef> = self
             .holders
@@ -114,14 +134,14 @@ impl Loop {
                 RefKind::ConfigMap => self
                     .configmaps
                     .get(&key)
-                    .map(|o| (to_json(o), o.metadata.clone())),
+                    .map(|o| (WantedObject::ConfigMap(o), &o.metadata)),
                 RefKind::Secret => self
                     .secrets
                     .get(&key)
-                    .map(|o| (to_json(o), o.metadata.clone())),
+                    .map(|o| (WantedObject::Secret(o), &o.metadata)),
             };
             // A reference that does not exist (yet) is nothing the node can hold.
-            let Some((content, meta)) = found else {
+            let Some((object, meta)) = found else {
                 continue;
             };
             out.push(Wanted {
@@ -131,8 +151,8 @@ impl Loop {
                     &r.name,
                     meta.uid.as_deref().unwrap_or_default(),
                 ),
-                rv: meta.resource_version.unwrap_or_default(),
-                content,
+                rv: meta.resource_version.clone().unwrap_or_default(),
+                object,
             });
         }
         if let Some(n) = self.edge_nodes.get(node) {
@@ -144,7 +164,7 @@ impl Loop {
                     n.metadata.uid.as_deref().unwrap_or_default(),
                 ),
                 rv: rv_of(n),
-                content: to_json(n),
+                object: WantedObject::Node(n),
             });
         }
         let mut pods: Vec<_> = self.pods.iter().filter(|(_, e)| e.node == node).collect();
@@ -158,7 +178,7 @@ impl Loop {
                     e.pod.metadata.uid.as_deref().unwrap_or_default(),
                 ),
                 rv: rv_of(&e.pod),
-                content: to_json(&e.pod),
+                object: WantedObject::Pod(&e.pod),
             });
         }
         out
@@ -182,30 +202,38 @@ impl Loop {
                 )
             })
             .collect();
-        let wanted = self.wanted_by(node);
-        let wanted_keys: HashSet<&ObjectKey> = wanted.iter().map(|w| &w.key).collect();
-        let mut orphans: Vec<(&ObjectKey, &String)> = held
-            .iter()
-            .filter(|(k, _)| !wanted_keys.contains(k))
-            .collect();
+        let mut to_send = Vec::new();
+        let (orphans, wanted_count) = {
+            let wanted = self.wanted_by(node);
+            let wanted_keys: HashSet<&ObjectKey> = wanted.iter().map(|w| &w.key).collect();
+            let orphans: Vec<(ObjectKey, String)> = held
+                .iter()
+                .filter(|(k, _)| !wanted_keys.contains(k))
+                .map(|(k, rv)| (k.clone(), rv.clone()))
+                .collect();
+            for w in &wanted {
+                let op = match held.get(&w.key) {
+                    Some(h) if !rv_is_newer(&w.rv, h) => continue,
+                    Some(_) => Operation::Update,
+                    None => Operation::Insert,
+                };
+                to_send.push((w.key.clone(), w.rv.clone(), op, w.object.content()));
+            }
+            (orphans, wanted.len())
+        };
+        let mut orphans = orphans;
         // Pods first, so a pod never outlives what it references on the node.
-        orphans.sort_by_key(|(k, _)| (k.kind != "pod", (*k).clone()));
+        orphans.sort_by(|(a, _), (b, _)| (a.kind != "pod", a).cmp(&(b.kind != "pod", b)));
         let deletes = orphans.len();
         for (key, rv) in orphans {
             let content = serde_json::json!({
                 "metadata": {"name": key.name, "namespace": key.namespace, "uid": key.uid}
             });
-            self.send(node, key.clone(), rv, Operation::Delete, content);
+            self.send(node, key, &rv, Operation::Delete, content);
         }
-        let mut sent = 0;
-        for w in &wanted {
-            let op = match held.get(&w.key) {
-                Some(h) if !rv_is_newer(&w.rv, h) => continue,
-                Some(_) => Operation::Update,
-                None => Operation::Insert,
-            };
-            sent += 1;
-            self.send(node, w.key.clone(), &w.rv, op, w.content.clone());
+        let sent = to_send.len();
+        for (key, rv, op, content) in to_send {
+            self.send(node, key, &rv, op, content);
         }
         self.stats
             .inventories_reconciled
@@ -213,7 +241,7 @@ impl Loop {
         tracing::info!(
             %node,
             held = held.len(),
-            wanted = wanted.len(),
+            wanted = wanted_count,
             deletes,
             sent,
             "inventory reconciled"
