@@ -108,6 +108,8 @@ pub enum InventoryError {
     Malformed(String),
     #[error("inventory chunk {got} arrived where chunk {expected} was expected")]
     OutOfOrder { expected: u32, got: u32 },
+    #[error("inventory holds more than {limit} objects")]
+    TooMany { limit: usize },
 }
 
 /// Whether a message is an inventory chunk.
@@ -200,14 +202,24 @@ pub enum Inventory {
     Unavailable(String),
 }
 
-/// Collects the chunks of one session's inventory, in order.
-#[derive(Debug, Default)]
+/// Collects the chunks of one session's inventory, in order, up to a number of objects (a peer
+/// cannot make the cloud buffer without bound).
+#[derive(Debug)]
 pub struct Assembler {
     next: u32,
     items: Vec<InventoryItem>,
+    limit: usize,
 }
 
 impl Assembler {
+    pub fn new(limit: usize) -> Self {
+        Assembler {
+            next: 0,
+            items: Vec::new(),
+            limit,
+        }
+    }
+
     /// Adds a chunk; returns the inventory once the last chunk is in. A chunk out of order is an
     /// error (the connection is broken or the peer is; the session should end).
     pub fn push(&mut self, chunk: InventoryChunk) -> Result<Option<Inventory>, InventoryError> {
@@ -218,14 +230,17 @@ impl Assembler {
             });
         }
         if let Some(reason) = chunk.error {
-            *self = Assembler::default();
+            *self = Assembler::new(self.limit);
             return Ok(Some(Inventory::Unavailable(reason)));
+        }
+        if self.items.len() + chunk.objects.len() > self.limit {
+            return Err(InventoryError::TooMany { limit: self.limit });
         }
         self.next += 1;
         self.items.extend(chunk.objects);
         if chunk.last {
             let items = std::mem::take(&mut self.items);
-            *self = Assembler::default();
+            *self = Assembler::new(self.limit);
             return Ok(Some(Inventory::Complete(items)));
         }
         Ok(None)
@@ -266,7 +281,7 @@ mod tests {
         let limit = 8 * 1024;
         let msgs = to_messages(&items, limit).unwrap();
         assert!(msgs.len() > 5, "{} chunks", msgs.len());
-        let mut asm = Assembler::default();
+        let mut asm = Assembler::new(1 << 20);
         let mut result = None;
         for (i, m) in msgs.iter().enumerate() {
             assert!(m.to_json().len() <= limit, "chunk {i} too large");
@@ -294,7 +309,7 @@ mod tests {
             Err(InventoryError::EntryTooLarge { .. })
         ));
         let msgs = to_messages(&(0..100).map(item).collect::<Vec<_>>(), 2048).unwrap();
-        let mut asm = Assembler::default();
+        let mut asm = Assembler::new(1 << 20);
         assert_eq!(
             asm.push(decode(&msgs[1]).unwrap()),
             Err(InventoryError::OutOfOrder {
@@ -302,10 +317,15 @@ mod tests {
                 got: 1
             })
         );
-        let mut asm = Assembler::default();
+        let mut asm = Assembler::new(1 << 20);
         assert_eq!(
             asm.push(decode(&unavailable("disk gone")).unwrap()),
             Ok(Some(Inventory::Unavailable("disk gone".into())))
+        );
+        let mut small = Assembler::new(10);
+        assert_eq!(
+            small.push(decode(&msgs[0]).unwrap()),
+            Err(InventoryError::TooMany { limit: 10 })
         );
         let bad = Message::new(
             "x",

@@ -508,7 +508,8 @@ where
     tracing::info!(%node, session = session_id, inventory, "edge node connected");
 
     let mut session = Session {
-        inventory: inventory.then(inventory::Assembler::default),
+        id: session_id,
+        inventory: inventory.then(|| inventory::Assembler::new(hub.settings.queue.max_objects)),
         inventory_started: None,
     };
     let result = session_loop(&hub, slot.clone(), &node, ws, &mut session, &cancel).await;
@@ -537,6 +538,7 @@ where
 
 /// Per-session state of the reading side.
 struct Session {
+    id: u64,
     /// Collects the inventory's chunks; `None` when the session negotiated none.
     inventory: Option<inventory::Assembler>,
     /// When the first chunk arrived (for the log line that says how long the exchange took).
@@ -648,7 +650,18 @@ async fn handle_inventory(
     };
     let started = *session.inventory_started.get_or_insert_with(Instant::now);
     let chunk = inventory::decode(msg)?;
-    match assembler.push(chunk)? {
+    let assembled = assembler.push(chunk)?;
+    // A session that was replaced meanwhile must not release the new one's hold: the new
+    // session's edge sends its own inventory.
+    let current = slot
+        .session()
+        .as_ref()
+        .is_some_and(|(id, _)| *id == session.id);
+    if assembled.is_some() && !current {
+        tracing::debug!(%node, "inventory of a replaced session ignored");
+        return Ok(());
+    }
+    match assembled {
         None => {}
         Some(inventory::Inventory::Unavailable(reason)) => {
             tracing::warn!(%node, %reason, "the edge cannot tell what it holds; sending from what its acks said");

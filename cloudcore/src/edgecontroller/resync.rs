@@ -119,6 +119,9 @@ impl Loop {
     }
 
     /// Everything `node` must hold now, references first (the order they are sent in).
+    ///
+    /// Whatever a node holds that is not listed here is deleted from it on its next connect: a
+    /// new kind cloudcore sends to nodes (devices, …) must be added here.
     fn wanted_by(&self, node: &str) -> Vec<Wanted<'_>> {
         let mut out = Vec::new();
         let mut refs: Vec<&ObjectRef> = self
