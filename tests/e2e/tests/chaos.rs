@@ -205,14 +205,9 @@ fn take(rng: &mut Rng, live: &mut Vec<String>) -> Option<String> {
 /// about `POPULATION` objects of each kind alive, updates and deletes pick live ones.
 async fn random_change(rng: &mut Rng, w: &mut World, client: &kube::Client, step: u64) {
     let pods: Api<Pod> = Api::default_namespaced(client.clone());
-    let cms: Api<ConfigMap> = Api::default_namespaced(client.clone());
-    let secrets: Api<Secret> = Api::default_namespaced(client.clone());
-    let pp = PostParams::default();
     let dp = DeleteParams::default().grace_period(0);
-    let label = |v: String| Patch::Merge(json!({"metadata": {"labels": {"step": v}}}));
-    let grow = |n: usize| n < POPULATION as usize;
     match rng.below(100) {
-        0..=19 if grow(w.pods.len()) || rng.below(3) == 0 => {
+        0..=19 if (w.pods.len() as u64) < POPULATION || rng.below(3) == 0 => {
             let name = w.fresh("pod");
             let cm1 = pick(rng, &w.configmaps, "cm-none");
             let cm2 = pick(rng, &w.configmaps, "cm-none");
@@ -231,14 +226,15 @@ async fn random_change(rng: &mut Rng, w: &mut World, client: &kube::Client, step
                     "volumes": [{"name": "v", "configMap": {"name": cm1}}]}
             }))
             .unwrap();
-            if pods.create(&pp, &pod).await.is_ok() {
+            if pods.create(&PostParams::default(), &pod).await.is_ok() {
                 w.pods.push(name);
             }
         }
         0..=34 => {
             let name = pick(rng, &w.pods, "pod-none");
+            let label = json!({"metadata": {"labels": {"step": step.to_string()}}});
             let _ = pods
-                .patch(&name, &PatchParams::default(), &label(step.to_string()))
+                .patch(&name, &PatchParams::default(), &Patch::Merge(label))
                 .await;
         }
         35..=44 => {
@@ -246,50 +242,61 @@ async fn random_change(rng: &mut Rng, w: &mut World, client: &kube::Client, step
                 let _ = pods.delete(&name, &dp).await;
             }
         }
-        45..=54 if grow(w.configmaps.len()) || rng.below(3) == 0 => {
+        45..=72 => {
             let name = w.fresh("cm");
-            let body = json!({"metadata": {"name": name}, "data": {"v": step.to_string()}});
-            if cms
-                .create(&pp, &serde_json::from_value(body).unwrap())
-                .await
-                .is_ok()
-            {
-                w.configmaps.push(name);
-            }
+            let api = Api::<ConfigMap>::default_namespaced(client.clone());
+            let data = json!({"data": {"v": step.to_string()}});
+            churn(rng, &api, &mut w.configmaps, name, data).await;
         }
-        45..=64 => {
-            let name = pick(rng, &w.configmaps, "cm-none");
-            let body = json!({"data": {"v": step.to_string()}});
-            let _ = cms
-                .patch(&name, &PatchParams::default(), &Patch::Merge(body))
-                .await;
-        }
-        65..=72 => {
-            if let Some(name) = take(rng, &mut w.configmaps) {
-                let _ = cms.delete(&name, &dp).await;
-            }
-        }
-        73..=80 if grow(w.secrets.len()) || rng.below(3) == 0 => {
+        _ => {
             let name = w.fresh("sec");
-            let body = json!({"metadata": {"name": name}, "stringData": {"k": step.to_string()}});
-            if secrets
-                .create(&pp, &serde_json::from_value(body).unwrap())
+            let api = Api::<Secret>::default_namespaced(client.clone());
+            let data = json!({"stringData": {"k": step.to_string()}});
+            churn(rng, &api, &mut w.secrets, name, data).await;
+        }
+    }
+}
+
+/// Creates `fresh` (keeping about `POPULATION` alive), or updates or deletes a live object, with
+/// `data` as its content.
+async fn churn<K>(
+    rng: &mut Rng,
+    api: &Api<K>,
+    live: &mut Vec<String>,
+    fresh: String,
+    mut data: serde_json::Value,
+) where
+    K: kube::Resource
+        + Clone
+        + k8s_openapi::serde::de::DeserializeOwned
+        + k8s_openapi::serde::Serialize
+        + std::fmt::Debug,
+{
+    match rng.below(100) {
+        0..=34 if (live.len() as u64) < POPULATION || rng.below(3) == 0 => {
+            data["metadata"] = json!({"name": fresh});
+            if api
+                .create(
+                    &PostParams::default(),
+                    &serde_json::from_value(data).unwrap(),
+                )
                 .await
                 .is_ok()
             {
-                w.secrets.push(name);
+                live.push(fresh);
             }
         }
-        73..=92 => {
-            let name = pick(rng, &w.secrets, "sec-none");
-            let body = json!({"stringData": {"k": step.to_string()}});
-            let _ = secrets
-                .patch(&name, &PatchParams::default(), &Patch::Merge(body))
+        0..=74 => {
+            let name = pick(rng, live, "none");
+            let _ = api
+                .patch(&name, &PatchParams::default(), &Patch::Merge(data))
                 .await;
         }
         _ => {
-            if let Some(name) = take(rng, &mut w.secrets) {
-                let _ = secrets.delete(&name, &dp).await;
+            if let Some(name) = take(rng, live) {
+                let _ = api
+                    .delete(&name, &DeleteParams::default().grace_period(0))
+                    .await;
             }
         }
     }
