@@ -13,6 +13,10 @@ cargo clippy --version >/dev/null 2>&1 || { echo "error: clippy missing (rustup 
 need_cmd cc "apt-get install gcc"
 command -v kubectl >/dev/null 2>&1 || need_apt kubernetes-client || true
 need_cmd kubectl "the e2e tests need kubectl on PATH"
+# edged's runtime tests run a private containerd (hack/containerd-up.sh) with runc, CNI plugins
+# and test images built from busybox-static by a Python script.
+need_apt containerd runc containernetworking-plugins busybox-static iproute2
+command -v python3 >/dev/null 2>&1 || need_apt python3
 
 echo ">> cargo fmt --check"
 cargo fmt --all -- --check

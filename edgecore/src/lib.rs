@@ -3,5 +3,6 @@
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod edged;
 pub mod edgehub;
 pub mod metamanager;

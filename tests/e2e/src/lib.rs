@@ -7,11 +7,13 @@
 //! - [`cloud::TestCloud`]: cloudhub started in-process with a throw-away PKI on random ports.
 //! - [`edge::TestEdge`]: a real EdgeHub with a [`edge::RecordingStore`].
 //! - [`cloud::raw_connect`]: a bare WebSocket client with a node certificate, for protocol-level tests.
+//! - [`containerd::TestContainerd`]: a private containerd (hack/containerd-up.sh) for CRI tests.
 //! - [`daemons::Setup`]: the shipped binaries with their config files, killable and restartable.
 #![forbid(unsafe_code)]
 
 pub mod apiserver;
 pub mod cloud;
+pub mod containerd;
 pub mod daemons;
 pub mod edge;
 pub mod procfs;

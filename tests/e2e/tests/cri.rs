@@ -1,0 +1,193 @@
+//! edged's runtime boundary against a real containerd (Debian's, with runc and CNI): sandboxes
+//! with the host network and with a pod network (an IP from the bridge's subnet), a busybox
+//! container with env and a command, exec into it, stop and remove — all through
+//! `edgecore::edged::runtime::CriRuntime`.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use edgecore::edged::runtime::{CriRuntime, Runtime, RuntimeError, api};
+use kedge_e2e::containerd::TestContainerd;
+
+fn sandbox_config(ctr: &TestContainerd, uid: &str, host_network: bool) -> api::PodSandboxConfig {
+    let logs = ctr.dir().join("pods").join(uid);
+    std::fs::create_dir_all(&logs).unwrap();
+    api::PodSandboxConfig {
+        metadata: Some(api::PodSandboxMetadata {
+            name: format!("pod-{uid}"),
+            uid: uid.into(),
+            namespace: "default".into(),
+            attempt: 0,
+        }),
+        // runc refuses a hostname without a private UTS namespace (host network).
+        hostname: if host_network {
+            String::new()
+        } else {
+            format!("pod-{uid}")
+        },
+        log_directory: logs.display().to_string(),
+        labels: HashMap::from([("io.kubernetes.pod.uid".into(), uid.into())]),
+        linux: Some(api::LinuxPodSandboxConfig {
+            cgroup_parent: format!("{}/pod{uid}", ctr.cgroup_parent),
+            security_context: Some(api::LinuxSandboxSecurityContext {
+                namespace_options: Some(api::NamespaceOption {
+                    network: if host_network {
+                        api::NamespaceMode::Node as i32
+                    } else {
+                        api::NamespaceMode::Pod as i32
+                    },
+                    pid: api::NamespaceMode::Container as i32,
+                    ipc: api::NamespaceMode::Pod as i32,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn container_config(ctr: &TestContainerd, script: &str) -> api::ContainerConfig {
+    api::ContainerConfig {
+        metadata: Some(api::ContainerMetadata {
+            name: "main".into(),
+            attempt: 0,
+        }),
+        image: Some(api::ImageSpec {
+            image: ctr.busybox_image.clone(),
+            ..Default::default()
+        }),
+        command: vec!["sh".into(), "-c".into(), script.into()],
+        envs: vec![api::KeyValue {
+            key: "GREETING".into(),
+            value: "hello from kedge".into(),
+        }],
+        log_path: "main/0.log".into(),
+        labels: HashMap::from([("io.kubernetes.container.name".into(), "main".into())]),
+        ..Default::default()
+    }
+}
+
+async fn exec_until(rt: &CriRuntime, id: &str, cmd: &[&str], want: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = rt
+            .exec_sync(id, cmd.iter().map(|s| s.to_string()).collect(), 5)
+            .await
+            .unwrap();
+        let out = String::from_utf8_lossy(&r.stdout).into_owned();
+        if out.contains(want) || Instant::now() > deadline {
+            return out;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn run_one(rt: &CriRuntime, ctr: &TestContainerd, uid: &str, host_network: bool) {
+    let sb_config = sandbox_config(ctr, uid, host_network);
+    let sb = rt
+        .run_pod_sandbox(sb_config.clone())
+        .await
+        .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", ctr.log()));
+    let status = rt.pod_sandbox_status(&sb).await.unwrap();
+    assert_eq!(status.state, api::PodSandboxState::SandboxReady as i32);
+    let ip = status.network.map(|n| n.ip).unwrap_or_default();
+    if host_network {
+        assert!(
+            ip.is_empty() || !ip.starts_with("10.233."),
+            "host network got pod IP {ip}"
+        );
+    } else {
+        assert!(
+            ip.starts_with("10.233."),
+            "pod IP {ip:?} is not from the bridge's subnet"
+        );
+    }
+
+    let c = rt
+        .create_container(
+            &sb,
+            container_config(ctr, "echo \"$GREETING\" > /tmp/greeting; exec sleep 3600"),
+            sb_config,
+        )
+        .await
+        .unwrap_or_else(|e| panic!("CreateContainer: {e}\n{}", ctr.log()));
+    rt.start_container(&c).await.unwrap();
+    let st = rt.container_status(&c).await.unwrap();
+    assert_eq!(st.state, api::ContainerState::ContainerRunning as i32);
+    let out = exec_until(rt, &c, &["cat", "/tmp/greeting"], "hello").await;
+    assert_eq!(out, "hello from kedge\n");
+    if !host_network {
+        let hostname = exec_until(rt, &c, &["hostname"], uid).await;
+        assert_eq!(hostname.trim(), format!("pod-{uid}"));
+    }
+    // Found again by label, as edged finds its own containers after a restart.
+    let mine = rt
+        .list_containers(Some(api::ContainerFilter {
+            pod_sandbox_id: sb.clone(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
+    assert_eq!(mine.len(), 1);
+    assert_eq!(mine[0].labels["io.kubernetes.container.name"], "main");
+
+    let t = Instant::now();
+    rt.stop_container(&c, 1).await.unwrap();
+    assert!(t.elapsed() < Duration::from_secs(5));
+    let st = rt.container_status(&c).await.unwrap();
+    assert_eq!(st.state, api::ContainerState::ContainerExited as i32);
+    rt.remove_container(&c).await.unwrap();
+    assert!(rt.container_status(&c).await.unwrap_err().is_not_found());
+    rt.stop_pod_sandbox(&sb).await.unwrap();
+    rt.remove_pod_sandbox(&sb).await.unwrap();
+    assert!(
+        rt.list_pod_sandboxes(None)
+            .await
+            .unwrap()
+            .iter()
+            .all(|s| s.id != sb)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sandboxes_and_containers_run_on_real_containerd_through_the_runtime_trait() {
+    let ctr = TestContainerd::start().unwrap();
+    let rt = CriRuntime::connect(&ctr.socket).await.unwrap();
+    let v = rt.version().await.unwrap();
+    assert_eq!(v.runtime_name, "containerd");
+    assert!(rt.image_status(&ctr.busybox_image).await.unwrap().is_some());
+    assert!(
+        rt.image_status("kedge.local/missing:1")
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let pull = rt.pull_image("kedge.local/missing:1", None, None).await;
+    assert!(
+        matches!(
+            pull,
+            Err(RuntimeError::Call {
+                method: "PullImage",
+                ..
+            })
+        ),
+        "{pull:?}"
+    );
+
+    run_one(&rt, &ctr, "host1", true).await;
+    run_one(&rt, &ctr, "pod1", false).await;
+}
+
+#[tokio::test]
+async fn a_missing_socket_is_a_connect_error_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("nothing.sock");
+    match CriRuntime::connect(&sock).await {
+        Err(RuntimeError::Connect { endpoint, .. }) => assert!(endpoint.contains("nothing.sock")),
+        Err(e) => panic!("unexpected error: {e}"),
+        Ok(_) => panic!("connected to nothing"),
+    }
+}
