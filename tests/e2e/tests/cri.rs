@@ -191,3 +191,111 @@ async fn a_missing_socket_is_a_connect_error_naming_it() {
         Ok(_) => panic!("connected to nothing"),
     }
 }
+
+struct OneConfigMap(k8s_openapi::api::core::v1::ConfigMap);
+
+impl edgecore::edged::env::ObjectSource for OneConfigMap {
+    fn config_map(&self, ns: &str, name: &str) -> Option<k8s_openapi::api::core::v1::ConfigMap> {
+        (self.0.metadata.namespace.as_deref() == Some(ns)
+            && self.0.metadata.name.as_deref() == Some(name))
+        .then(|| self.0.clone())
+    }
+    fn secret(&self, _: &str, _: &str) -> Option<k8s_openapi::api::core::v1::Secret> {
+        None
+    }
+}
+
+/// The configs edged builds from a Pod are accepted by containerd and take effect inside the
+/// container: environment (ConfigMap, fieldRef, $(VAR)), DNS, hostname, memory limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pods_generated_configs_run_on_containerd_as_written() {
+    use edgecore::edged::cri_config::{NodeSettings, container_config, sandbox_config};
+    use edgecore::edged::env::PodContext;
+    use serde_json::json;
+
+    let ctr = TestContainerd::start().unwrap();
+    let rt = CriRuntime::connect(&ctr.socket).await.unwrap();
+    let pod: k8s_openapi::api::core::v1::Pod = serde_json::from_value(json!({
+        "metadata": {"name": "shop", "namespace": "default", "uid": "uid-shop"},
+        "spec": {"nodeName": "edge-1", "hostname": "shop-1",
+            "dnsConfig": {"nameservers": ["192.0.2.1"], "searches": ["edge.example"]},
+            "containers": [{"name": "app", "image": ctr.busybox_image,
+                "command": ["sh", "-c"], "args": ["echo $(WHO) > /tmp/who; exec sleep 3600"],
+                "env": [{"name": "MODE", "valueFrom": {"configMapKeyRef": {"name": "cfg", "key": "mode"}}},
+                        {"name": "WHO", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}],
+                "resources": {"limits": {"memory": "64Mi", "cpu": "250m"}}}]}
+    }))
+    .unwrap();
+    let cm = OneConfigMap(
+        serde_json::from_value(
+            json!({"metadata": {"name": "cfg", "namespace": "default"}, "data": {"mode": "edge"}}),
+        )
+        .unwrap(),
+    );
+    let node = NodeSettings {
+        node_name: "edge-1".into(),
+        resolv_conf: "nameserver 192.0.2.53\n".into(),
+        cluster_dns: Vec::new(),
+        cluster_domain: "cluster.local".into(),
+        cgroup_root: ctr.cgroup_parent.clone(),
+        pod_log_root: ctr.dir().join("pods"),
+        node_memory_bytes: 8 << 30,
+    };
+    let sb_config = sandbox_config(&pod, &node, 0).unwrap();
+    std::fs::create_dir_all(&sb_config.log_directory).unwrap();
+    let sb = rt
+        .run_pod_sandbox(sb_config.clone())
+        .await
+        .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", ctr.log()));
+    let ip = rt
+        .pod_sandbox_status(&sb)
+        .await
+        .unwrap()
+        .network
+        .unwrap()
+        .ip;
+    let ctx = PodContext {
+        node_name: "edge-1".into(),
+        pod_ips: vec![ip],
+        ..Default::default()
+    };
+    let spec = pod.spec.as_ref().unwrap();
+    let config = container_config(&pod, &spec.containers[0], 0, &node, &ctx, &cm).unwrap();
+    let c = rt
+        .create_container(&sb, config, sb_config)
+        .await
+        .unwrap_or_else(|e| panic!("CreateContainer: {e}\n{}", ctr.log()));
+    rt.start_container(&c).await.unwrap();
+    assert_eq!(
+        exec_until(&rt, &c, &["cat", "/tmp/who"], "shop").await,
+        "shop\n"
+    );
+    let env = exec_until(&rt, &c, &["env"], "MODE").await;
+    assert!(
+        env.contains("MODE=edge\n") && env.contains("WHO=shop\n"),
+        "{env}"
+    );
+    let resolv = exec_until(&rt, &c, &["cat", "/etc/resolv.conf"], "nameserver").await;
+    assert!(
+        resolv.contains("nameserver 192.0.2.53")
+            && resolv.contains("nameserver 192.0.2.1")
+            && resolv.contains("edge.example"),
+        "{resolv}"
+    );
+    assert_eq!(
+        exec_until(&rt, &c, &["hostname"], "shop").await.trim(),
+        "shop-1"
+    );
+    // runc mounts the container's own memory cgroup (v1) at /sys/fs/cgroup/memory.
+    let limit = exec_until(
+        &rt,
+        &c,
+        &["cat", "/sys/fs/cgroup/memory/memory.limit_in_bytes"],
+        "",
+    )
+    .await;
+    assert_eq!(limit.trim(), (64u64 << 20).to_string());
+    rt.stop_container(&c, 1).await.unwrap();
+    rt.stop_pod_sandbox(&sb).await.unwrap();
+    rt.remove_pod_sandbox(&sb).await.unwrap();
+}
