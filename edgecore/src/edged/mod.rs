@@ -6,11 +6,15 @@
 //!   gRPC and an in-memory one for unit tests of the pod logic;
 //! - [`cri_config`]: pods to CRI sandbox and container configs (DNS, namespaces, cgroups,
 //!   resources, security context, labels), with [`env`] resolving environments and [`qos`] the
-//!   QoS class.
+//!   QoS class;
+//! - [`status`]: container states, pod phase and conditions from runtime state, as the kubelet
+//!   computes them; [`backoff`]: the kubelet's restart back-off (time passed in).
 //!
-//! Pod workers, volumes, probes, adoption and status are still to come (issue: edged).
+//! Pod workers, volumes, probes and adoption are still to come (issue: edged).
+pub mod backoff;
 pub mod cri_config;
 pub mod env;
 pub mod qos;
 pub mod quantity;
 pub mod runtime;
+pub mod status;
