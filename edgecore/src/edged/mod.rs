@@ -8,12 +8,16 @@
 //!   resources, security context, labels), with [`env`] resolving environments and [`qos`] the
 //!   QoS class;
 //! - [`status`]: container states, pod phase and conditions from runtime state, as the kubelet
-//!   computes them; [`backoff`]: the kubelet's restart back-off (time passed in).
+//!   computes them; [`backoff`]: the kubelet's restart back-off (time passed in);
+//! - [`pod_actions`]: what a pod needs next (sandbox, init containers in order, restarts per
+//!   policy and back-off), from the pod and what the runtime has for it.
 //!
-//! Pod workers, volumes, probes and adoption are still to come (issue: edged).
+//! The pod workers that apply those actions, volumes, probes and adoption are still to come
+//! (issue: edged).
 pub mod backoff;
 pub mod cri_config;
 pub mod env;
+pub mod pod_actions;
 pub mod qos;
 pub mod quantity;
 pub mod runtime;
