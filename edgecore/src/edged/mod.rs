@@ -22,3 +22,4 @@ pub mod qos;
 pub mod quantity;
 pub mod runtime;
 pub mod status;
+pub mod sync;

@@ -299,3 +299,148 @@ async fn a_pods_generated_configs_run_on_containerd_as_written() {
     rt.stop_pod_sandbox(&sb).await.unwrap();
     rt.remove_pod_sandbox(&sb).await.unwrap();
 }
+
+/// edged's pod sync on real containerd: the init container runs to completion first, the app
+/// then runs with a pod IP; a crashing container is restarted as a new attempt with the
+/// kubelet's back-off, and the status says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pod_sync_runs_init_then_app_and_restarts_a_crashing_container() {
+    use edgecore::edged::backoff::RestartBackoff;
+    use edgecore::edged::cri_config::NodeSettings;
+    use edgecore::edged::sync::{PodMemory, sync_pod};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    use serde_json::json;
+
+    let ctr = TestContainerd::start().unwrap();
+    let rt = CriRuntime::connect(&ctr.socket).await.unwrap();
+    let pod: k8s_openapi::api::core::v1::Pod = serde_json::from_value(json!({
+        "metadata": {"name": "crashy", "namespace": "default", "uid": "uid-crashy"},
+        "spec": {"nodeName": "edge-1",
+            "initContainers": [{"name": "init", "image": ctr.busybox_image, "imagePullPolicy": "Never",
+                "command": ["sh", "-c", "sleep 0.3"]}],
+            "containers": [
+                {"name": "app", "image": ctr.busybox_image, "imagePullPolicy": "Never",
+                 "command": ["sh", "-c", "exec sleep 3600"]},
+                {"name": "crash", "image": ctr.busybox_image, "imagePullPolicy": "Never",
+                 "command": ["sh", "-c", "sleep 0.2; exit 3"]}]}
+    }))
+    .unwrap();
+    let node = NodeSettings {
+        node_name: "edge-1".into(),
+        resolv_conf: "nameserver 192.0.2.53\n".into(),
+        cluster_dns: Vec::new(),
+        cluster_domain: "cluster.local".into(),
+        cgroup_root: ctr.cgroup_parent.clone(),
+        pod_log_root: ctr.dir().join("pods"),
+        node_memory_bytes: 8 << 30,
+    };
+    let mut backoff = RestartBackoff::default();
+    let mut memory = PodMemory::default();
+    let source = OneConfigMap(
+        serde_json::from_value(json!({"metadata": {"name": "x", "namespace": "y"}})).unwrap(),
+    );
+    let t0 = Instant::now();
+    let mut saw_pending_with_init_running = false;
+    let mut last = None;
+    while t0.elapsed() < Duration::from_secs(20) {
+        let wall = Time(k8s_openapi::jiff::Timestamp::now());
+        let s = sync_pod(
+            &rt,
+            &pod,
+            &node,
+            "192.0.2.10",
+            &source,
+            &mut backoff,
+            &mut memory,
+            Instant::now(),
+            wall,
+        )
+        .await
+        .unwrap_or_else(|e| panic!("sync: {e}\n{}", ctr.log()));
+        let init_running = s.init_container_statuses.as_ref().unwrap()[0]
+            .state
+            .as_ref()
+            .unwrap()
+            .running
+            .is_some();
+        if init_running {
+            saw_pending_with_init_running = true;
+            assert_eq!(s.phase.as_deref(), Some("Pending"));
+            assert!(
+                s.container_statuses
+                    .as_ref()
+                    .unwrap()
+                    .iter()
+                    .all(|c| c.container_id.is_none()),
+                "nothing else starts while the init container runs"
+            );
+        }
+        let crash = &s.container_statuses.as_ref().unwrap()[1];
+        let done = crash.restart_count >= 2
+            && crash
+                .state
+                .as_ref()
+                .unwrap()
+                .waiting
+                .as_ref()
+                .and_then(|w| w.reason.as_deref())
+                == Some("CrashLoopBackOff");
+        last = Some(s);
+        if done {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    let s = last.unwrap();
+    assert!(saw_pending_with_init_running);
+    assert_eq!(s.phase.as_deref(), Some("Running"));
+    assert!(
+        s.pod_ip
+            .as_deref()
+            .is_some_and(|ip| ip.starts_with("10.233.")),
+        "{:?}",
+        s.pod_ip
+    );
+    let statuses = s.container_statuses.unwrap();
+    let app = &statuses[0];
+    assert!(app.state.as_ref().unwrap().running.is_some() && app.ready);
+    assert_eq!(
+        app.restart_count, 0,
+        "the healthy container was never restarted"
+    );
+    let crash = &statuses[1];
+    assert!(crash.restart_count >= 2, "{crash:?}");
+    assert_eq!(
+        crash
+            .last_state
+            .as_ref()
+            .unwrap()
+            .terminated
+            .as_ref()
+            .unwrap()
+            .exit_code,
+        3
+    );
+    assert!(!crash.ready);
+    let init = &s.init_container_statuses.unwrap()[0];
+    assert_eq!(
+        init.state
+            .as_ref()
+            .unwrap()
+            .terminated
+            .as_ref()
+            .unwrap()
+            .exit_code,
+        0
+    );
+    // Clean up through the same code edged uses.
+    let observed = edgecore::edged::sync::observe(&rt, "uid-crashy")
+        .await
+        .unwrap();
+    edgecore::edged::sync::kill_pod(&rt, &observed, 1)
+        .await
+        .unwrap();
+    for sb in &observed.pod.sandboxes {
+        rt.remove_pod_sandbox(&sb.id).await.unwrap();
+    }
+}

@@ -1,0 +1,585 @@
+//! One sync of one pod against the runtime: read what the runtime has for the pod (by its UID
+//! label), decide ([`pod_actions`](super::pod_actions)), act (sandbox, image, create and start
+//! containers), and compute the status the API should show. The pod worker calls it after every
+//! change of the pod and on every relist tick.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::{Pod, PodStatus};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+use super::backoff::RestartBackoff;
+use super::cri_config::{self, NodeSettings, POD_UID_LABEL};
+use super::env::{ObjectSource, PodContext};
+use super::pod_actions::{self, ContainerInfo, RuntimePod, SandboxInfo};
+use super::qos::qos_class;
+use super::runtime::{Runtime, RuntimeError, api};
+use super::status::{self, ContainerView, Waiting};
+
+/// Grace period for containers killed because their sandbox went away.
+const KILL_GRACE_SECONDS: i64 = 2;
+
+/// What the runtime has for one pod, with each container's CRI status.
+pub struct Observed {
+    pub pod: RuntimePod,
+    pub sandbox_ip: String,
+    pub statuses: HashMap<String, api::ContainerStatus>,
+}
+
+fn uid_filter<T>(uid: &str, make: impl FnOnce(HashMap<String, String>) -> T) -> Option<T> {
+    Some(make(HashMap::from([(
+        POD_UID_LABEL.to_owned(),
+        uid.to_owned(),
+    )])))
+}
+
+/// Lists the pod's sandboxes and containers.
+pub async fn observe<R: Runtime>(rt: &R, uid: &str) -> Result<Observed, RuntimeError> {
+    let sandboxes = rt
+        .list_pod_sandboxes(uid_filter(uid, |label_selector| api::PodSandboxFilter {
+            label_selector,
+            ..Default::default()
+        }))
+        .await?;
+    let containers = rt
+        .list_containers(uid_filter(uid, |label_selector| api::ContainerFilter {
+            label_selector,
+            ..Default::default()
+        }))
+        .await?;
+    let mut observed = Observed {
+        pod: RuntimePod::default(),
+        sandbox_ip: String::new(),
+        statuses: HashMap::new(),
+    };
+    for s in &sandboxes {
+        observed.pod.sandboxes.push(SandboxInfo {
+            id: s.id.clone(),
+            attempt: s.metadata.as_ref().map_or(0, |m| m.attempt),
+            ready: s.state == api::PodSandboxState::SandboxReady as i32,
+            created_at: s.created_at,
+        });
+    }
+    if let Some(newest) = observed
+        .pod
+        .sandboxes
+        .iter()
+        .filter(|s| s.ready)
+        .max_by_key(|s| (s.attempt, s.created_at))
+    {
+        observed.sandbox_ip = rt
+            .pod_sandbox_status(&newest.id)
+            .await?
+            .network
+            .map(|n| n.ip)
+            .unwrap_or_default();
+    }
+    for c in &containers {
+        let st = match rt.container_status(&c.id).await {
+            Ok(s) => s,
+            // Removed between the list and now.
+            Err(e) if e.is_not_found() => continue,
+            Err(e) => return Err(e),
+        };
+        observed.pod.containers.push(ContainerInfo {
+            id: c.id.clone(),
+            name: c
+                .metadata
+                .as_ref()
+                .map(|m| m.name.clone())
+                .unwrap_or_default(),
+            attempt: c.metadata.as_ref().map_or(0, |m| m.attempt),
+            sandbox_id: c.pod_sandbox_id.clone(),
+            state: api::ContainerState::try_from(st.state)
+                .unwrap_or(api::ContainerState::ContainerUnknown),
+            exit_code: st.exit_code,
+        });
+        observed.statuses.insert(c.id.clone(), st);
+    }
+    Ok(observed)
+}
+
+/// Stops every container and sandbox of the pod (graceful for containers, then the sandboxes).
+pub async fn kill_pod<R: Runtime>(
+    rt: &R,
+    observed: &Observed,
+    grace_seconds: i64,
+) -> Result<(), RuntimeError> {
+    for c in &observed.pod.containers {
+        if c.state == api::ContainerState::ContainerRunning {
+            rt.stop_container(&c.id, grace_seconds).await?;
+        }
+    }
+    for s in &observed.pod.sandboxes {
+        if s.ready {
+            rt.stop_pod_sandbox(&s.id).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Makes sure `image` is present, honouring `imagePullPolicy` (default: `Always` for `:latest`
+/// or no tag, else `IfNotPresent`). A failure is the container's waiting reason.
+async fn ensure_image<R: Runtime>(
+    rt: &R,
+    image: &str,
+    policy: Option<&str>,
+    sandbox: &api::PodSandboxConfig,
+) -> Result<(), Waiting> {
+    let last = image.rsplit('/').next().unwrap_or(image);
+    let latest = !last.contains(':') || last.ends_with(":latest");
+    let policy = policy.unwrap_or(if latest { "Always" } else { "IfNotPresent" });
+    let present = rt.image_status(image).await.ok().flatten().is_some();
+    match policy {
+        "Never" if !present => Err(Waiting {
+            reason: "ErrImageNeverPull".into(),
+            message: format!(
+                "Container image \"{image}\" is not present with pull policy of Never"
+            ),
+        }),
+        "Never" => Ok(()),
+        "IfNotPresent" if present => Ok(()),
+        _ => rt
+            .pull_image(image, None, Some(sandbox.clone()))
+            .await
+            .map(|_| ())
+            .map_err(|e| {
+                // Offline, a present image still runs (the registry is merely unreachable).
+                Waiting {
+                    reason: "ErrImagePull".into(),
+                    message: e.to_string(),
+                }
+            })
+            .or_else(|w| if present { Ok(()) } else { Err(w) }),
+    }
+}
+
+/// Per-pod memory between syncs.
+#[derive(Debug, Default)]
+pub struct PodMemory {
+    pub start_time: Option<Time>,
+    /// Why containers are held back, from the last sync.
+    pub waiting: HashMap<String, Waiting>,
+}
+
+/// Syncs `pod` once and returns the status the API should show.
+#[allow(clippy::too_many_arguments)]
+pub async fn sync_pod<R: Runtime>(
+    rt: &R,
+    pod: &Pod,
+    node: &NodeSettings,
+    host_ip: &str,
+    source: &dyn ObjectSource,
+    backoff: &mut RestartBackoff,
+    memory: &mut PodMemory,
+    now: Instant,
+    wall_now: Time,
+) -> Result<PodStatus, RuntimeError> {
+    let uid = pod.metadata.uid.clone().unwrap_or_default();
+    let mut observed = observe(rt, &uid).await?;
+    let actions = pod_actions::compute_actions(pod, &observed.pod, backoff, now);
+    memory.waiting = actions.waiting.iter().cloned().collect();
+    if actions.kill_pod {
+        kill_pod(rt, &observed, KILL_GRACE_SECONDS).await?;
+    }
+    let spec = pod.spec.clone().unwrap_or_default();
+    if let Some(attempt) = actions.create_sandbox {
+        let config = cri_config::sandbox_config(pod, node, attempt)
+            .map_err(|e| RuntimeError::Invalid(e.to_string()))?;
+        let _ = tokio::fs::create_dir_all(&config.log_directory).await;
+        rt.run_pod_sandbox(config).await?;
+    }
+    if !actions.start.is_empty() {
+        observed = observe(rt, &uid).await?;
+        let Some(sandbox) = observed
+            .pod
+            .sandboxes
+            .iter()
+            .filter(|s| s.ready)
+            .max_by_key(|s| (s.attempt, s.created_at))
+            .cloned()
+        else {
+            return Err(RuntimeError::Invalid(
+                "the pod's sandbox is not ready".into(),
+            ));
+        };
+        let ctx = PodContext {
+            node_name: node.node_name.clone(),
+            host_ip: host_ip.to_owned(),
+            pod_ips: vec![observed.sandbox_ip.clone()]
+                .into_iter()
+                .filter(|i| !i.is_empty())
+                .collect(),
+            node_allocatable_milli_cpu: 0,
+            node_allocatable_memory: node.node_memory_bytes,
+        };
+        let sb_config = cri_config::sandbox_config(pod, node, sandbox.attempt)
+            .map_err(|e| RuntimeError::Invalid(e.to_string()))?;
+        for start in &actions.start {
+            let Some(container) = spec
+                .init_containers
+                .iter()
+                .flatten()
+                .chain(spec.containers.iter())
+                .find(|c| c.name == start.name)
+            else {
+                continue;
+            };
+            let image = container.image.clone().unwrap_or_default();
+            if let Err(w) = ensure_image(
+                rt,
+                &image,
+                container.image_pull_policy.as_deref(),
+                &sb_config,
+            )
+            .await
+            {
+                memory.waiting.insert(start.name.clone(), w);
+                continue;
+            }
+            let config = match cri_config::container_config(
+                pod,
+                container,
+                start.attempt,
+                node,
+                &ctx,
+                source,
+            ) {
+                Ok(c) => c,
+                Err(e) => {
+                    memory.waiting.insert(
+                        start.name.clone(),
+                        Waiting {
+                            reason: "CreateContainerConfigError".into(),
+                            message: e.to_string(),
+                        },
+                    );
+                    continue;
+                }
+            };
+            if start.attempt > 0 {
+                // A restart: the next failure waits longer (the kubelet's back-off).
+                let ran_since = observed
+                    .pod
+                    .containers
+                    .iter()
+                    .filter(|c| c.name == start.name)
+                    .max_by_key(|c| c.attempt)
+                    .and_then(|c| observed.statuses.get(&c.id))
+                    .and_then(|s| ran_for(s, &wall_now))
+                    .and_then(|d| now.checked_sub(d));
+                backoff.failed(&uid, &start.name, now, ran_since);
+            }
+            let log_dir = std::path::Path::new(&sb_config.log_directory).join(&start.name);
+            let _ = tokio::fs::create_dir_all(&log_dir).await;
+            let id = rt
+                .create_container(&sandbox.id, config, sb_config.clone())
+                .await?;
+            rt.start_container(&id).await?;
+            if start.init {
+                // The next init container waits for this one to exit.
+                break;
+            }
+        }
+        observed = observe(rt, &uid).await?;
+    }
+    Ok(pod_status(pod, &observed, memory, host_ip, wall_now))
+}
+
+/// How long a container ran (CRI timestamps are wall-clock nanoseconds).
+fn ran_for(s: &api::ContainerStatus, wall_now: &Time) -> Option<Duration> {
+    let started = s.started_at;
+    let ended = if s.finished_at > 0 {
+        s.finished_at
+    } else {
+        i64::try_from(wall_now.0.as_nanosecond()).ok()?
+    };
+    (started > 0 && ended >= started).then(|| Duration::from_nanos((ended - started) as u64))
+}
+
+fn pod_status(
+    pod: &Pod,
+    observed: &Observed,
+    memory: &mut PodMemory,
+    host_ip: &str,
+    wall_now: Time,
+) -> PodStatus {
+    let spec = pod.spec.clone().unwrap_or_default();
+    let newest_sandbox = observed
+        .pod
+        .sandboxes
+        .iter()
+        .max_by_key(|s| (s.attempt, s.created_at));
+    let sandbox_ready = newest_sandbox.is_some_and(|s| s.ready);
+    let view = |c: &k8s_openapi::api::core::v1::Container| {
+        let mut attempts: Vec<&ContainerInfo> = observed
+            .pod
+            .containers
+            .iter()
+            .filter(|x| x.name == c.name)
+            .collect();
+        attempts.sort_by_key(|x| x.attempt);
+        let current = attempts
+            .last()
+            .and_then(|x| observed.statuses.get(&x.id))
+            .cloned();
+        let previous = attempts
+            .len()
+            .checked_sub(2)
+            .and_then(|i| attempts.get(i))
+            .and_then(|x| observed.statuses.get(&x.id))
+            .cloned();
+        let running = current
+            .as_ref()
+            .is_some_and(|s| s.state == api::ContainerState::ContainerRunning as i32);
+        let waiting = memory.waiting.get(&c.name).cloned();
+        // While held back, the last run is the last state (and the current one is history).
+        let (current, previous) = if waiting.is_some() && current.is_some() && !running {
+            (None, current)
+        } else {
+            (current, previous)
+        };
+        ContainerView {
+            name: c.name.clone(),
+            image: c.image.clone().unwrap_or_default(),
+            restart_count: attempts.last().map_or(0, |x| x.attempt as i32),
+            current,
+            previous,
+            waiting,
+            ready: running,
+            started: running.then_some(true),
+        }
+    };
+    let init: Vec<_> = spec
+        .init_containers
+        .iter()
+        .flatten()
+        .map(|c| status::container_status(&view(c)))
+        .collect();
+    let containers: Vec<_> = spec
+        .containers
+        .iter()
+        .map(|c| status::container_status(&view(c)))
+        .collect();
+    let policy = spec.restart_policy.as_deref().unwrap_or("Always");
+    let phase = status::pod_phase(policy, &init, &containers);
+    let start_time = memory
+        .start_time
+        .get_or_insert_with(|| wall_now.clone())
+        .clone();
+    let ip = observed.sandbox_ip.clone();
+    let host_network = spec.host_network.unwrap_or(false);
+    let pod_ip = if host_network { host_ip.to_owned() } else { ip };
+    PodStatus {
+        phase: Some(phase.to_owned()),
+        conditions: Some(status::pod_conditions(
+            sandbox_ready,
+            &init,
+            &containers,
+            &wall_now,
+        )),
+        host_ip: (!host_ip.is_empty()).then(|| host_ip.to_owned()),
+        pod_ip: (!pod_ip.is_empty()).then(|| pod_ip.clone()),
+        pod_ips: (!pod_ip.is_empty())
+            .then(|| vec![k8s_openapi::api::core::v1::PodIP { ip: pod_ip.clone() }]),
+        start_time: Some(start_time),
+        qos_class: Some(qos_class(pod).as_str().to_owned()),
+        init_container_statuses: (!init.is_empty()).then_some(init),
+        container_statuses: Some(containers),
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::edged::runtime::MemoryRuntime;
+    use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+    use serde_json::json;
+
+    struct NoObjects;
+    impl ObjectSource for NoObjects {
+        fn config_map(&self, _: &str, _: &str) -> Option<ConfigMap> {
+            None
+        }
+        fn secret(&self, _: &str, _: &str) -> Option<Secret> {
+            None
+        }
+    }
+
+    fn node() -> NodeSettings {
+        NodeSettings {
+            node_name: "edge-1".into(),
+            resolv_conf: "nameserver 192.0.2.53\n".into(),
+            cluster_dns: Vec::new(),
+            cluster_domain: "cluster.local".into(),
+            cgroup_root: "/kubepods".into(),
+            pod_log_root: std::env::temp_dir().join("kedge-sync-test-logs"),
+            node_memory_bytes: 8 << 30,
+        }
+    }
+
+    fn t(s: i64) -> Time {
+        Time(k8s_openapi::jiff::Timestamp::from_second(1_700_000_000 + s).unwrap())
+    }
+
+    async fn sync_at(
+        rt: &MemoryRuntime,
+        pod: &Pod,
+        backoff: &mut RestartBackoff,
+        mem: &mut PodMemory,
+        t0: Instant,
+        secs: u64,
+    ) -> PodStatus {
+        let now = t0 + Duration::from_secs(secs);
+        sync_pod(
+            rt,
+            pod,
+            &node(),
+            "192.0.2.10",
+            &NoObjects,
+            backoff,
+            mem,
+            now,
+            t(secs as i64),
+        )
+        .await
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_pod_runs_crashes_backs_off_and_restarts_with_its_count() {
+        let rt = MemoryRuntime::new();
+        rt.add_image("busybox:1");
+        rt.add_image("kedge.local/pause:test");
+        let pod: Pod = serde_json::from_value(json!({
+            "metadata": {"name": "web", "namespace": "ns", "uid": "u1"},
+            "spec": {"initContainers": [{"name": "init", "image": "busybox:1"}],
+                     "containers": [{"name": "app", "image": "busybox:1"}]}
+        }))
+        .unwrap();
+        let mut backoff = RestartBackoff::default();
+        let mut mem = PodMemory::default();
+        let t0 = Instant::now();
+        // Sandbox + the init container.
+        let s = sync_at(&rt, &pod, &mut backoff, &mut mem, t0, 0).await;
+        assert_eq!(s.phase.as_deref(), Some("Pending"));
+        assert!(s.pod_ip.as_deref().is_some_and(|ip| ip.starts_with("10.")));
+        let init_id = rt.list_containers(None).await.unwrap()[0].id.clone();
+        rt.exit_container(&init_id, 0).unwrap();
+        // Then the app.
+        let s = sync_at(&rt, &pod, &mut backoff, &mut mem, t0, 1).await;
+        assert_eq!(s.phase.as_deref(), Some("Running"));
+        let app = &s.container_statuses.as_ref().unwrap()[0];
+        assert!(app.state.as_ref().unwrap().running.is_some() && app.ready);
+        let ready = s
+            .conditions
+            .unwrap()
+            .into_iter()
+            .find(|c| c.type_ == "Ready")
+            .unwrap();
+        assert_eq!(ready.status, "True");
+        // The app crashes: restarted at once (attempt 1), then held back 10 s after crashing again.
+        let app_id = |n: usize| {
+            let rt = &rt;
+            async move {
+                let mut cs = rt.list_containers(None).await.unwrap();
+                cs.retain(|c| c.metadata.as_ref().unwrap().name == "app");
+                cs.sort_by_key(|c| c.metadata.as_ref().unwrap().attempt);
+                cs[n].id.clone()
+            }
+        };
+        rt.exit_container(&app_id(0).await, 1).unwrap();
+        let s = sync_at(&rt, &pod, &mut backoff, &mut mem, t0, 2).await;
+        assert_eq!(s.container_statuses.as_ref().unwrap()[0].restart_count, 1);
+        rt.exit_container(&app_id(1).await, 1).unwrap();
+        let s = sync_at(&rt, &pod, &mut backoff, &mut mem, t0, 3).await;
+        let app = &s.container_statuses.as_ref().unwrap()[0];
+        assert_eq!(
+            app.state
+                .as_ref()
+                .unwrap()
+                .waiting
+                .as_ref()
+                .unwrap()
+                .reason
+                .as_deref(),
+            Some("CrashLoopBackOff")
+        );
+        assert_eq!(
+            app.last_state
+                .as_ref()
+                .unwrap()
+                .terminated
+                .as_ref()
+                .unwrap()
+                .exit_code,
+            1
+        );
+        assert_eq!(
+            s.phase.as_deref(),
+            Some("Running"),
+            "Always: restarting counts as running"
+        );
+        let s = sync_at(&rt, &pod, &mut backoff, &mut mem, t0, 12).await;
+        let app = &s.container_statuses.as_ref().unwrap()[0];
+        assert!(app.state.as_ref().unwrap().running.is_some());
+        assert_eq!(app.restart_count, 2);
+        // Kept: the start time of the first sync.
+        assert_eq!(s.start_time, Some(t(0)));
+    }
+
+    #[tokio::test]
+    async fn missing_images_and_config_errors_are_waiting_reasons() {
+        let rt = MemoryRuntime::new();
+        let pod: Pod = serde_json::from_value(json!({
+            "metadata": {"name": "web", "namespace": "ns", "uid": "u2"},
+            "spec": {"containers": [
+                {"name": "never", "image": "img:1", "imagePullPolicy": "Never"},
+                {"name": "pull", "image": "img:2"},
+                {"name": "cfg", "image": "img:3", "imagePullPolicy": "IfNotPresent",
+                 "env": [{"name": "X", "valueFrom": {"configMapKeyRef": {"name": "nope", "key": "k"}}}]}]}
+        }))
+        .unwrap();
+        rt.add_image("img:3");
+        let s = sync_pod(
+            &rt,
+            &pod,
+            &node(),
+            "",
+            &NoObjects,
+            &mut RestartBackoff::default(),
+            &mut PodMemory::default(),
+            Instant::now(),
+            t(0),
+        )
+        .await
+        .unwrap();
+        let reasons: Vec<String> = s
+            .container_statuses
+            .unwrap()
+            .iter()
+            .map(|c| {
+                c.state
+                    .as_ref()
+                    .unwrap()
+                    .waiting
+                    .as_ref()
+                    .unwrap()
+                    .reason
+                    .clone()
+                    .unwrap()
+            })
+            .collect();
+        assert_eq!(
+            reasons,
+            [
+                "ErrImageNeverPull",
+                "ErrImagePull",
+                "CreateContainerConfigError"
+            ]
+        );
+        assert_eq!(s.phase.as_deref(), Some("Pending"));
+    }
+}
