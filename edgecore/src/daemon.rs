@@ -6,6 +6,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use edgecore::config::EdgeCoreConfig;
+use edgecore::edged::cri_config::NodeSettings;
+use edgecore::edged::manager::{Edged, EdgedSettings};
+use edgecore::edged::runtime::{CriRuntime, Runtime};
 use edgecore::edgehub::credentials::{self, CredentialPaths, NodeCredentials};
 use edgecore::edgehub::{EdgeHub, EdgeHubSettings};
 use edgecore::metamanager::metaserver::{self, MetaServerSettings};
@@ -143,6 +146,15 @@ pub async fn run(cfg: EdgeCoreConfig) -> anyhow::Result<()> {
         .await?;
         tracing::info!(%bound, "MetaServer listening (read-only Kubernetes API)");
     }
+    if cfg.modules.edged.enable {
+        tokio::spawn(run_edged(
+            cfg.clone(),
+            node.clone(),
+            store.clone(),
+            outbox.clone(),
+            shutdown.clone(),
+        ));
+    }
     let hub = EdgeHub::new(settings, creds, Arc::new(store), outbox);
     let hub_task = tokio::spawn(hub.run(shutdown.clone()));
     tracing::info!(%node, cloud = %hub_cfg.websocket.server, "edgecore running");
@@ -152,6 +164,60 @@ pub async fn run(cfg: EdgeCoreConfig) -> anyhow::Result<()> {
     shutdown.cancel();
     let _ = hub_task.await;
     Ok(())
+}
+
+/// Edged: waits for the container runtime (retrying; edgecore is useful without it), then runs
+/// pods from the local store.
+async fn run_edged(
+    cfg: EdgeCoreConfig,
+    node: String,
+    store: SqliteStore,
+    outbox: Arc<SqliteOutbox>,
+    shutdown: CancellationToken,
+) {
+    let k = &cfg.modules.edged.tailored_kubelet_config;
+    let endpoint = k.container_runtime_endpoint.clone();
+    let socket = std::path::PathBuf::from(endpoint.trim_start_matches("unix://"));
+    let mut backoff =
+        kedge_common::backoff::Backoff::new(Duration::from_millis(500), Duration::from_secs(10));
+    let mut warned = false;
+    let runtime = loop {
+        match CriRuntime::connect(&socket).await {
+            Ok(rt) => break rt,
+            Err(e) => {
+                if !warned {
+                    tracing::warn!(error = %e, "container runtime not reachable; pods wait for it (modules.edged.tailoredKubeletConfig.containerRuntimeEndpoint)");
+                    warned = true;
+                }
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(backoff.next_delay()) => {}
+        }
+    };
+    if let Ok(v) = runtime.version().await {
+        tracing::info!(runtime = %v.runtime_name, version = %v.runtime_version, %endpoint, "edged connected to the container runtime");
+    }
+    let settings = EdgedSettings {
+        node: NodeSettings {
+            node_name: node,
+            resolv_conf: std::fs::read_to_string(&k.resolv_conf).unwrap_or_else(|e| {
+                tracing::warn!(path = %k.resolv_conf.display(), error = %e, "cannot read resolv.conf; pods get no DNS servers from the node");
+                String::new()
+            }),
+            cluster_dns: k.cluster_dns.clone(),
+            cluster_domain: k.cluster_domain.clone(),
+            cgroup_root: k.cgroup_root.clone(),
+            pod_log_root: k.pod_logs_dir.clone(),
+            node_memory_bytes: edgecore::edged::node::memory_bytes(),
+        },
+        host_ip: edgecore::edged::node::host_ip(),
+        resync: Duration::from_secs(1),
+    };
+    Edged::new(Arc::new(runtime), store, outbox, settings)
+        .run(shutdown)
+        .await;
 }
 
 async fn rotate_when_due(

@@ -146,12 +146,23 @@ impl Default for EdgedConfig {
 #[serde(default, deny_unknown_fields, rename_all = "camelCase")]
 pub struct TailoredKubeletConfig {
     pub container_runtime_endpoint: String,
+    pub cgroup_root: String,
+    #[serde(rename = "clusterDNS")]
+    pub cluster_dns: Vec<String>,
+    pub cluster_domain: String,
+    pub resolv_conf: PathBuf,
+    pub pod_logs_dir: PathBuf,
 }
 
 impl Default for TailoredKubeletConfig {
     fn default() -> Self {
         TailoredKubeletConfig {
             container_runtime_endpoint: "unix:///run/containerd/containerd.sock".to_owned(),
+            cgroup_root: "/kubepods".to_owned(),
+            cluster_dns: Vec::new(),
+            cluster_domain: "cluster.local".to_owned(),
+            resolv_conf: PathBuf::from("/etc/resolv.conf"),
+            pod_logs_dir: PathBuf::from("/var/log/pods"),
         }
     }
 }

@@ -12,11 +12,16 @@
 //! - [`pod_actions`]: what a pod needs next (sandbox, init containers in order, restarts per
 //!   policy and back-off), from the pod and what the runtime has for it.
 //!
-//! The pod workers that apply those actions, volumes, probes and adoption are still to come
-//! (issue: edged).
+//! - [`sync`]: one sync of one pod against the runtime; [`manager`]: the loop that follows the
+//!   store, syncs pods, stops deleted ones and reports status to the outbox.
+//!
+//! Still to come (issue: edged): per-pod workers, volumes, probes, service-account tokens, node
+//! status.
 pub mod backoff;
 pub mod cri_config;
 pub mod env;
+pub mod manager;
+pub mod node;
 pub mod pod_actions;
 pub mod qos;
 pub mod quantity;

@@ -170,7 +170,7 @@ pub async fn sync_pod<R: Runtime>(
     pod: &Pod,
     node: &NodeSettings,
     host_ip: &str,
-    source: &dyn ObjectSource,
+    source: &(dyn ObjectSource + Sync),
     backoff: &mut RestartBackoff,
     memory: &mut PodMemory,
     now: Instant,
@@ -285,6 +285,35 @@ pub async fn sync_pod<R: Runtime>(
         observed = observe(rt, &uid).await?;
     }
     Ok(pod_status(pod, &observed, memory, host_ip, wall_now))
+}
+
+/// The final status of a pod that was stopped for deletion: every container terminated — one
+/// that never ran is reported as the kubelet does (137, `ContainerStatusUnknown`).
+pub fn final_status(pod: &Pod, observed: &Observed, host_ip: &str, wall_now: Time) -> PodStatus {
+    let mut status = pod_status(pod, observed, &mut PodMemory::default(), host_ip, wall_now);
+    let unknown = || k8s_openapi::api::core::v1::ContainerState {
+        terminated: Some(k8s_openapi::api::core::v1::ContainerStateTerminated {
+            exit_code: 137,
+            reason: Some("ContainerStatusUnknown".to_owned()),
+            message: Some(
+                "The container could not be located when the pod was terminated".to_owned(),
+            ),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    for c in status
+        .container_statuses
+        .iter_mut()
+        .flatten()
+        .chain(status.init_container_statuses.iter_mut().flatten())
+    {
+        if c.state.as_ref().is_none_or(|s| s.terminated.is_none()) {
+            c.state = Some(unknown());
+        }
+        c.ready = false;
+    }
+    status
 }
 
 /// How long a container ran (CRI timestamps are wall-clock nanoseconds).

@@ -51,7 +51,7 @@ impl Setup {
         std::fs::write(
             &edgecore_config,
             format!(
-                "database:\n  dataSource: {d}/edge/edgecore.db\nmodules:\n  edgeHub:\n    heartbeat: 1\n    httpServer: https://127.0.0.1:{https}\n    tlsCaFile: {d}/edge/ca.crt\n    tlsCertFile: {d}/edge/edge.crt\n    tlsPrivateKeyFile: {d}/edge/edge.key\n    websocket: {{server: 127.0.0.1:{ws}}}\n  edged:\n    hostnameOverride: {node}\n  metaManager:\n    metaServer: {{server: 127.0.0.1:{meta}}}\n",
+                "database:\n  dataSource: {d}/edge/edgecore.db\nmodules:\n  edgeHub:\n    heartbeat: 1\n    httpServer: https://127.0.0.1:{https}\n    tlsCaFile: {d}/edge/ca.crt\n    tlsCertFile: {d}/edge/edge.crt\n    tlsPrivateKeyFile: {d}/edge/edge.key\n    websocket: {{server: 127.0.0.1:{ws}}}\n  edged:\n    hostnameOverride: {node}\n    tailoredKubeletConfig:\n      containerRuntimeEndpoint: unix://{d}/no-runtime.sock\n      podLogsDir: {d}/pods\n  metaManager:\n    metaServer: {{server: 127.0.0.1:{meta}}}\n",
             ),
         )?;
         Ok(Setup {
@@ -63,6 +63,21 @@ impl Setup {
             cloudcore_config,
             edgecore_config,
         })
+    }
+
+    /// Points edgecore at a container runtime (by default it has none: edged waits for one).
+    pub fn use_container_runtime(&self, socket: &Path, cgroup_root: &str) -> anyhow::Result<()> {
+        let text = std::fs::read_to_string(&self.edgecore_config)?;
+        let d = self.dir.display();
+        let text = text.replace(
+            &format!("containerRuntimeEndpoint: unix://{d}/no-runtime.sock\n"),
+            &format!(
+                "containerRuntimeEndpoint: unix://{}\n      cgroupRoot: {cgroup_root}\n",
+                socket.display()
+            ),
+        );
+        std::fs::write(&self.edgecore_config, text)?;
+        Ok(())
     }
 
     /// The edge's SQLite database.

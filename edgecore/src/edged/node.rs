@@ -1,0 +1,41 @@
+//! Facts about this machine that pods and their status need, read from `/proc`.
+
+/// The first IPv4 address of this host that is not loopback (the pod's `hostIP`), from the
+/// kernel's local routing table. Empty if none is found.
+pub fn host_ip() -> String {
+    let trie = std::fs::read_to_string("/proc/net/fib_trie").unwrap_or_default();
+    let mut last = "";
+    for line in trie.lines() {
+        let t = line.trim_start();
+        if let Some(ip) = t.strip_prefix("|-- ") {
+            last = ip.trim();
+        } else if t.starts_with("/32 host LOCAL") && !last.starts_with("127.") && !last.is_empty() {
+            return last.to_owned();
+        }
+    }
+    String::new()
+}
+
+/// Total memory in bytes (`MemTotal` of /proc/meminfo); 0 if unknown.
+pub fn memory_bytes() -> i64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|kb| kb.parse::<i64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn this_machine_has_memory_and_an_address() {
+        assert!(super::memory_bytes() > 0);
+        let ip = super::host_ip();
+        assert!(
+            ip.is_empty() || ip.parse::<std::net::Ipv4Addr>().is_ok(),
+            "{ip}"
+        );
+    }
+}
