@@ -113,3 +113,124 @@ async fn a_pod_created_in_the_api_runs_on_the_edge_and_is_deleted_cleanly() {
         "the sandbox is removed before the object is deleted"
     );
 }
+
+/// Autonomy across edgecore restarts: running containers are adopted, never restarted, also with
+/// the cloud unreachable; a pod deleted while edgecore was down is cleaned up when it comes
+/// back; a container removed behind edged's back is created again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edgecore_restarts_adopt_running_containers_and_clean_up() {
+    use edgecore::edged::runtime::api;
+    kedge_common::tls::install_crypto_provider();
+    let ctr = TestContainerd::start().unwrap();
+    let server = TestApiServer::start().await.unwrap();
+    let client = server.client().unwrap();
+    server.create_namespace("kubeedge").await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let setup = Setup::write(dir.path(), server.kubeconfig_path(), "edge-adopt").unwrap();
+    setup
+        .use_container_runtime(&ctr.socket, &ctr.cgroup_parent)
+        .unwrap();
+    let mut cloud = setup.cloudcore().unwrap();
+    let log = dir.path().join("cloudcore.log");
+    eventually("cloudcore listening", &setup, &ctr, || async {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("cloudhub listening")
+    })
+    .await;
+    setup.join(&setup.token().unwrap()).unwrap();
+    let mut edge = setup.edgecore().unwrap();
+    let pods: Api<Pod> = Api::default_namespaced(client.clone());
+    let nodes: Api<Node> = Api::all(client.clone());
+    eventually("edge Node registered", &setup, &ctr, || async {
+        nodes.get_opt("edge-adopt").await.unwrap().is_some()
+    })
+    .await;
+    for name in ["a", "b", "c"] {
+        pods.create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "metadata": {"name": name},
+                "spec": {"nodeName": "edge-adopt", "terminationGracePeriodSeconds": 1,
+                    "containers": [{"name": "main", "image": ctr.busybox_image,
+                        "command": ["sh", "-c", "exec sleep 3600"]}]}
+            }))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    }
+    eventually("three pods Running", &setup, &ctr, || async {
+        let mut running = 0;
+        for n in ["a", "b", "c"] {
+            if pods
+                .get(n)
+                .await
+                .unwrap()
+                .status
+                .and_then(|s| s.phase)
+                .as_deref()
+                == Some("Running")
+            {
+                running += 1;
+            }
+        }
+        running == 3
+    })
+    .await;
+    let rt = CriRuntime::connect(&ctr.socket).await.unwrap();
+    let container_of = |pod: &'static str| {
+        let rt = rt.clone();
+        async move {
+            rt.list_containers(None)
+                .await
+                .unwrap()
+                .into_iter()
+                .filter(|c| c.labels.get("io.kubernetes.pod.name").map(String::as_str) == Some(pod))
+                .map(|c| (c.id, c.state, c.metadata.unwrap().attempt))
+                .collect::<Vec<_>>()
+        }
+    };
+    let a_before = container_of("a").await;
+    assert_eq!(a_before.len(), 1);
+
+    // 1. edgecore down while pod c is deleted in the cluster; back with the cloud up.
+    edge.kill();
+    pods.delete("c", &DeleteParams::default().grace_period(0))
+        .await
+        .unwrap();
+    edge.start().unwrap();
+    eventually(
+        "pod c's containers and sandbox removed",
+        &setup,
+        &ctr,
+        || async {
+            container_of("c").await.is_empty()
+                && rt.list_pod_sandboxes(None).await.unwrap().len() == 2
+        },
+    )
+    .await;
+
+    // 2. Both down; b's container removed behind edged's back; edgecore back without the cloud.
+    edge.kill();
+    cloud.kill();
+    let (b_id, _, _) = container_of("b").await[0].clone();
+    rt.stop_container(&b_id, 0).await.unwrap();
+    rt.remove_container(&b_id).await.unwrap();
+    edge.start().unwrap();
+    eventually("b's container created again", &setup, &ctr, || async {
+        container_of("b")
+            .await
+            .iter()
+            .any(|(_, state, _)| *state == api::ContainerState::ContainerRunning as i32)
+    })
+    .await;
+    // a was adopted: the same container, still running, never restarted.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let a_after = container_of("a").await;
+    assert_eq!(
+        a_after, a_before,
+        "a's container is the same one, still attempt 0"
+    );
+    assert_eq!(a_after[0].1, api::ContainerState::ContainerRunning as i32);
+}
