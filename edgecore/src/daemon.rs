@@ -8,6 +8,7 @@ use anyhow::Context;
 use edgecore::config::EdgeCoreConfig;
 use edgecore::edged::cri_config::NodeSettings;
 use edgecore::edged::manager::{Edged, EdgedSettings};
+use edgecore::edged::node_status::NodeFacts;
 use edgecore::edged::runtime::{CriRuntime, Runtime};
 use edgecore::edgehub::credentials::{self, CredentialPaths, NodeCredentials};
 use edgecore::edgehub::{EdgeHub, EdgeHubSettings};
@@ -196,9 +197,19 @@ async fn run_edged(
             _ = tokio::time::sleep(backoff.next_delay()) => {}
         }
     };
-    if let Ok(v) = runtime.version().await {
-        tracing::info!(runtime = %v.runtime_name, version = %v.runtime_version, %endpoint, "edged connected to the container runtime");
-    }
+    let (runtime_name, runtime_version) = match runtime.version().await {
+        Ok(v) => (v.runtime_name, v.runtime_version),
+        Err(_) => ("unknown".to_owned(), String::new()),
+    };
+    tracing::info!(runtime = %runtime_name, version = %runtime_version, %endpoint, "edged connected to the container runtime");
+    let host_ip = edgecore::edged::node::host_ip();
+    let facts = NodeFacts::gather(&node, &host_ip, &runtime_name, &runtime_version);
+    tokio::spawn(edgecore::edged::node_status::report(
+        facts,
+        outbox.clone(),
+        Duration::from_secs(10),
+        shutdown.clone(),
+    ));
     let settings = EdgedSettings {
         node: NodeSettings {
             node_name: node,
@@ -212,7 +223,7 @@ async fn run_edged(
             pod_log_root: k.pod_logs_dir.clone(),
             node_memory_bytes: edgecore::edged::node::memory_bytes(),
         },
-        host_ip: edgecore::edged::node::host_ip(),
+        host_ip,
         resync: Duration::from_secs(1),
     };
     Edged::new(Arc::new(runtime), store, outbox, settings)

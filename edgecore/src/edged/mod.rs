@@ -15,13 +15,17 @@
 //! - [`sync`]: one sync of one pod against the runtime; [`manager`]: the loop that follows the
 //!   store, syncs pods, stops deleted ones and reports status to the outbox.
 //!
-//! Still to come (issue: edged): per-pod workers, volumes, probes, service-account tokens, node
-//! status.
+//! - [`node_status`]: the node's capacity, nodeInfo, addresses and conditions, reported every
+//!   10 s.
+//!
+//! Still to come (issue: edged): per-pod workers, volumes, probes, service-account tokens,
+//! image pull secrets, garbage collection of exited containers.
 pub mod backoff;
 pub mod cri_config;
 pub mod env;
 pub mod manager;
 pub mod node;
+pub mod node_status;
 pub mod pod_actions;
 pub mod qos;
 pub mod quantity;

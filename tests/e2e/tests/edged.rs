@@ -95,6 +95,34 @@ async fn a_pod_created_in_the_api_runs_on_the_edge_and_is_deleted_cleanly() {
         "pod Running in the API {:?} after creation",
         created.elapsed()
     );
+    eventually("the Node Ready with its nodeInfo", &setup, &ctr, || async {
+        let status = nodes
+            .get("edge-run")
+            .await
+            .unwrap()
+            .status
+            .unwrap_or_default();
+        let ready = status
+            .conditions
+            .unwrap_or_default()
+            .into_iter()
+            .any(|c| c.type_ == "Ready" && c.status == "True");
+        ready && status.node_info.is_some()
+    })
+    .await;
+    let info = nodes
+        .get("edge-run")
+        .await
+        .unwrap()
+        .status
+        .unwrap()
+        .node_info
+        .unwrap();
+    assert!(
+        info.container_runtime_version.starts_with("containerd://"),
+        "{info:?}"
+    );
+    assert!(info.kubelet_version.starts_with("kedge-v"));
 
     let rt = CriRuntime::connect(&ctr.socket).await.unwrap();
     assert_eq!(rt.list_pod_sandboxes(None).await.unwrap().len(), 1);
