@@ -221,6 +221,7 @@ async fn run_edged(
             cluster_domain: k.cluster_domain.clone(),
             cgroup_root: k.cgroup_root.clone(),
             pod_log_root: k.pod_logs_dir.clone(),
+            root_dir: k.root_directory.clone(),
             node_memory_bytes: edgecore::edged::node::memory_bytes(),
         },
         host_ip,

@@ -152,6 +152,7 @@ pub struct TailoredKubeletConfig {
     pub cluster_domain: String,
     pub resolv_conf: PathBuf,
     pub pod_logs_dir: PathBuf,
+    pub root_directory: PathBuf,
 }
 
 impl Default for TailoredKubeletConfig {
@@ -163,6 +164,7 @@ impl Default for TailoredKubeletConfig {
             cluster_domain: "cluster.local".to_owned(),
             resolv_conf: PathBuf::from("/etc/resolv.conf"),
             pod_logs_dir: PathBuf::from("/var/log/pods"),
+            root_directory: PathBuf::from("/var/lib/kedge/edged"),
         }
     }
 }

@@ -39,6 +39,8 @@ pub struct NodeSettings {
     pub cgroup_root: String,
     /// Where pod log directories are created (`/var/log/pods`).
     pub pod_log_root: std::path::PathBuf,
+    /// edged's own directory (the kubelet's `--root-dir`): pod volumes live under it.
+    pub root_dir: std::path::PathBuf,
     pub node_memory_bytes: i64,
 }
 
@@ -453,6 +455,7 @@ mod tests {
             cluster_domain: "cluster.local".into(),
             cgroup_root: "/kubepods".into(),
             pod_log_root: "/var/log/pods".into(),
+            root_dir: "/var/lib/kedge/edged".into(),
             node_memory_bytes: 8 << 30,
         }
     }

@@ -254,6 +254,17 @@ impl<R: Runtime, O: Outbox> Edged<R, O> {
             }
             Err(e) => tracing::warn!(%uid, error = %e, "cannot list the pod's containers"),
         }
+        self.remove_volumes(uid).await;
+    }
+
+    /// Removes the pod's volume directory (unmounting tmpfs emptyDirs) off the async threads.
+    async fn remove_volumes(&self, uid: &str) {
+        let (root, id) = (self.settings.node.root_dir.clone(), uid.to_owned());
+        match tokio::task::spawn_blocking(move || super::volumes::remove(&root, &id)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(%uid, error = %e, "cannot remove the pod's volumes"),
+            Err(e) => tracing::warn!(%uid, error = %e, "volume removal task failed"),
+        }
     }
 
     async fn report(&self, pod: &Pod, status: &PodStatus) {
@@ -386,6 +397,7 @@ impl<R: Runtime, O: Outbox> Edged<R, O> {
                     tracing::warn!(%uid, error = %e, "cannot remove a terminating pod's sandbox");
                 }
             }
+            edged.remove_volumes(&uid).await;
             if let Ok(stopped) = stopped {
                 let status =
                     sync::final_status(&pod, &stopped, &edged.settings.host_ip, now_time());

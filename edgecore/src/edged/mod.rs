@@ -32,3 +32,4 @@ pub mod quantity;
 pub mod runtime;
 pub mod status;
 pub mod sync;
+pub mod volumes;

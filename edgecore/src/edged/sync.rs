@@ -16,6 +16,7 @@ use super::pod_actions::{self, ContainerInfo, RuntimePod, SandboxInfo};
 use super::qos::qos_class;
 use super::runtime::{Runtime, RuntimeError, api};
 use super::status::{self, ContainerView, Waiting};
+use super::volumes;
 
 /// Grace period for containers killed because their sandbox went away.
 const KILL_GRACE_SECONDS: i64 = 2;
@@ -190,6 +191,13 @@ pub async fn sync_pod<R: Runtime>(
         let _ = tokio::fs::create_dir_all(&config.log_directory).await;
         rt.run_pod_sandbox(config).await?;
     }
+    if actions.start.is_empty() && observed.pod.sandboxes.iter().any(|s| s.ready) {
+        // Keep written volumes current (ConfigMap/Secret changes reach running containers).
+        let ctx = pod_context(node, host_ip, &observed);
+        if let Err(e) = prepare_volumes(pod, node, &ctx, source).await {
+            tracing::warn!(pod = ?pod.metadata.name, error = %e, "cannot update volumes");
+        }
+    }
     if !actions.start.is_empty() {
         observed = observe(rt, &uid).await?;
         let Some(sandbox) = observed
@@ -204,15 +212,21 @@ pub async fn sync_pod<R: Runtime>(
                 "the pod's sandbox is not ready".into(),
             ));
         };
-        let ctx = PodContext {
-            node_name: node.node_name.clone(),
-            host_ip: host_ip.to_owned(),
-            pod_ips: vec![observed.sandbox_ip.clone()]
-                .into_iter()
-                .filter(|i| !i.is_empty())
-                .collect(),
-            node_allocatable_milli_cpu: 0,
-            node_allocatable_memory: node.node_memory_bytes,
+        let ctx = pod_context(node, host_ip, &observed);
+        let vols = match prepare_volumes(pod, node, &ctx, source).await {
+            Ok(v) => v,
+            Err(e) => {
+                for start in &actions.start {
+                    memory.waiting.insert(
+                        start.name.clone(),
+                        Waiting {
+                            reason: "CreateContainerConfigError".into(),
+                            message: e.to_string(),
+                        },
+                    );
+                }
+                return Ok(pod_status(pod, &observed, memory, host_ip, wall_now));
+            }
         };
         let sb_config = cri_config::sandbox_config(pod, node, sandbox.attempt)
             .map_err(|e| RuntimeError::Invalid(e.to_string()))?;
@@ -245,14 +259,19 @@ pub async fn sync_pod<R: Runtime>(
                 node,
                 &ctx,
                 source,
-            ) {
+            )
+            .map_err(|e| e.to_string())
+            .and_then(|mut c| {
+                c.mounts = volumes::mounts(pod, container, &vols).map_err(|e| e.to_string())?;
+                Ok(c)
+            }) {
                 Ok(c) => c,
                 Err(e) => {
                     memory.waiting.insert(
                         start.name.clone(),
                         Waiting {
                             reason: "CreateContainerConfigError".into(),
-                            message: e.to_string(),
+                            message: e,
                         },
                     );
                     continue;
@@ -314,6 +333,42 @@ pub fn final_status(pod: &Pod, observed: &Observed, host_ip: &str, wall_now: Tim
         c.ready = false;
     }
     status
+}
+
+fn pod_context(node: &NodeSettings, host_ip: &str, observed: &Observed) -> PodContext {
+    PodContext {
+        node_name: node.node_name.clone(),
+        host_ip: host_ip.to_owned(),
+        pod_ips: Some(observed.sandbox_ip.clone())
+            .filter(|i| !i.is_empty())
+            .into_iter()
+            .collect(),
+        node_allocatable_milli_cpu: 0,
+        node_allocatable_memory: node.node_memory_bytes,
+    }
+}
+
+/// Resolves the pod's volumes from the store, then writes them off the async threads.
+async fn prepare_volumes(
+    pod: &Pod,
+    node: &NodeSettings,
+    ctx: &PodContext,
+    source: &(dyn ObjectSource + Sync),
+) -> Result<HashMap<String, std::path::PathBuf>, volumes::VolumeError> {
+    let plans = volumes::plan(pod, ctx, source)?;
+    if plans.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let root = node.root_dir.clone();
+    let uid = pod.metadata.uid.clone().unwrap_or_default();
+    tokio::task::spawn_blocking(move || volumes::apply(&root, &uid, &plans))
+        .await
+        .unwrap_or_else(|e| {
+            Err(volumes::VolumeError::Io {
+                volume: "*".into(),
+                reason: e.to_string(),
+            })
+        })
 }
 
 /// How long a container ran (CRI timestamps are wall-clock nanoseconds).
@@ -445,6 +500,7 @@ mod tests {
             cluster_domain: "cluster.local".into(),
             cgroup_root: "/kubepods".into(),
             pod_log_root: std::env::temp_dir().join("kedge-sync-test-logs"),
+            root_dir: std::env::temp_dir().join("kedge-sync-test-root"),
             node_memory_bytes: 8 << 30,
         }
     }

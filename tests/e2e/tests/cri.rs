@@ -239,6 +239,7 @@ async fn a_pods_generated_configs_run_on_containerd_as_written() {
         cluster_domain: "cluster.local".into(),
         cgroup_root: ctr.cgroup_parent.clone(),
         pod_log_root: ctr.dir().join("pods"),
+        root_dir: ctr.dir().join("edged"),
         node_memory_bytes: 8 << 30,
     };
     let sb_config = sandbox_config(&pod, &node, 0).unwrap();
@@ -332,6 +333,7 @@ async fn pod_sync_runs_init_then_app_and_restarts_a_crashing_container() {
         cluster_domain: "cluster.local".into(),
         cgroup_root: ctr.cgroup_parent.clone(),
         pod_log_root: ctr.dir().join("pods"),
+        root_dir: ctr.dir().join("edged"),
         node_memory_bytes: 8 << 30,
     };
     let mut backoff = RestartBackoff::default();

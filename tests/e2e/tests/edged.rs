@@ -262,3 +262,144 @@ async fn edgecore_restarts_adopt_running_containers_and_clean_up() {
     );
     assert_eq!(a_after[0].1, api::ContainerState::ContainerRunning as i32);
 }
+
+/// A ConfigMap volume, a Secret volume and a Secret env var reach the running container; an
+/// update of the ConfigMap in the API is seen inside the container within 2 s, without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn configmap_and_secret_volumes_reach_the_container_and_update_in_place() {
+    use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+    use kube::api::{Patch, PatchParams};
+    kedge_common::tls::install_crypto_provider();
+    let ctr = TestContainerd::start().unwrap();
+    let server = TestApiServer::start().await.unwrap();
+    let client = server.client().unwrap();
+    server.create_namespace("kubeedge").await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let setup = Setup::write(dir.path(), server.kubeconfig_path(), "edge-vol").unwrap();
+    setup
+        .use_container_runtime(&ctr.socket, &ctr.cgroup_parent)
+        .unwrap();
+    let _cloud = setup.cloudcore().unwrap();
+    let log = dir.path().join("cloudcore.log");
+    eventually("cloudcore listening", &setup, &ctr, || async {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("cloudhub listening")
+    })
+    .await;
+    setup.join(&setup.token().unwrap()).unwrap();
+    let _edge = setup.edgecore().unwrap();
+    let nodes: Api<Node> = Api::all(client.clone());
+    eventually("edge Node registered", &setup, &ctr, || async {
+        nodes.get_opt("edge-vol").await.unwrap().is_some()
+    })
+    .await;
+    let cms: Api<ConfigMap> = Api::default_namespaced(client.clone());
+    cms.create(
+        &PostParams::default(),
+        &serde_json::from_value(
+            json!({"metadata": {"name": "app-config"}, "data": {"greeting": "hello"}}),
+        )
+        .unwrap(),
+    )
+    .await
+    .unwrap();
+    let secrets: Api<Secret> = Api::default_namespaced(client.clone());
+    secrets
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(
+                json!({"metadata": {"name": "app-secret"}, "stringData": {"password": "s3cr3t"}}),
+            )
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    let pods: Api<Pod> = Api::default_namespaced(client.clone());
+    pods.create(
+        &PostParams::default(),
+        &serde_json::from_value(json!({
+            "metadata": {"name": "vols"},
+            "spec": {"nodeName": "edge-vol",
+                "containers": [{"name": "main", "image": ctr.busybox_image,
+                    "command": ["sh", "-c", "exec sleep 3600"],
+                    "env": [{"name": "PASSWORD", "valueFrom": {"secretKeyRef": {"name": "app-secret", "key": "password"}}}],
+                    "volumeMounts": [{"name": "config", "mountPath": "/etc/app"},
+                                     {"name": "secret", "mountPath": "/etc/secret"},
+                                     {"name": "scratch", "mountPath": "/scratch"}]}],
+                "volumes": [{"name": "config", "configMap": {"name": "app-config"}},
+                            {"name": "secret", "secret": {"secretName": "app-secret", "defaultMode": 256}},
+                            {"name": "scratch", "emptyDir": {}}]}
+        }))
+        .unwrap(),
+    )
+    .await
+    .unwrap();
+    eventually("pod Running", &setup, &ctr, || async {
+        pods.get("vols")
+            .await
+            .unwrap()
+            .status
+            .and_then(|s| s.phase)
+            .as_deref()
+            == Some("Running")
+    })
+    .await;
+    let rt = CriRuntime::connect(&ctr.socket).await.unwrap();
+    let id = rt.list_containers(None).await.unwrap()[0].id.clone();
+    let exec = |cmd: &'static [&'static str]| {
+        let (rt, id) = (rt.clone(), id.clone());
+        async move {
+            let r = rt
+                .exec_sync(&id, cmd.iter().map(|s| s.to_string()).collect(), 5)
+                .await
+                .unwrap();
+            String::from_utf8_lossy(&r.stdout).into_owned()
+        }
+    };
+    assert_eq!(exec(&["cat", "/etc/app/greeting"]).await, "hello");
+    assert_eq!(exec(&["cat", "/etc/secret/password"]).await, "s3cr3t");
+    assert!(exec(&["env"]).await.contains("PASSWORD=s3cr3t\n"));
+    assert_eq!(
+        exec(&["sh", "-c", "echo ok > /scratch/f && cat /scratch/f"]).await,
+        "ok\n"
+    );
+    // Read-only: the container cannot change its ConfigMap.
+    assert_eq!(
+        exec(&[
+            "sh",
+            "-c",
+            "echo x > /etc/app/greeting 2>/dev/null || echo ro"
+        ])
+        .await,
+        "ro\n"
+    );
+
+    let t = Instant::now();
+    cms.patch(
+        "app-config",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"data": {"greeting": "updated"}})),
+    )
+    .await
+    .unwrap();
+    loop {
+        if exec(&["cat", "/etc/app/greeting"]).await == "updated" {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(2),
+            "ConfigMap update not seen within 2 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!(
+        "ConfigMap change seen inside the container after {:?}",
+        t.elapsed()
+    );
+    assert_eq!(
+        rt.list_containers(None).await.unwrap()[0].id,
+        id,
+        "updated in place, not restarted"
+    );
+}
