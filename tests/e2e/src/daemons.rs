@@ -7,18 +7,20 @@ use std::process::{Child, Command, Stdio};
 
 use anyhow::{Context, bail};
 
-/// A binary built next to the running test executable (`target/<profile>/<name>`).
+/// A binary built next to the running executable: `target/<profile>/<name>`, seen from a test
+/// (`target/<profile>/deps/`) or from a benchmark binary (`target/<profile>/`).
 pub fn bin(name: &str) -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .context("test executable has no parent directory")?;
-    let path = dir.join(name);
-    if !path.exists() {
-        bail!("{} is not built", path.display());
+    let dir = exe.parent().context("executable has no parent directory")?;
+    for candidate in [
+        dir.join(name),
+        dir.parent().map(|p| p.join(name)).unwrap_or_default(),
+    ] {
+        if candidate.is_file() {
+            return Ok(candidate);
+        }
     }
-    Ok(path)
+    bail!("{name} is not built next to {}", exe.display())
 }
 
 /// Ports and config files for one cloudcore and one edge node.
@@ -203,6 +205,7 @@ impl Daemon {
         self.child.is_some()
     }
 
+    /// The running process's id.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
     }
