@@ -135,6 +135,32 @@ impl Setup {
         )
     }
 
+    /// Waits (30 s at most) until cloudcore's log says it listens.
+    pub async fn wait_cloudcore_listening(&self) -> anyhow::Result<()> {
+        let log = self.dir.join("cloudcore.log");
+        let start = std::time::Instant::now();
+        while !std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("cloudhub listening")
+        {
+            if start.elapsed() > std::time::Duration::from_secs(30) {
+                bail!("cloudcore did not start listening\n{}", self.log_tails(50));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        Ok(())
+    }
+
+    /// Starts cloudcore, waits until it listens, issues a token, joins the edge and starts
+    /// edgecore: what a user does to bring up one edge node.
+    pub async fn start_both(&self) -> anyhow::Result<(Daemon, Daemon)> {
+        let cloud = self.cloudcore()?;
+        self.wait_cloudcore_listening().await?;
+        self.join(&self.token()?)?;
+        let edge = self.edgecore()?;
+        Ok((cloud, edge))
+    }
+
     /// The last `lines` lines of both logs, for failure messages.
     pub fn log_tails(&self, lines: usize) -> String {
         let mut out = String::new();

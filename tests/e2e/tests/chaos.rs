@@ -327,22 +327,7 @@ async fn random_sigkills_of_both_daemons_leave_the_edge_holding_exactly_the_clus
     server.create_namespace("kubeedge").await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let setup = Setup::write(dir.path(), server.kubeconfig_path(), NODE).unwrap();
-    let mut cloud = setup.cloudcore().unwrap();
-    let log = dir.path().join("cloudcore.log");
-    let started = Instant::now();
-    while !std::fs::read_to_string(&log)
-        .unwrap_or_default()
-        .contains("cloudhub listening")
-    {
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "cloudcore did not start\n{}",
-            setup.log_tails(50)
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    setup.join(&setup.token().unwrap()).unwrap();
-    let mut edge = setup.edgecore().unwrap();
+    let (mut cloud, mut edge) = setup.start_both().await.unwrap();
 
     // Chaos: each daemon is killed at random moments and restarted after a random pause.
     let mut kills = [0u32; 2];

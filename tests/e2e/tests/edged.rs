@@ -31,33 +31,64 @@ where
     }
 }
 
+/// One edge node on a private containerd, with cloudcore against the test API server, up and
+/// registered.
+struct Rig {
+    ctr: TestContainerd,
+    client: kube::Client,
+    setup: Setup,
+    cloud: kedge_e2e::daemons::Daemon,
+    edge: kedge_e2e::daemons::Daemon,
+    nodes: Api<Node>,
+    _server: TestApiServer,
+    _dir: tempfile::TempDir,
+}
+
+impl Rig {
+    async fn start(node: &str) -> Rig {
+        kedge_common::tls::install_crypto_provider();
+        let ctr = TestContainerd::start().unwrap();
+        let server = TestApiServer::start().await.unwrap();
+        let client = server.client().unwrap();
+        server.create_namespace("kubeedge").await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let setup = Setup::write(dir.path(), server.kubeconfig_path(), node).unwrap();
+        setup
+            .use_container_runtime(&ctr.socket, &ctr.cgroup_parent)
+            .unwrap();
+        let (cloud, edge) = setup.start_both().await.unwrap();
+        let nodes: Api<Node> = Api::all(client.clone());
+        eventually("edge Node registered", &setup, &ctr, || async {
+            nodes.get_opt(node).await.unwrap().is_some()
+        })
+        .await;
+        Rig {
+            ctr,
+            client,
+            setup,
+            cloud,
+            edge,
+            nodes,
+            _server: server,
+            _dir: dir,
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pod_created_in_the_api_runs_on_the_edge_and_is_deleted_cleanly() {
-    kedge_common::tls::install_crypto_provider();
-    let ctr = TestContainerd::start().unwrap();
-    let server = TestApiServer::start().await.unwrap();
-    let client = server.client().unwrap();
-    server.create_namespace("kubeedge").await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let setup = Setup::write(dir.path(), server.kubeconfig_path(), "edge-run").unwrap();
-    setup
-        .use_container_runtime(&ctr.socket, &ctr.cgroup_parent)
-        .unwrap();
-    let _cloud = setup.cloudcore().unwrap();
-    let log = dir.path().join("cloudcore.log");
-    eventually("cloudcore listening", &setup, &ctr, || async {
-        std::fs::read_to_string(&log)
-            .unwrap_or_default()
-            .contains("cloudhub listening")
-    })
-    .await;
-    setup.join(&setup.token().unwrap()).unwrap();
-    let _edge = setup.edgecore().unwrap();
-    let nodes: Api<Node> = Api::all(client.clone());
-    eventually("edge Node registered", &setup, &ctr, || async {
-        nodes.get_opt("edge-run").await.unwrap().is_some()
-    })
-    .await;
+    let Rig {
+        ctr,
+        client,
+        setup,
+        cloud,
+        edge,
+        nodes,
+        _server,
+        _dir,
+    } = Rig::start("edge-run").await;
+    let _cloud = cloud;
+    let _edge = edge;
 
     let pods: Api<Pod> = Api::default_namespaced(client.clone());
     let created = Instant::now();
@@ -148,32 +179,19 @@ async fn a_pod_created_in_the_api_runs_on_the_edge_and_is_deleted_cleanly() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn edgecore_restarts_adopt_running_containers_and_clean_up() {
     use edgecore::edged::runtime::api;
-    kedge_common::tls::install_crypto_provider();
-    let ctr = TestContainerd::start().unwrap();
-    let server = TestApiServer::start().await.unwrap();
-    let client = server.client().unwrap();
-    server.create_namespace("kubeedge").await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let setup = Setup::write(dir.path(), server.kubeconfig_path(), "edge-adopt").unwrap();
-    setup
-        .use_container_runtime(&ctr.socket, &ctr.cgroup_parent)
-        .unwrap();
-    let mut cloud = setup.cloudcore().unwrap();
-    let log = dir.path().join("cloudcore.log");
-    eventually("cloudcore listening", &setup, &ctr, || async {
-        std::fs::read_to_string(&log)
-            .unwrap_or_default()
-            .contains("cloudhub listening")
-    })
-    .await;
-    setup.join(&setup.token().unwrap()).unwrap();
-    let mut edge = setup.edgecore().unwrap();
+    let Rig {
+        ctr,
+        client,
+        setup,
+        cloud,
+        edge,
+        nodes: _,
+        _server,
+        _dir,
+    } = Rig::start("edge-adopt").await;
+    let mut cloud = cloud;
+    let mut edge = edge;
     let pods: Api<Pod> = Api::default_namespaced(client.clone());
-    let nodes: Api<Node> = Api::all(client.clone());
-    eventually("edge Node registered", &setup, &ctr, || async {
-        nodes.get_opt("edge-adopt").await.unwrap().is_some()
-    })
-    .await;
     for name in ["a", "b", "c"] {
         pods.create(
             &PostParams::default(),
@@ -269,31 +287,18 @@ async fn edgecore_restarts_adopt_running_containers_and_clean_up() {
 async fn configmap_and_secret_volumes_reach_the_container_and_update_in_place() {
     use k8s_openapi::api::core::v1::{ConfigMap, Secret};
     use kube::api::{Patch, PatchParams};
-    kedge_common::tls::install_crypto_provider();
-    let ctr = TestContainerd::start().unwrap();
-    let server = TestApiServer::start().await.unwrap();
-    let client = server.client().unwrap();
-    server.create_namespace("kubeedge").await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let setup = Setup::write(dir.path(), server.kubeconfig_path(), "edge-vol").unwrap();
-    setup
-        .use_container_runtime(&ctr.socket, &ctr.cgroup_parent)
-        .unwrap();
-    let _cloud = setup.cloudcore().unwrap();
-    let log = dir.path().join("cloudcore.log");
-    eventually("cloudcore listening", &setup, &ctr, || async {
-        std::fs::read_to_string(&log)
-            .unwrap_or_default()
-            .contains("cloudhub listening")
-    })
-    .await;
-    setup.join(&setup.token().unwrap()).unwrap();
-    let _edge = setup.edgecore().unwrap();
-    let nodes: Api<Node> = Api::all(client.clone());
-    eventually("edge Node registered", &setup, &ctr, || async {
-        nodes.get_opt("edge-vol").await.unwrap().is_some()
-    })
-    .await;
+    let Rig {
+        ctr,
+        client,
+        setup,
+        cloud,
+        edge,
+        nodes: _,
+        _server,
+        _dir,
+    } = Rig::start("edge-vol").await;
+    let _cloud = cloud;
+    let _edge = edge;
     let cms: Api<ConfigMap> = Api::default_namespaced(client.clone());
     cms.create(
         &PostParams::default(),

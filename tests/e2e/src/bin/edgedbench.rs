@@ -185,19 +185,7 @@ async fn main() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let setup = Setup::write(dir.path(), server.kubeconfig_path(), NODE)?;
     setup.use_container_runtime(&ctr.socket, &ctr.cgroup_parent)?;
-    let _cloud = setup.cloudcore()?;
-    let t = Instant::now();
-    while !std::fs::read_to_string(dir.path().join("cloudcore.log"))
-        .unwrap_or_default()
-        .contains("cloudhub listening")
-    {
-        if t.elapsed() > Duration::from_secs(30) {
-            bail!("cloudcore did not start");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    setup.join(&setup.token()?)?;
-    let edge = setup.edgecore()?;
+    let (_cloud, edge) = setup.start_both().await?;
     let pid = edge.pid().context("edgecore pid")?;
     let nodes: Api<Node> = Api::all(client.clone());
     while nodes.get_opt(NODE).await?.is_none() {
