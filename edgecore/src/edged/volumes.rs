@@ -135,6 +135,43 @@ fn downward_items(
     Ok(())
 }
 
+/// A ConfigMap or Secret a volume takes its files from: name, optional.
+enum Source<'a> {
+    ConfigMap(&'a str, bool),
+    Secret(&'a str, bool),
+}
+
+/// Adds the files of a ConfigMap or Secret (all keys, or `items`); a missing optional source adds
+/// nothing.
+fn add_source(
+    payload: &mut Payload,
+    source: &dyn ObjectSource,
+    ns: &str,
+    from: Source<'_>,
+    items: Option<&Vec<KeyToPath>>,
+    mode: u32,
+) -> Result<(), VolumeError> {
+    let (data, optional, missing, missing_key): (_, _, _, fn(String) -> VolumeError) = match from {
+        Source::ConfigMap(name, optional) => (
+            source.config_map(ns, name).map(|c| config_map_data(&c)),
+            optional,
+            VolumeError::ConfigMapNotFound(name.to_owned()),
+            VolumeError::ConfigMapKeyNotFound,
+        ),
+        Source::Secret(name, optional) => (
+            source.secret(ns, name).map(|s| secret_data(&s)),
+            optional,
+            VolumeError::SecretNotFound(name.to_owned()),
+            VolumeError::SecretKeyNotFound,
+        ),
+    };
+    match data {
+        Some(d) => add_items(payload, d, items, mode, missing_key),
+        None if optional => Ok(()),
+        None => Err(missing),
+    }
+}
+
 /// What a written volume must hold now; `None` for an optional source that does not exist.
 fn payload_of(
     pod: &Pod,
@@ -144,35 +181,30 @@ fn payload_of(
 ) -> Result<Option<Payload>, VolumeError> {
     let ns = pod.metadata.namespace.as_deref().unwrap_or("default");
     let mut payload = Payload::new();
+    let mode_of = |m: Option<i32>| m.map_or(0o644, |m| m as u32);
     if let Some(c) = &volume.config_map {
-        let mode = c.default_mode.map_or(0o644, |m| m as u32);
-        match source.config_map(ns, &c.name) {
-            Some(cm) => add_items(
-                &mut payload,
-                config_map_data(&cm),
-                c.items.as_ref(),
-                mode,
-                VolumeError::ConfigMapKeyNotFound,
-            )?,
-            None if c.optional.unwrap_or(false) => {}
-            None => return Err(VolumeError::ConfigMapNotFound(c.name.clone())),
-        }
+        let from = Source::ConfigMap(&c.name, c.optional.unwrap_or(false));
+        add_source(
+            &mut payload,
+            source,
+            ns,
+            from,
+            c.items.as_ref(),
+            mode_of(c.default_mode),
+        )?;
         return Ok(Some(payload));
     }
     if let Some(s) = &volume.secret {
-        let name = s.secret_name.clone().unwrap_or_default();
-        let mode = s.default_mode.map_or(0o644, |m| m as u32);
-        match source.secret(ns, &name) {
-            Some(secret) => add_items(
-                &mut payload,
-                secret_data(&secret),
-                s.items.as_ref(),
-                mode,
-                VolumeError::SecretKeyNotFound,
-            )?,
-            None if s.optional.unwrap_or(false) => {}
-            None => return Err(VolumeError::SecretNotFound(name)),
-        }
+        let name = s.secret_name.as_deref().unwrap_or_default();
+        let from = Source::Secret(name, s.optional.unwrap_or(false));
+        add_source(
+            &mut payload,
+            source,
+            ns,
+            from,
+            s.items.as_ref(),
+            mode_of(s.default_mode),
+        )?;
         return Ok(Some(payload));
     }
     if let Some(d) = &volume.downward_api {
@@ -190,29 +222,11 @@ fn payload_of(
         let mode = p.default_mode.map_or(0o644, |m| m as u32);
         for src in p.sources.iter().flatten() {
             if let Some(c) = &src.config_map {
-                match source.config_map(ns, &c.name) {
-                    Some(cm) => add_items(
-                        &mut payload,
-                        config_map_data(&cm),
-                        c.items.as_ref(),
-                        mode,
-                        VolumeError::ConfigMapKeyNotFound,
-                    )?,
-                    None if c.optional.unwrap_or(false) => {}
-                    None => return Err(VolumeError::ConfigMapNotFound(c.name.clone())),
-                }
+                let from = Source::ConfigMap(&c.name, c.optional.unwrap_or(false));
+                add_source(&mut payload, source, ns, from, c.items.as_ref(), mode)?;
             } else if let Some(s) = &src.secret {
-                match source.secret(ns, &s.name) {
-                    Some(secret) => add_items(
-                        &mut payload,
-                        secret_data(&secret),
-                        s.items.as_ref(),
-                        mode,
-                        VolumeError::SecretKeyNotFound,
-                    )?,
-                    None if s.optional.unwrap_or(false) => {}
-                    None => return Err(VolumeError::SecretNotFound(s.name.clone())),
-                }
+                let from = Source::Secret(&s.name, s.optional.unwrap_or(false));
+                add_source(&mut payload, source, ns, from, s.items.as_ref(), mode)?;
             } else if let Some(d) = &src.downward_api {
                 downward_items(
                     pod,
