@@ -241,6 +241,18 @@ pub async fn sync_pod<R: Runtime>(
                 continue;
             };
             let image = container.image.clone().unwrap_or_default();
+            // Failed pulls back off like restarts (10 s doubling to 5 min), keyed apart from them.
+            let pull_key = format!("pull/{}", start.name);
+            if backoff.blocked_until(&uid, &pull_key, now).is_some() {
+                memory.waiting.insert(
+                    start.name.clone(),
+                    Waiting {
+                        reason: "ImagePullBackOff".into(),
+                        message: format!("Back-off pulling image \"{image}\""),
+                    },
+                );
+                continue;
+            }
             if let Err(w) = ensure_image(
                 rt,
                 &image,
@@ -249,6 +261,9 @@ pub async fn sync_pod<R: Runtime>(
             )
             .await
             {
+                if w.reason == "ErrImagePull" {
+                    backoff.failed(&uid, &pull_key, now, None);
+                }
                 memory.waiting.insert(start.name.clone(), w);
                 continue;
             }
@@ -613,6 +628,58 @@ mod tests {
         assert_eq!(app.restart_count, 2);
         // Kept: the start time of the first sync.
         assert_eq!(s.start_time, Some(t(0)));
+    }
+
+    #[tokio::test]
+    async fn failed_pulls_back_off_as_image_pull_back_off() {
+        let rt = MemoryRuntime::new();
+        let pod: Pod = serde_json::from_value(json!({
+            "metadata": {"name": "web", "namespace": "ns", "uid": "u3"},
+            "spec": {"containers": [{"name": "c", "image": "registry.local/missing:1"}]}
+        }))
+        .unwrap();
+        let (mut backoff, mut mem, t0) = (
+            RestartBackoff::default(),
+            PodMemory::default(),
+            Instant::now(),
+        );
+        let reason = |s: &PodStatus| {
+            s.container_statuses.as_ref().unwrap()[0]
+                .state
+                .as_ref()
+                .unwrap()
+                .waiting
+                .as_ref()
+                .unwrap()
+                .reason
+                .clone()
+                .unwrap()
+        };
+        let pulls = |rt: &MemoryRuntime| {
+            rt.calls()
+                .iter()
+                .filter(|c| c.starts_with("PullImage"))
+                .count()
+        };
+        let s = sync_at(&rt, &pod, &mut backoff, &mut mem, t0, 0).await;
+        assert_eq!((reason(&s), pulls(&rt)), ("ErrImagePull".to_owned(), 1));
+        let s = sync_at(&rt, &pod, &mut backoff, &mut mem, t0, 5).await;
+        assert_eq!(
+            (reason(&s), pulls(&rt)),
+            ("ImagePullBackOff".to_owned(), 1),
+            "no pull while backing off"
+        );
+        rt.allow_pull("registry.local/missing:1");
+        let s = sync_at(&rt, &pod, &mut backoff, &mut mem, t0, 10).await;
+        assert_eq!(pulls(&rt), 2);
+        assert!(
+            s.container_statuses.unwrap()[0]
+                .state
+                .as_ref()
+                .unwrap()
+                .running
+                .is_some()
+        );
     }
 
     #[tokio::test]
