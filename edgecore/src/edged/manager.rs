@@ -8,13 +8,14 @@
 //!   its final status (containers terminated) reported once the sandbox is gone; a pod that
 //!   disappears from the store is stopped and removed.
 //!
-//! Pods are synced one after the other in this first version; a slow image pull delays the
-//! others (the per-pod workers of the edged issue will fix that).
+//! Pods are synced concurrently, each with its own memory and back-off (per-pod workers with
+//! their own timers are the next step of the edged issue).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, PodStatus, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kedge_common::{Message, Operation};
@@ -40,6 +41,16 @@ pub struct EdgedSettings {
 }
 
 type NsName = (String, String);
+
+/// Pods synced at the same time at most.
+const MAX_CONCURRENT_SYNCS: usize = 16;
+
+/// What edged remembers about one pod between syncs.
+#[derive(Default)]
+struct PodState {
+    memory: PodMemory,
+    backoff: RestartBackoff,
+}
 
 #[derive(Default)]
 struct Cache {
@@ -149,9 +160,8 @@ impl<R: Runtime, O: Outbox> Edged<R, O> {
 
     /// Runs until `shutdown`. Containers keep running when edged stops (as with the kubelet).
     pub async fn run(self, shutdown: CancellationToken) {
-        let mut memory: HashMap<String, PodMemory> = HashMap::new();
+        let mut states: HashMap<String, PodState> = HashMap::new();
         let mut reported: HashMap<String, PodStatus> = HashMap::new();
-        let mut backoff = RestartBackoff::default();
         let terminating: Arc<std::sync::Mutex<HashSet<String>>> = Arc::default();
         let mut known_uids: HashSet<String> = HashSet::new();
         let mut cleaned_up = false;
@@ -178,9 +188,8 @@ impl<R: Runtime, O: Outbox> Edged<R, O> {
                 }
                 self.sync_all(
                     &cache,
-                    &mut memory,
+                    &mut states,
                     &mut reported,
-                    &mut backoff,
                     &terminating,
                     &mut known_uids,
                 )
@@ -289,9 +298,8 @@ impl<R: Runtime, O: Outbox> Edged<R, O> {
     async fn sync_all(
         &self,
         cache: &Cache,
-        memory: &mut HashMap<String, PodMemory>,
+        states: &mut HashMap<String, PodState>,
         reported: &mut HashMap<String, PodStatus>,
-        backoff: &mut RestartBackoff,
         terminating: &Arc<std::sync::Mutex<HashSet<String>>>,
         known_uids: &mut HashSet<String>,
     ) {
@@ -308,30 +316,33 @@ impl<R: Runtime, O: Outbox> Edged<R, O> {
         {
             tracing::info!(uid = %gone, "pod removed from the store; removing its containers");
             self.remove_pod(&gone, 0).await;
-            memory.remove(&gone);
+            states.remove(&gone);
             reported.remove(&gone);
-            backoff.forget_pod(&gone);
         }
         *known_uids = now_uids;
+        let mut live: HashMap<String, &Pod> = HashMap::new();
         for pod in cache.pods.values() {
             let uid = pod.metadata.uid.clone().unwrap_or_default();
             if pod.metadata.deletion_timestamp.is_some() {
                 self.start_termination(pod, terminating);
-                continue;
+            } else {
+                states.entry(uid.clone()).or_default();
+                live.insert(uid, pod);
             }
-            let mem = memory.entry(uid.clone()).or_default();
-            let result = sync::sync_pod(
-                &*self.runtime,
-                pod,
-                &self.settings.node,
-                &self.settings.host_ip,
-                cache,
-                backoff,
-                mem,
-                Instant::now(),
-                now_time(),
-            )
+        }
+        // Pods are synced concurrently (a slow pull or sandbox does not hold up the others);
+        // each has its own state, so the syncs share nothing mutable.
+        let mut syncs = Vec::new();
+        for (uid, state) in states.iter_mut() {
+            if let Some(pod) = live.get(uid).copied() {
+                syncs.push(self.sync_one(uid, pod, cache, state));
+            }
+        }
+        let results: Vec<_> = futures_util::stream::iter(syncs)
+            .buffer_unordered(MAX_CONCURRENT_SYNCS)
+            .collect()
             .await;
+        for (uid, pod, result) in results {
             match result {
                 Ok(mut status) => {
                     carry_transition_times(reported.get(&uid), &mut status);
@@ -345,6 +356,34 @@ impl<R: Runtime, O: Outbox> Edged<R, O> {
                 }
             }
         }
+    }
+
+    /// One pod's sync (a named async fn: a closure here would trip rustc's `Send` inference for
+    /// the spawned loop).
+    async fn sync_one<'a>(
+        &self,
+        uid: &str,
+        pod: &'a Pod,
+        cache: &Cache,
+        state: &mut PodState,
+    ) -> (
+        String,
+        &'a Pod,
+        Result<PodStatus, super::runtime::RuntimeError>,
+    ) {
+        let result = sync::sync_pod(
+            &*self.runtime,
+            pod,
+            &self.settings.node,
+            &self.settings.host_ip,
+            cache,
+            &mut state.backoff,
+            &mut state.memory,
+            Instant::now(),
+            now_time(),
+        )
+        .await;
+        (uid.to_owned(), pod, result)
     }
 
     /// Stops a pod being deleted with its grace period, in a task of its own, and reports its
