@@ -338,11 +338,9 @@ impl<R: Runtime, O: Outbox> Edged<R, O> {
                 syncs.push(self.sync_one(uid, pod, cache, state));
             }
         }
-        let results: Vec<_> = futures_util::stream::iter(syncs)
-            .buffer_unordered(MAX_CONCURRENT_SYNCS)
-            .collect()
-            .await;
-        for (uid, pod, result) in results {
+        // Each pod's status goes out as soon as its own sync is done.
+        let mut done = futures_util::stream::iter(syncs).buffer_unordered(MAX_CONCURRENT_SYNCS);
+        while let Some((uid, pod, result)) = done.next().await {
             match result {
                 Ok(mut status) => {
                     carry_transition_times(reported.get(&uid), &mut status);
