@@ -318,7 +318,34 @@ pub async fn sync_pod<R: Runtime>(
         }
         observed = observe(rt, &uid).await?;
     }
+    if prune_exited(rt, &observed).await? {
+        observed = observe(rt, &uid).await?;
+    }
     Ok(pod_status(pod, &observed, memory, host_ip, wall_now))
+}
+
+/// Removes exited containers beyond the newest two attempts per container name (the current one
+/// and the `lastState` one), so a crash-looping container does not pile up containers on the
+/// node; attempt numbers go on from the newest kept. Returns whether anything was removed.
+async fn prune_exited<R: Runtime>(rt: &R, observed: &Observed) -> Result<bool, RuntimeError> {
+    let mut by_name: HashMap<&str, Vec<&ContainerInfo>> = HashMap::new();
+    for c in &observed.pod.containers {
+        by_name.entry(c.name.as_str()).or_default().push(c);
+    }
+    let mut removed = false;
+    for attempts in by_name.values_mut() {
+        attempts.sort_by_key(|c| std::cmp::Reverse(c.attempt));
+        for old in attempts.iter().skip(2) {
+            if old.state == api::ContainerState::ContainerExited {
+                match rt.remove_container(&old.id).await {
+                    Ok(()) => removed = true,
+                    Err(e) if e.is_not_found() => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+    }
+    Ok(removed)
 }
 
 /// The final status of a pod that was stopped for deletion: every container terminated — one
@@ -628,6 +655,25 @@ mod tests {
         assert_eq!(app.restart_count, 2);
         // Kept: the start time of the first sync.
         assert_eq!(s.start_time, Some(t(0)));
+
+        // More crashes: only the newest two attempts of the container stay on the node.
+        for at in [40u64, 80] {
+            // The running attempt is the newest of the two kept.
+            rt.exit_container(&app_id(1).await, 1).unwrap();
+            sync_at(&rt, &pod, &mut backoff, &mut mem, t0, at).await;
+        }
+        let apps = rt
+            .list_containers(None)
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|c| c.metadata.as_ref().unwrap().name == "app")
+            .count();
+        assert_eq!(apps, 2, "exited attempts beyond the last two are removed");
+        let s = sync_at(&rt, &pod, &mut backoff, &mut mem, t0, 81).await;
+        let app = &s.container_statuses.as_ref().unwrap()[0];
+        assert_eq!(app.restart_count, 4, "restart counts go on");
+        assert!(app.state.as_ref().unwrap().running.is_some());
     }
 
     #[tokio::test]
