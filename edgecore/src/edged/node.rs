@@ -32,10 +32,8 @@ mod tests {
     #[test]
     fn this_machine_has_memory_and_an_address() {
         assert!(super::memory_bytes() > 0);
+        // Every machine this runs on (CI included) has a non-loopback address.
         let ip = super::host_ip();
-        assert!(
-            ip.is_empty() || ip.parse::<std::net::Ipv4Addr>().is_ok(),
-            "{ip}"
-        );
+        assert!(ip.parse::<std::net::Ipv4Addr>().is_ok(), "host IP {ip:?}");
     }
 }
