@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
-use kedge_common::inventory::{self, InventoryItem};
+use kedge_common::inventory;
 use kedge_common::wire::{Incoming, WireCodec};
 use kedge_common::{Message, Operation, ResourcePath};
 use tokio::net::{TcpListener, TcpStream};
@@ -44,10 +44,11 @@ pub use queue::{Acked, InventoryApplied, ObjectKey, Pushed, QueueError, QueueLim
 pub enum Upstream {
     /// A node's session started; `inventory`: its edge will send an inventory.
     Connected { node: String, inventory: bool },
-    /// The node's inventory: every live object it holds, already applied to its queue.
+    /// The node's inventory: every live object it holds (key -> resourceVersion), already
+    /// applied to its queue.
     Inventory {
         node: String,
-        objects: Vec<InventoryItem>,
+        held: HashMap<ObjectKey, String>,
     },
     /// A node's session ended (and no newer one replaced it).
     Disconnected { node: String },
@@ -670,23 +671,24 @@ async fn handle_inventory(
             session.inventory_started = None;
         }
         Some(inventory::Inventory::Complete(objects)) => {
+            let count = objects.len();
             let held: HashMap<ObjectKey, String> = objects
-                .iter()
+                .into_iter()
                 .map(|i| {
                     (
                         ObjectKey {
-                            kind: i.kind.clone(),
-                            namespace: i.namespace.clone(),
-                            name: i.name.clone(),
-                            uid: i.uid.clone(),
+                            kind: i.kind,
+                            namespace: i.namespace,
+                            name: i.name,
+                            uid: i.uid,
                         },
-                        i.resource_version.clone(),
+                        i.resource_version,
                     )
                 })
                 .collect();
             let applied = slot.queue().apply_inventory(&held);
             slot.wake.notify_one();
-            tracing::info!(%node, objects = objects.len(), already_held = applied.already_held,
+            tracing::info!(%node, objects = count, already_held = applied.already_held,
                 to_send = applied.to_send, missing = applied.missing,
                 elapsed = ?started.elapsed(), "inventory applied");
             session.inventory_started = None;
@@ -694,7 +696,7 @@ async fn handle_inventory(
                 .upstream
                 .send(Upstream::Inventory {
                     node: node.to_owned(),
-                    objects,
+                    held,
                 })
                 .await;
         }

@@ -25,7 +25,6 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Secret};
-use kedge_common::inventory::InventoryItem;
 use kedge_common::{Message, Operation};
 use kube::api::{Api, DeleteParams, ListParams, Preconditions};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -159,7 +158,7 @@ struct Loop {
     /// says what they hold.
     inventory_nodes: HashSet<String>,
     /// Inventories that arrived before the first lists finished.
-    pending_inventories: HashMap<String, Vec<InventoryItem>>,
+    pending_inventories: HashMap<String, HashMap<ObjectKey, String>>,
     /// Per node, the worker that applies its reports in order.
     report_workers: HashMap<String, upstream::ReportSender>,
     retry_tx: mpsc::WeakSender<Input>,
@@ -828,11 +827,11 @@ impl Loop {
                     self.sync.record(&node, &acked);
                 }
             }
-            Upstream::Inventory { node, objects } => {
+            Upstream::Inventory { node, held } => {
                 if self.orphans_checked {
-                    self.reconcile_inventory(&node, objects);
+                    self.reconcile_inventory(&node, held);
                 } else {
-                    self.pending_inventories.insert(node, objects);
+                    self.pending_inventories.insert(node, held);
                 }
             }
             Upstream::Message { node, message, ack } => {

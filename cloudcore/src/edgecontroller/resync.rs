@@ -15,7 +15,6 @@ use std::sync::atomic::Ordering;
 
 use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Secret};
 use kedge_common::Operation;
-use kedge_common::inventory::InventoryItem;
 use serde_json::Value;
 
 use super::refs::{ObjectRef, RefKind};
@@ -190,21 +189,7 @@ impl Loop {
     /// Makes `node` hold exactly what it must, given its inventory: deletes for what it holds
     /// and should not (at the version it holds), then what it lacks or holds older. Objects it
     /// holds current are not sent (the queue already knows them as acked).
-    pub(super) fn reconcile_inventory(&mut self, node: &str, objects: Vec<InventoryItem>) {
-        let held: HashMap<ObjectKey, String> = objects
-            .into_iter()
-            .map(|i| {
-                (
-                    ObjectKey {
-                        kind: i.kind,
-                        namespace: i.namespace,
-                        name: i.name,
-                        uid: i.uid,
-                    },
-                    i.resource_version,
-                )
-            })
-            .collect();
+    pub(super) fn reconcile_inventory(&mut self, node: &str, held: HashMap<ObjectKey, String>) {
         let mut to_send = Vec::new();
         let (orphans, wanted_count) = {
             let wanted = self.wanted_by(node);
@@ -254,8 +239,8 @@ impl Loop {
     /// Inventories that arrived before the first lists finished, now that the controller knows
     /// what every node must hold.
     pub(super) fn reconcile_held_inventories(&mut self) {
-        for (node, objects) in std::mem::take(&mut self.pending_inventories) {
-            self.reconcile_inventory(&node, objects);
+        for (node, held) in std::mem::take(&mut self.pending_inventories) {
+            self.reconcile_inventory(&node, held);
         }
     }
 }
