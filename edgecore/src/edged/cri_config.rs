@@ -158,6 +158,30 @@ pub fn pod_cgroup(pod: &Pod, node: &NodeSettings) -> Result<String, ConfigError>
     })
 }
 
+/// Host or pod namespaces, from `hostNetwork`/`hostPID`/`hostIPC`/`shareProcessNamespace`
+/// (the sandbox and each of its containers use the same).
+fn namespace_options(spec: &k8s_openapi::api::core::v1::PodSpec) -> api::NamespaceOption {
+    let mode = |host: Option<bool>| {
+        if host.unwrap_or(false) {
+            api::NamespaceMode::Node as i32
+        } else {
+            api::NamespaceMode::Pod as i32
+        }
+    };
+    api::NamespaceOption {
+        network: mode(spec.host_network),
+        pid: if spec.host_pid.unwrap_or(false) {
+            api::NamespaceMode::Node as i32
+        } else if spec.share_process_namespace.unwrap_or(false) {
+            api::NamespaceMode::Pod as i32
+        } else {
+            api::NamespaceMode::Container as i32
+        },
+        ipc: mode(spec.host_ipc),
+        ..Default::default()
+    }
+}
+
 /// The sandbox of a pod (`attempt` counts sandboxes re-created for it).
 pub fn sandbox_config(
     pod: &Pod,
@@ -215,26 +239,8 @@ pub fn sandbox_config(
             host_ip: p.host_ip.clone().unwrap_or_default(),
         })
         .collect();
-    let mode = |host: Option<bool>| {
-        if host.unwrap_or(false) {
-            api::NamespaceMode::Node as i32
-        } else {
-            api::NamespaceMode::Pod as i32
-        }
-    };
     let pod_sc = spec.security_context.as_ref();
-    let namespace_options = api::NamespaceOption {
-        network: mode(spec.host_network),
-        pid: if spec.host_pid.unwrap_or(false) {
-            api::NamespaceMode::Node as i32
-        } else if spec.share_process_namespace.unwrap_or(false) {
-            api::NamespaceMode::Pod as i32
-        } else {
-            api::NamespaceMode::Container as i32
-        },
-        ipc: mode(spec.host_ipc),
-        ..Default::default()
-    };
+    let namespace_options = namespace_options(spec);
     let sysctls = pod_sc
         .and_then(|s| s.sysctls.as_ref())
         .map(|v| {
@@ -412,10 +418,7 @@ pub fn container_config(
             security_context: Some(api::LinuxContainerSecurityContext {
                 capabilities,
                 privileged,
-                namespace_options: sandbox_config(pod, node, 0)?
-                    .linux
-                    .and_then(|l| l.security_context)
-                    .and_then(|s| s.namespace_options),
+                namespace_options: pod.spec.as_ref().map(namespace_options),
                 run_as_user: run_as_user.map(|value| api::Int64Value { value }),
                 run_as_group: run_as_group.map(|value| api::Int64Value { value }),
                 readonly_rootfs: sc

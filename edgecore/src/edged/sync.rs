@@ -131,7 +131,14 @@ async fn ensure_image<R: Runtime>(
     let last = image.rsplit('/').next().unwrap_or(image);
     let latest = !last.contains(':') || last.ends_with(":latest");
     let policy = policy.unwrap_or(if latest { "Always" } else { "IfNotPresent" });
-    let present = rt.image_status(image).await.ok().flatten().is_some();
+    let present = match rt.image_status(image).await {
+        Ok(found) => found.is_some(),
+        Err(e) => {
+            // Not fatal: a pull (or its error, which the status shows) follows.
+            tracing::warn!(%image, error = %e, "cannot read image status");
+            false
+        }
+    };
     match policy {
         "Never" if !present => Err(Waiting {
             reason: "ErrImageNeverPull".into(),
