@@ -11,7 +11,8 @@ use edgecore::edged::manager::{Edged, EdgedSettings};
 use edgecore::edged::node_status::NodeFacts;
 use edgecore::edged::runtime::{CriRuntime, Runtime};
 use edgecore::edgehub::credentials::{self, CredentialPaths, NodeCredentials};
-use edgecore::edgehub::{EdgeHub, EdgeHubSettings};
+use edgecore::edged::tokens::TokenManager;
+use edgecore::edgehub::{CloudRequester, EdgeHub, EdgeHubSettings};
 use edgecore::metamanager::metaserver::{self, MetaServerSettings};
 use edgecore::metamanager::sqlite::{SqliteOutbox, SqliteStore};
 use kedge_common::wire::WireCodec;
@@ -147,16 +148,17 @@ pub async fn run(cfg: EdgeCoreConfig) -> anyhow::Result<()> {
         .await?;
         tracing::info!(%bound, "MetaServer listening (read-only Kubernetes API)");
     }
+    let hub = EdgeHub::new(settings, creds, Arc::new(store.clone()), outbox.clone());
     if cfg.modules.edged.enable {
         tokio::spawn(run_edged(
             cfg.clone(),
             node.clone(),
-            store.clone(),
-            outbox.clone(),
+            store,
+            outbox,
+            hub.requester(),
             shutdown.clone(),
         ));
     }
-    let hub = EdgeHub::new(settings, creds, Arc::new(store), outbox);
     let hub_task = tokio::spawn(hub.run(shutdown.clone()));
     tracing::info!(%node, cloud = %hub_cfg.websocket.server, "edgecore running");
 
@@ -174,6 +176,7 @@ async fn run_edged(
     node: String,
     store: SqliteStore,
     outbox: Arc<SqliteOutbox>,
+    requester: CloudRequester,
     shutdown: CancellationToken,
 ) {
     let k = &cfg.modules.edged.tailored_kubelet_config;
@@ -227,7 +230,9 @@ async fn run_edged(
         host_ip,
         resync: Duration::from_secs(1),
     };
+    let tokens = TokenManager::new(requester, settings.node.root_dir.clone());
     Edged::new(Arc::new(runtime), store, outbox, settings)
+        .with_tokens(Arc::new(tokens))
         .run(shutdown)
         .await;
 }

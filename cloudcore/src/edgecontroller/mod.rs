@@ -16,6 +16,7 @@
 
 pub mod refs;
 mod resync;
+mod tokens;
 mod upstream;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -834,6 +835,10 @@ impl Loop {
                     self.pending_inventories.insert(node, held);
                 }
             }
+            Upstream::Message { node, message, ack } if is_token_query(&message) => {
+                drop(ack);
+                self.token_query(node, *message);
+            }
             Upstream::Message { node, message, ack } => {
                 // One worker per node applies its reports in the order they came: two status
                 // reports of one pod applied concurrently could leave the older one in the API.
@@ -858,6 +863,52 @@ impl Loop {
                 }
             }
         }
+    }
+}
+
+/// A node asking for a service account token (KubeEdge's `query …/serviceaccounttoken/…`).
+fn is_token_query(msg: &Message) -> bool {
+    msg.route.operation == Operation::Query
+        && kedge_common::ResourcePath::parse_cloud(&msg.route.resource)
+            .is_ok_and(|p| p.resource_type() == Some("serviceaccounttoken"))
+}
+
+impl Loop {
+    /// Answers a node's token query: checked here against the pods cloudcore knows, issued by
+    /// the API server in a task of its own (see `tokens`).
+    fn token_query(&self, node: String, query: Message) {
+        let (namespace, service_account, request) = match tokens::parse(&query) {
+            Ok(p) => p,
+            Err(why) => {
+                tracing::warn!(%node, %why, "malformed token query");
+                tokens::send(&self.hub, &node, tokens::refusal(&query, why));
+                return;
+            }
+        };
+        let pod_name = request
+            .spec
+            .bound_object_ref
+            .as_ref()
+            .and_then(|b| b.name.clone())
+            .unwrap_or_default();
+        let pod = self
+            .pods
+            .get(&(namespace.clone(), pod_name))
+            .map(|e| (&e.pod, e.node.as_str()));
+        if let Err(why) = tokens::check(&node, &service_account, &request, pod) {
+            tracing::warn!(%node, %namespace, %service_account, %why, "token query refused");
+            tokens::send(&self.hub, &node, tokens::refusal(&query, why));
+            return;
+        }
+        tokio::spawn(tokens::issue(
+            self.client.clone(),
+            self.hub.clone(),
+            node,
+            query,
+            namespace,
+            service_account,
+            request,
+        ));
     }
 }
 

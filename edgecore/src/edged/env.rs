@@ -16,6 +16,10 @@ use super::quantity;
 pub trait ObjectSource {
     fn config_map(&self, namespace: &str, name: &str) -> Option<ConfigMap>;
     fn secret(&self, namespace: &str, name: &str) -> Option<Secret>;
+    /// A current service account token for a projection (see [`super::tokens`]).
+    fn service_account_token(&self, _key: &super::tokens::TokenKey) -> Option<String> {
+        None
+    }
 }
 
 /// What a pod's fields resolve against besides the pod itself.

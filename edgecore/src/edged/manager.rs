@@ -28,6 +28,7 @@ use super::cri_config::{MANAGED_LABEL, NodeSettings, POD_UID_LABEL};
 use super::env::ObjectSource;
 use super::runtime::{Runtime, api};
 use super::sync::{self, PodMemory};
+use super::tokens::{TokenKey, Tokens};
 use crate::edgehub::outbox::Outbox;
 use crate::metamanager::sqlite::SqliteStore;
 
@@ -57,6 +58,15 @@ struct Cache {
     pods: BTreeMap<NsName, Pod>,
     configmaps: HashMap<NsName, ConfigMap>,
     secrets: HashMap<NsName, Secret>,
+    tokens: Option<Arc<dyn Tokens>>,
+}
+
+/// Wall-clock now in Unix seconds (token lifetimes are wall-clock).
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
 }
 
 impl ObjectSource for Cache {
@@ -69,6 +79,9 @@ impl ObjectSource for Cache {
         self.secrets
             .get(&(namespace.to_owned(), name.to_owned()))
             .cloned()
+    }
+    fn service_account_token(&self, key: &TokenKey) -> Option<String> {
+        self.tokens.as_ref()?.token(key, unix_now())
     }
 }
 
@@ -121,6 +134,8 @@ pub struct Edged<R: Runtime, O: Outbox> {
     store: SqliteStore,
     outbox: Arc<O>,
     settings: EdgedSettings,
+    /// Service account tokens for projected volumes; without it such pods wait.
+    tokens: Option<Arc<dyn Tokens>>,
 }
 
 /// Keeps a condition's transition time when its status did not change, so a status only
@@ -155,7 +170,14 @@ impl<R: Runtime, O: Outbox> Edged<R, O> {
             store,
             outbox,
             settings,
+            tokens: None,
         }
+    }
+
+    /// Where service account tokens come from (cloudcore, through EdgeHub).
+    pub fn with_tokens(mut self, tokens: Arc<dyn Tokens>) -> Self {
+        self.tokens = Some(tokens);
+        self
     }
 
     /// Runs until `shutdown`. Containers keep running when edged stops (as with the kubelet).
@@ -176,7 +198,11 @@ impl<R: Runtime, O: Outbox> Edged<R, O> {
                     }
                 }
             };
-            let mut cache = Cache::default();
+            let mut cache = Cache {
+                tokens: self.tokens.clone(),
+                ..Cache::default()
+            };
+            let token_changes = self.tokens.as_ref().map(|t| t.changed());
             for r in &rows {
                 cache.apply(&r.kind, &r.namespace, &r.name, Some(&r.object.content));
             }
@@ -197,6 +223,7 @@ impl<R: Runtime, O: Outbox> Edged<R, O> {
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
                     _ = tick.tick() => {}
+                    _ = async { token_changes.as_ref()?.notified().await; Some(()) }, if token_changes.is_some() => {}
                     change = changes.recv() => match change {
                         Ok(c) => {
                             if c.seq > snapshot_seq {
@@ -318,6 +345,9 @@ impl<R: Runtime, O: Outbox> Edged<R, O> {
             self.remove_pod(&gone, 0).await;
             states.remove(&gone);
             reported.remove(&gone);
+            if let Some(t) = &self.tokens {
+                t.forget(&gone);
+            }
         }
         *known_uids = now_uids;
         let mut live: HashMap<String, &Pod> = HashMap::new();
@@ -329,6 +359,10 @@ impl<R: Runtime, O: Outbox> Edged<R, O> {
                 states.entry(uid.clone()).or_default();
                 live.insert(uid, pod);
             }
+        }
+        if let Some(t) = &self.tokens {
+            let pods: Vec<&Pod> = live.values().copied().collect();
+            t.ensure(&pods, unix_now());
         }
         // Pods are synced concurrently (a slow pull or sandbox does not hold up the others);
         // each has its own state, so the syncs share nothing mutable.
@@ -415,6 +449,7 @@ impl<R: Runtime, O: Outbox> Edged<R, O> {
             store: self.store.clone(),
             outbox,
             settings,
+            tokens: None,
         };
         tokio::spawn(async move {
             let observed = match sync::observe(&*edged.runtime, &uid).await {

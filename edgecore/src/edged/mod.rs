@@ -18,8 +18,10 @@
 //! - [`node_status`]: the node's capacity, nodeInfo, addresses and conditions, reported every
 //!   10 s.
 //!
-//! Still to come (issue: edged): per-pod workers, volumes, probes, service-account tokens,
-//! image pull secrets, garbage collection of exited containers.
+//! - [`volumes`]: the pod's volumes on the host, written ones updated in place; [`tokens`]:
+//!   service account tokens for them, asked of cloudcore and refreshed.
+//!
+//! Still to come (issue: edged): per-pod workers, probes, image pull secrets.
 pub mod backoff;
 pub mod cri_config;
 pub mod env;
@@ -32,4 +34,5 @@ pub mod quantity;
 pub mod runtime;
 pub mod status;
 pub mod sync;
+pub mod tokens;
 pub mod volumes;

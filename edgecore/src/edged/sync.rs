@@ -223,11 +223,17 @@ pub async fn sync_pod<R: Runtime>(
         let vols = match prepare_volumes(pod, node, &ctx, source).await {
             Ok(v) => v,
             Err(e) => {
+                // A volume still being made (a token on its way) is `ContainerCreating`, as
+                // with the kubelet waiting for a mount; a wrong reference is a config error.
+                let reason = match e {
+                    volumes::VolumeError::TokenUnavailable { .. } => "ContainerCreating",
+                    _ => "CreateContainerConfigError",
+                };
                 for start in &actions.start {
                     memory.waiting.insert(
                         start.name.clone(),
                         Waiting {
-                            reason: "CreateContainerConfigError".into(),
+                            reason: reason.into(),
                             message: e.to_string(),
                         },
                     );

@@ -1,6 +1,7 @@
 //! Pod volumes on the host: `emptyDir` (disk, or `medium: Memory` as tmpfs), `hostPath`, and the
 //! ones edged writes from the store — `configMap`, `secret`, `downwardAPI` and `projected`
-//! (configMap/secret/downwardAPI sources) — and the container mounts for them.
+//! (configMap/secret/downwardAPI/serviceAccountToken sources, the token from
+//! [`super::tokens`]) — and the container mounts for them.
 //!
 //! Written volumes are updated in place the way the kubelet's AtomicWriter does it: the payload
 //! goes into a fresh hidden directory, a `..data` symlink is swapped to it with one rename, and
@@ -28,6 +29,11 @@ pub enum VolumeError {
     ConfigMapKeyNotFound(String),
     #[error("secret references non-existent secret key: {0}")]
     SecretKeyNotFound(String),
+    #[error("volume {volume}: waiting for a token of service account {service_account} from the cloud")]
+    TokenUnavailable {
+        volume: String,
+        service_account: String,
+    },
     #[error("volume {volume}: {what} is not supported by kedge yet")]
     Unsupported { volume: String, what: String },
     #[error("container {container} mounts volume {volume}, which the pod does not define")]
@@ -235,10 +241,19 @@ fn payload_of(
                     mode,
                     &mut payload,
                 )?;
+            } else if let Some(t) = &src.service_account_token {
+                let key = super::tokens::TokenKey::for_projection(pod, t);
+                let Some(token) = source.service_account_token(&key) else {
+                    return Err(VolumeError::TokenUnavailable {
+                        volume: volume.name.clone(),
+                        service_account: key.service_account,
+                    });
+                };
+                payload.insert(t.path.clone(), (token.into_bytes(), mode));
             } else {
                 return Err(VolumeError::Unsupported {
                     volume: volume.name.clone(),
-                    what: "this projected source (serviceAccountToken, clusterTrustBundle)".into(),
+                    what: "this projected source (clusterTrustBundle, podCertificate)".into(),
                 });
             }
         }

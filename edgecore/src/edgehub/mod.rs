@@ -13,6 +13,10 @@
 //!   [`kedge_common::inventory`]) when the cloud accepts one, so the cloud sends exactly what is
 //!   missing or stale and deletes what the node should no longer hold — acks lost in a crash or a
 //!   cut cannot leave orphans behind.
+//! - Requests that need the cloud's answer (a service account token) go through a
+//!   [`CloudRequester`]: sent at once while connected, answered by the cloud's `response` with the
+//!   request's id as `parent_msg_id`. They are not kept across disconnects: an offline caller gets
+//!   an error at once and decides what to keep using (the last token, until it expires).
 
 pub mod credentials;
 pub mod outbox;
@@ -30,7 +34,7 @@ use kedge_common::wire::{Incoming, WireCodec};
 use kedge_common::{Message, Operation};
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_util::sync::CancellationToken;
@@ -90,12 +94,56 @@ pub enum LinkError {
     Malformed(String),
 }
 
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    #[error("the cloud is not connected")]
+    Offline,
+    #[error("the cloud link closed before the cloud answered")]
+    LinkLost,
+    #[error("the cloud did not answer within {0:?}")]
+    Timeout(Duration),
+}
+
+/// A request waiting to be sent, with where its answer goes.
+struct PendingRequest {
+    message: Message,
+    reply: oneshot::Sender<Message>,
+}
+
+/// Sends requests to the cloud and waits for their answers (see the module docs).
+#[derive(Clone)]
+pub struct CloudRequester {
+    tx: mpsc::Sender<PendingRequest>,
+    link: watch::Receiver<LinkState>,
+}
+
+impl CloudRequester {
+    /// Sends `message` and returns the cloud's answer (a `response` or `error` message).
+    pub async fn request(&self, message: Message, timeout: Duration) -> Result<Message, RequestError> {
+        if *self.link.borrow() != LinkState::Connected {
+            return Err(RequestError::Offline);
+        }
+        let (reply, answer) = oneshot::channel();
+        self.tx
+            .send(PendingRequest { message, reply })
+            .await
+            .map_err(|_| RequestError::LinkLost)?;
+        match tokio::time::timeout(timeout, answer).await {
+            Ok(Ok(m)) => Ok(m),
+            Ok(Err(_)) => Err(RequestError::LinkLost),
+            Err(_) => Err(RequestError::Timeout(timeout)),
+        }
+    }
+}
+
 pub struct EdgeHub<S: ObjectStore, O: Outbox> {
     settings: EdgeHubSettings,
     credentials: Arc<RwLock<NodeCredentials>>,
     store: Arc<S>,
     outbox: Arc<O>,
     link: watch::Sender<LinkState>,
+    request_tx: mpsc::Sender<PendingRequest>,
+    requests: std::sync::Mutex<Option<mpsc::Receiver<PendingRequest>>>,
 }
 
 impl<S: ObjectStore, O: Outbox> EdgeHub<S, O> {
@@ -105,12 +153,15 @@ impl<S: ObjectStore, O: Outbox> EdgeHub<S, O> {
         store: Arc<S>,
         outbox: Arc<O>,
     ) -> Self {
+        let (request_tx, requests) = mpsc::channel(64);
         EdgeHub {
             settings,
             credentials,
             store,
             outbox,
             link: watch::channel(LinkState::Disconnected).0,
+            request_tx,
+            requests: std::sync::Mutex::new(Some(requests)),
         }
     }
 
@@ -119,8 +170,25 @@ impl<S: ObjectStore, O: Outbox> EdgeHub<S, O> {
         self.link.subscribe()
     }
 
+    /// A handle for requests that wait for the cloud's answer.
+    pub fn requester(&self) -> CloudRequester {
+        CloudRequester {
+            tx: self.request_tx.clone(),
+            link: self.link.subscribe(),
+        }
+    }
+
     /// Keeps the link up until `shutdown` is cancelled.
     pub async fn run(self, shutdown: CancellationToken) {
+        let taken = self
+            .requests
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        // `run` consumes the hub, so this is its only call.
+        let Some(mut requests) = taken else {
+            return;
+        };
         let mut backoff = Backoff::new(self.settings.backoff_initial, self.settings.backoff_max);
         while !shutdown.is_cancelled() {
             match self.connect().await {
@@ -128,7 +196,7 @@ impl<S: ObjectStore, O: Outbox> EdgeHub<S, O> {
                     backoff.reset();
                     self.link.send_replace(LinkState::Connected);
                     tracing::info!(server = %self.settings.server, node = %self.settings.node, inventory, "connected to the cloud");
-                    let result = self.session(ws, inventory, &shutdown).await;
+                    let result = self.session(ws, inventory, &mut requests, &shutdown).await;
                     self.link.send_replace(LinkState::Disconnected);
                     match result {
                         Ok(()) => tracing::info!("cloud link closed"),
@@ -226,6 +294,7 @@ impl<S: ObjectStore, O: Outbox> EdgeHub<S, O> {
         &self,
         ws: tokio_tungstenite::WebSocketStream<T>,
         send_inventory: bool,
+        requests: &mut mpsc::Receiver<PendingRequest>,
         shutdown: &CancellationToken,
     ) -> Result<(), LinkError>
     where
@@ -249,6 +318,8 @@ impl<S: ObjectStore, O: Outbox> EdgeHub<S, O> {
         // Read the outbox at the start of a session and whenever something was put, not on
         // every frame (it is a database query).
         let mut outbox_dirty = true;
+        // Requests sent on this session, by msg_id; dropped (callers see `LinkLost`) when it ends.
+        let mut awaiting_replies: HashMap<String, oneshot::Sender<Message>> = HashMap::new();
 
         if send_inventory {
             // First, before anything this session delivers: the cloud holds what it would send
@@ -299,6 +370,7 @@ impl<S: ObjectStore, O: Outbox> EdgeHub<S, O> {
                     return Ok(());
                 }
                 _ = ticker.tick() => {
+                    awaiting_replies.retain(|_, r| !r.is_closed());
                     if reports.due(Instant::now(), REPORT_ACK_TIMEOUT) {
                         outbox_dirty = true;
                     }
@@ -314,6 +386,21 @@ impl<S: ObjectStore, O: Outbox> EdgeHub<S, O> {
                         return Err(LinkError::Lost("outbox closed".into()));
                     }
                     outbox_dirty = true;
+                }
+                Some(req) = requests.recv() => {
+                    // A caller that gave up while the link was down is not asked for again.
+                    if req.reply.is_closed() {
+                        continue;
+                    }
+                    let frame = match codec.encode(&req.message) {
+                        Ok(f) => f,
+                        Err(e) => {
+                            tracing::error!(resource = %req.message.route.resource, error = %e, "cannot encode a request");
+                            continue;
+                        }
+                    };
+                    awaiting_replies.insert(req.message.header.id.clone(), req.reply);
+                    sink.send(frame).await.map_err(lost)?;
                 }
                 Some(ack) = pending_acks.next(), if !pending_acks.is_empty() => {
                     // One group commit completes many acks at once: write them in one flush.
@@ -340,6 +427,10 @@ impl<S: ObjectStore, O: Outbox> EdgeHub<S, O> {
                         Ok(Incoming::Close(_)) => return Ok(()),
                         Err(e) => return Err(LinkError::Malformed(e.to_string())),
                     };
+                    if let Some(reply) = awaiting_replies.remove(&msg.header.parent_id) {
+                        let _ = reply.send(msg);
+                        continue;
+                    }
                     match self.handle_downstream(msg, &mut reports).await {
                         Downstream::Done => {}
                         Downstream::Reply(reply) => {
