@@ -201,19 +201,29 @@ mod tests {
     fn only_the_hosting_node_gets_what_the_pod_projects() {
         let p = pod();
         let ok = request(json!(null), 3607, "u-1");
-        assert_eq!(check("edge-1", "builder", &ok, Some((&p, "edge-1"))), Ok(()));
+        assert_eq!(
+            check("edge-1", "builder", &ok, Some((&p, "edge-1"))),
+            Ok(())
+        );
         let vault = request(json!(["vault"]), 3600, "u-1");
-        assert_eq!(check("edge-1", "builder", &vault, Some((&p, "edge-1"))), Ok(()));
+        assert_eq!(
+            check("edge-1", "builder", &vault, Some((&p, "edge-1"))),
+            Ok(())
+        );
         // Another node, another pod incarnation, another service account, another audience or
         // lifetime, no pod at all: refused.
-        assert!(check("edge-2", "builder", &ok, Some((&p, "edge-1")))
-            .unwrap_err()
-            .contains("not bound to node edge-2"));
+        assert!(
+            check("edge-2", "builder", &ok, Some((&p, "edge-1")))
+                .unwrap_err()
+                .contains("not bound to node edge-2")
+        );
         let stale = request(json!(null), 3607, "u-0");
         assert!(check("edge-1", "builder", &stale, Some((&p, "edge-1"))).is_err());
-        assert!(check("edge-1", "admin", &ok, Some((&p, "edge-1")))
-            .unwrap_err()
-            .contains("runs as service account builder"));
+        assert!(
+            check("edge-1", "admin", &ok, Some((&p, "edge-1")))
+                .unwrap_err()
+                .contains("runs as service account builder")
+        );
         let other = request(json!(["https://evil"]), 3607, "u-1");
         assert!(check("edge-1", "builder", &other, Some((&p, "edge-1"))).is_err());
         let longer = request(json!(null), 86400, "u-1");

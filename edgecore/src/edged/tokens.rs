@@ -56,7 +56,11 @@ impl TokenKey {
     ) -> TokenKey {
         let spec = pod.spec.as_ref();
         TokenKey {
-            namespace: pod.metadata.namespace.clone().unwrap_or_else(|| "default".into()),
+            namespace: pod
+                .metadata
+                .namespace
+                .clone()
+                .unwrap_or_else(|| "default".into()),
             service_account: spec
                 .and_then(|s| s.service_account_name.clone())
                 .filter(|s| !s.is_empty())
@@ -134,7 +138,10 @@ pub fn request_message(key: &TokenKey) -> Message {
         "edged",
         kedge_common::message::group::META,
         Operation::Query,
-        format!("{}/serviceaccounttoken/{}", key.namespace, key.service_account),
+        format!(
+            "{}/serviceaccounttoken/{}",
+            key.namespace, key.service_account
+        ),
         json!({
             "metadata": {"creationTimestamp": null},
             "spec": {
@@ -535,7 +542,11 @@ mod tests {
         cloud.offline.store(true, Ordering::SeqCst);
         settle(&m, &pods, 80).await;
         assert_eq!(m.token(&key, 99).as_deref(), Some("token-1"));
-        assert_eq!(m.token(&key, 100), None, "expired tokens are not handed out");
+        assert_eq!(
+            m.token(&key, 100),
+            None,
+            "expired tokens are not handed out"
+        );
         // Back online: refreshed (after the retry delay).
         cloud.offline.store(false, Ordering::SeqCst);
         settle(&m, &pods, 86).await;
@@ -544,7 +555,10 @@ mod tests {
         // The file is private, and a new manager (edgecore restarted offline) reads it back.
         let file = tokens_file(dir.path(), "u-1");
         let mode = std::fs::metadata(&file).unwrap().permissions();
-        assert_eq!(std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777, 0o600);
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+            0o600
+        );
         cloud.offline.store(true, Ordering::SeqCst);
         let again = TokenManager::new(cloud.clone(), dir.path().to_owned());
         settle(&again, &pods, 87).await;

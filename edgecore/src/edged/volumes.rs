@@ -29,7 +29,9 @@ pub enum VolumeError {
     ConfigMapKeyNotFound(String),
     #[error("secret references non-existent secret key: {0}")]
     SecretKeyNotFound(String),
-    #[error("volume {volume}: waiting for a token of service account {service_account} from the cloud")]
+    #[error(
+        "volume {volume}: waiting for a token of service account {service_account} from the cloud"
+    )]
     TokenUnavailable {
         volume: String,
         service_account: String,

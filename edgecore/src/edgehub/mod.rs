@@ -119,7 +119,11 @@ pub struct CloudRequester {
 
 impl CloudRequester {
     /// Sends `message` and returns the cloud's answer (a `response` or `error` message).
-    pub async fn request(&self, message: Message, timeout: Duration) -> Result<Message, RequestError> {
+    pub async fn request(
+        &self,
+        message: Message,
+        timeout: Duration,
+    ) -> Result<Message, RequestError> {
         if *self.link.borrow() != LinkState::Connected {
             return Err(RequestError::Offline);
         }

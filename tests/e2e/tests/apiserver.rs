@@ -377,7 +377,8 @@ async fn a_controller_reconciles_every_object() {
     let deadline = Instant::now() + T;
     loop {
         let all = api.list(&ListParams::default()).await.unwrap().items;
-        if all.len() == 11 && all.iter().all(|c| c.labels().get("reconciled").is_some()) {
+        // 11 of ours and the root CA ConfigMap every namespace has.
+        if all.len() == 12 && all.iter().all(|c| c.labels().get("reconciled").is_some()) {
             break;
         }
         assert!(
@@ -836,4 +837,134 @@ async fn cloudcore_keeps_its_pki_in_secrets_and_replicas_agree() {
             .len(),
         2
     );
+}
+
+/// Service accounts behave as in a cluster: default account and root CA per namespace, the
+/// kube-api-access volume and default tolerations on admitted pods, TokenRequest bound to a pod.
+#[tokio::test]
+async fn service_accounts_tokens_and_pod_admission_match_a_cluster() {
+    use k8s_openapi::api::authentication::v1::TokenRequest;
+    use k8s_openapi::api::core::v1::ServiceAccount;
+    let server = TestApiServer::start().await.unwrap();
+    let client = server.client().unwrap();
+    server.create_namespace("apps").await.unwrap();
+    let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), "apps");
+    sas.get("default").await.unwrap();
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "apps");
+    let root = cms.get("kube-root-ca.crt").await.unwrap();
+    assert_eq!(root.data.unwrap()["ca.crt"], server.root_ca_pem());
+
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "apps");
+    let pod = |name: &str, extra: Value| -> Pod {
+        let mut v = json!({"metadata": {"name": name}, "spec": {"nodeName": "edge-1",
+            "initContainers": [{"name": "i", "image": "busybox"}],
+            "containers": [{"name": "c", "image": "busybox"}]}});
+        if let (Some(spec), Some(extra)) = (v["spec"].as_object_mut(), extra.as_object()) {
+            spec.extend(extra.clone());
+        }
+        serde_json::from_value(v).unwrap()
+    };
+    let web = pods
+        .create(&PostParams::default(), &pod("web", json!({})))
+        .await
+        .unwrap();
+    let spec = web.spec.clone().unwrap();
+    assert_eq!(spec.service_account_name.as_deref(), Some("default"));
+    let vols = spec.volumes.unwrap();
+    assert_eq!(vols.len(), 1);
+    let vol = &vols[0];
+    assert!(vol.name.starts_with("kube-api-access-") && vol.name.len() == 21);
+    let sources = vol.projected.as_ref().unwrap().sources.as_ref().unwrap();
+    assert_eq!(
+        sources[0]
+            .service_account_token
+            .as_ref()
+            .unwrap()
+            .expiration_seconds,
+        Some(3607)
+    );
+    assert_eq!(
+        sources[1].config_map.as_ref().unwrap().name,
+        "kube-root-ca.crt"
+    );
+    for c in spec
+        .containers
+        .iter()
+        .chain(spec.init_containers.iter().flatten())
+    {
+        let m = &c.volume_mounts.as_ref().unwrap()[0];
+        assert_eq!(m.name, vol.name);
+        assert_eq!(
+            m.mount_path,
+            "/var/run/secrets/kubernetes.io/serviceaccount"
+        );
+        assert_eq!(m.read_only, Some(true));
+    }
+    let tolerations = spec.tolerations.unwrap();
+    assert_eq!(tolerations.len(), 2);
+    assert!(
+        tolerations
+            .iter()
+            .all(|t| t.toleration_seconds == Some(300) && t.effect.as_deref() == Some("NoExecute"))
+    );
+
+    // Opting out, and a service account that does not exist.
+    let plain = pods
+        .create(
+            &PostParams::default(),
+            &pod("plain", json!({"automountServiceAccountToken": false})),
+        )
+        .await
+        .unwrap();
+    assert!(plain.spec.unwrap().volumes.unwrap_or_default().is_empty());
+    let e = pods
+        .create(
+            &PostParams::default(),
+            &pod("ghost", json!({"serviceAccountName": "ghost"})),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(api_error(e), (403, "Forbidden".into()));
+
+    // TokenRequest bound to the pod: signed, with its claims; a stale UID is refused.
+    let uid = web.metadata.uid.clone().unwrap();
+    let request = |uid: &str, seconds: i64| -> TokenRequest {
+        serde_json::from_value(
+            json!({"spec": {"audiences": [], "expirationSeconds": seconds,
+            "boundObjectRef": {"kind": "Pod", "apiVersion": "v1", "name": "web", "uid": uid}}}),
+        )
+        .unwrap()
+    };
+    let issued = sas
+        .create_token_request("default", &PostParams::default(), &request(&uid, 3607))
+        .await
+        .unwrap();
+    let status = issued.status.unwrap();
+    let claims = server.verify_token(&status.token).unwrap();
+    assert_eq!(claims["sub"], "system:serviceaccount:apps:default");
+    assert_eq!(claims["kubernetes.io"]["pod"]["uid"], uid.as_str());
+    assert_eq!(claims["kubernetes.io"]["node"]["name"], "edge-1");
+    assert_eq!(
+        claims["aud"],
+        json!(["https://kubernetes.default.svc.cluster.local"])
+    );
+    assert_eq!(
+        claims["exp"].as_i64().unwrap() - claims["iat"].as_i64().unwrap(),
+        3607
+    );
+    assert!(
+        server
+            .verify_token(&status.token.replace('.', "x."))
+            .is_err()
+    );
+    let e = sas
+        .create_token_request("default", &PostParams::default(), &request("other", 3607))
+        .await
+        .unwrap_err();
+    assert_eq!(api_error(e).0, 409);
+    let e = sas
+        .create_token_request("default", &PostParams::default(), &request(&uid, 60))
+        .await
+        .unwrap_err();
+    assert_eq!(api_error(e).0, 422);
 }

@@ -283,6 +283,8 @@ async fn edgecore_restarts_adopt_running_containers_and_clean_up() {
 
 /// A ConfigMap volume, a Secret volume and a Secret env var reach the running container; an
 /// update of the ConfigMap in the API is seen inside the container within 2 s, without a restart.
+/// An init container runs first, and the service account token the API server's admission
+/// projects is fetched through cloudcore and verifies against the API server's key.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn configmap_and_secret_volumes_reach_the_container_and_update_in_place() {
     use k8s_openapi::api::core::v1::{ConfigMap, Secret};
@@ -294,7 +296,7 @@ async fn configmap_and_secret_volumes_reach_the_container_and_update_in_place() 
         cloud,
         edge,
         nodes: _,
-        _server,
+        _server: server,
         _dir,
     } = Rig::start("edge-vol").await;
     let _cloud = cloud;
@@ -326,6 +328,9 @@ async fn configmap_and_secret_volumes_reach_the_container_and_update_in_place() 
         &serde_json::from_value(json!({
             "metadata": {"name": "vols"},
             "spec": {"nodeName": "edge-vol",
+                "initContainers": [{"name": "init", "image": ctr.busybox_image,
+                    "command": ["sh", "-c", "echo initialized > /scratch/init-done"],
+                    "volumeMounts": [{"name": "scratch", "mountPath": "/scratch"}]}],
                 "containers": [{"name": "main", "image": ctr.busybox_image,
                     "command": ["sh", "-c", "exec sleep 3600"],
                     "env": [{"name": "PASSWORD", "valueFrom": {"secretKeyRef": {"name": "app-secret", "key": "password"}}}],
@@ -351,7 +356,19 @@ async fn configmap_and_secret_volumes_reach_the_container_and_update_in_place() 
     })
     .await;
     let rt = CriRuntime::connect(&ctr.socket).await.unwrap();
-    let id = rt.list_containers(None).await.unwrap()[0].id.clone();
+    let main_id = || {
+        let rt = rt.clone();
+        async move {
+            rt.list_containers(None)
+                .await
+                .unwrap()
+                .into_iter()
+                .find(|c| c.metadata.as_ref().is_some_and(|m| m.name == "main"))
+                .unwrap()
+                .id
+        }
+    };
+    let id = main_id().await;
     let exec = |cmd: &'static [&'static str]| {
         let (rt, id) = (rt.clone(), id.clone());
         async move {
@@ -368,6 +385,32 @@ async fn configmap_and_secret_volumes_reach_the_container_and_update_in_place() 
     assert_eq!(
         exec(&["sh", "-c", "echo ok > /scratch/f && cat /scratch/f"]).await,
         "ok\n"
+    );
+    // The init container ran first, in the same emptyDir.
+    assert_eq!(exec(&["cat", "/scratch/init-done"]).await, "initialized\n");
+    // The kube-api-access volume the API server added: a token the API server signed, bound to
+    // this pod and node, the cluster's root CA and the namespace.
+    let token = exec(&["cat", "/var/run/secrets/kubernetes.io/serviceaccount/token"]).await;
+    let claims = server.verify_token(&token).unwrap();
+    let pod_uid = pods.get("vols").await.unwrap().metadata.uid.unwrap();
+    assert_eq!(claims["kubernetes.io"]["pod"]["uid"], pod_uid.as_str());
+    assert_eq!(claims["kubernetes.io"]["node"]["name"], "edge-vol");
+    assert_eq!(claims["sub"], "system:serviceaccount:default:default");
+    assert_eq!(
+        exec(&[
+            "cat",
+            "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt"
+        ])
+        .await,
+        server.root_ca_pem()
+    );
+    assert_eq!(
+        exec(&[
+            "cat",
+            "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
+        ])
+        .await,
+        "default"
     );
     // Read-only: the container cannot change its ConfigMap.
     assert_eq!(
@@ -402,9 +445,5 @@ async fn configmap_and_secret_volumes_reach_the_container_and_update_in_place() 
         "ConfigMap change seen inside the container after {:?}",
         t.elapsed()
     );
-    assert_eq!(
-        rt.list_containers(None).await.unwrap()[0].id,
-        id,
-        "updated in place, not restarted"
-    );
+    assert_eq!(main_id().await, id, "updated in place, not restarted");
 }

@@ -9,14 +9,19 @@
 //! concurrency, the status subresource, finalizers and graceful pod deletion; namespaces;
 //! CustomResourceDefinitions (registering one serves its resources); and discovery.
 //!
-//! Known simplifications: no authentication or authorization, no admission beyond namespace
-//! existence, no schema validation or pruning of custom resources (CRD schemas are checked for
+//! Admission and controllers as far as kedge depends on them: namespaces must exist, and service
+//! accounts behave as in a cluster (see [`serviceaccounts`]: default service account and root CA
+//! ConfigMap per namespace, the `kube-api-access-*` volume and default tolerations on pods,
+//! TokenRequest with signed tokens).
+//!
+//! Known simplifications: no authentication or authorization, no other admission, no schema validation or pruning of custom resources (CRD schemas are checked for
 //! structure), server-side apply is a merge patch without field ownership, and `continue` pages
 //! are read from the current state rather than a snapshot. Bodies are JSON or YAML only:
 //! `kubectl create <generator>` (which sends protobuf) gets 415, and there is no server-side
 //! Table rendering (kubectl prints NAME and AGE), no OpenAPI (use `--validate=false`).
 
 pub mod patch;
+pub mod serviceaccounts;
 pub mod store;
 pub mod types;
 
@@ -111,6 +116,7 @@ struct Shared {
     /// Bumped to end every open watch (used with `Store::compact` to force re-lists).
     watch_epoch: watch::Sender<u64>,
     addr: SocketAddr,
+    accounts: serviceaccounts::ServiceAccountIssuer,
 }
 
 /// A running test API server. Dropping it stops it.
@@ -134,8 +140,14 @@ impl TestApiServer {
     pub async fn start_on(addr: SocketAddr, config: ApiServerConfig) -> anyhow::Result<Self> {
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
+        let store = Store::new(config.store);
+        let accounts = serviceaccounts::ServiceAccountIssuer::generate()?;
+        for ns in store.namespace_names() {
+            accounts.populate_namespace(&store, &ns);
+        }
         let shared = Arc::new(Shared {
-            store: Store::new(config.store),
+            accounts,
+            store,
             bookmark_interval: config.bookmark_interval,
             watch_epoch: watch::channel(0).0,
             addr,
@@ -189,6 +201,16 @@ impl TestApiServer {
 
     pub fn store(&self) -> &Store {
         &self.shared.store
+    }
+
+    /// Checks a service account token this server issued; returns its claims.
+    pub fn verify_token(&self, token: &str) -> anyhow::Result<Value> {
+        self.shared.accounts.verify(token)
+    }
+
+    /// The cluster's root CA certificate (as in every namespace's `kube-root-ca.crt`).
+    pub fn root_ca_pem(&self) -> &str {
+        self.shared.accounts.root_ca_pem()
     }
 
     /// Resource requests served so far, by verb.
@@ -499,9 +521,29 @@ async fn resource(
             if t.ty.namespaced && t.namespace.is_none() {
                 return method_not_allowed(&method);
             }
+            let is_core = |plural: &str| t.ty.group.is_empty() && t.ty.plural == plural;
+            let created = read_body(req).await.and_then(|(_, mut body)| {
+                if is_core("pods") {
+                    shared.accounts.admit_pod(store, &ns, &mut body)?;
+                }
+                store.create(&t.ty, &ns, body)
+            });
+            if let (Ok(v), true) = (&created, is_core("namespaces"))
+                && let Some(name) = v.pointer("/metadata/name").and_then(Value::as_str)
+            {
+                shared.accounts.populate_namespace(store, name);
+            }
+            return match created {
+                Ok(v) => full(StatusCode::CREATED, v),
+                Err(e) => error(&e),
+            };
+        }
+        (Some(name), Some("token"), &Method::POST)
+            if t.ty.group.is_empty() && t.ty.plural == "serviceaccounts" =>
+        {
             return match read_body(req)
                 .await
-                .and_then(|(_, body)| store.create(&t.ty, &ns, body))
+                .and_then(|(_, body)| shared.accounts.token_request(store, &ns, name, &body))
             {
                 Ok(v) => full(StatusCode::CREATED, v),
                 Err(e) => error(&e),

@@ -282,6 +282,15 @@ impl Store {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The names of every namespace.
+    pub fn namespace_names(&self) -> Vec<String> {
+        let s = self.lock();
+        s.data
+            .get(&(String::new(), "namespaces".to_owned()))
+            .map(|c| c.keys().map(|(_, n)| n.clone()).collect())
+            .unwrap_or_default()
+    }
+
     pub fn current_rv(&self) -> u64 {
         self.lock().rv
     }
