@@ -29,6 +29,7 @@ pub mod manager;
 pub mod node;
 pub mod node_status;
 pub mod pod_actions;
+pub mod probes;
 pub mod qos;
 pub mod quantity;
 pub mod runtime;
