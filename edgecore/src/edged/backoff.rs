@@ -77,6 +77,17 @@ impl RestartBackoff {
             .map(|e| e.delay)
     }
 
+    /// The earliest moment after `now` at which a held-back start of pod `uid` is allowed: when
+    /// its pod worker must sync again.
+    pub fn next_expiry(&self, uid: &str, now: Instant) -> Option<Instant> {
+        self.entries
+            .iter()
+            .filter(|((u, _), _)| u == uid)
+            .map(|(_, e)| e.last + e.delay)
+            .filter(|t| *t > now)
+            .min()
+    }
+
     /// Forgets a pod (it was deleted).
     pub fn forget_pod(&mut self, uid: &str) {
         self.entries.retain(|(u, _), _| u != uid);
@@ -88,6 +99,19 @@ mod tests {
     use super::*;
 
     const S: Duration = Duration::from_secs(1);
+
+    #[test]
+    fn next_expiry_is_the_earliest_pending_one() {
+        let t0 = Instant::now();
+        let mut b = RestartBackoff::default();
+        assert_eq!(b.next_expiry("p", t0), None);
+        b.failed("p", "a", t0, None);
+        b.failed("p", "b", t0 + S, None);
+        b.failed("q", "a", t0, None);
+        assert_eq!(b.next_expiry("p", t0), Some(t0 + 10 * S));
+        assert_eq!(b.next_expiry("p", t0 + 10 * S), Some(t0 + 11 * S));
+        assert_eq!(b.next_expiry("p", t0 + 11 * S), None);
+    }
 
     #[test]
     fn doubles_from_ten_seconds_to_five_minutes() {

@@ -12,8 +12,10 @@
 //! - [`pod_actions`]: what a pod needs next (sandbox, init containers in order, restarts per
 //!   policy and back-off), from the pod and what the runtime has for it.
 //!
-//! - [`sync`]: one sync of one pod against the runtime; [`manager`]: the loop that follows the
-//!   store, syncs pods, stops deleted ones and reports status to the outbox.
+//! - [`sync`]: one sync of one pod against the runtime; [`worker`]: a task per pod with its own
+//!   state and timers (syncs, probes, back-off, termination) that reports the pod's status;
+//!   [`manager`]: follows the store, hands pods to their workers and relists the runtime;
+//!   [`probes`]: probes and lifecycle hooks.
 //!
 //! - [`node_status`]: the node's capacity, nodeInfo, addresses and conditions, reported every
 //!   10 s.
@@ -21,7 +23,7 @@
 //! - [`volumes`]: the pod's volumes on the host, written ones updated in place; [`tokens`]:
 //!   service account tokens for them, asked of cloudcore and refreshed.
 //!
-//! Still to come (issue: edged): per-pod workers, probes, image pull secrets.
+//! Still to come (issue: edged): image pull secrets.
 pub mod backoff;
 pub mod cri_config;
 pub mod env;
@@ -37,3 +39,4 @@ pub mod status;
 pub mod sync;
 pub mod tokens;
 pub mod volumes;
+pub mod worker;

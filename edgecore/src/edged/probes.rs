@@ -14,7 +14,6 @@
 //! the pod worker runs what it says is due with [`run_action`] and records the outcomes.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{Container, Probe};
@@ -400,7 +399,7 @@ pub fn container_probe(c: &Container, kind: ProbeKind) -> Option<&Probe> {
 /// Runs `action` against container `container_id` (exec) or the pod's IP (network actions),
 /// within `timeout`.
 pub async fn run_action<R: Runtime>(
-    rt: &Arc<R>,
+    rt: &R,
     action: &Action,
     container_id: &str,
     pod_ip: &str,
@@ -747,7 +746,7 @@ mod tests {
     #[tokio::test]
     async fn network_probes_reach_real_servers() {
         use crate::edged::runtime::MemoryRuntime;
-        let rt = Arc::new(MemoryRuntime::new());
+        let rt = MemoryRuntime::new();
         // HTTP: 200 passes, 500 fails, a closed port fails.
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();

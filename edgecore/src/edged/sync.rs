@@ -13,6 +13,7 @@ use super::backoff::RestartBackoff;
 use super::cri_config::{self, NodeSettings, POD_UID_LABEL};
 use super::env::{ObjectSource, PodContext};
 use super::pod_actions::{self, ContainerInfo, RuntimePod, SandboxInfo};
+use super::probes::{self, ContainerProbeView};
 use super::qos::qos_class;
 use super::runtime::{Runtime, RuntimeError, api};
 use super::status::{self, ContainerView, Waiting};
@@ -169,6 +170,22 @@ pub struct PodMemory {
     pub start_time: Option<Time>,
     /// Why containers are held back, from the last sync.
     pub waiting: HashMap<String, Waiting>,
+    /// What the probes say, by container ID (set by the pod worker before a sync).
+    pub probes: HashMap<String, ContainerProbeView>,
+    /// Running containers seen by the last sync: (name, container ID, started at in CRI
+    /// nanoseconds), for the pod worker's probes.
+    pub running: Vec<(String, String, i64)>,
+}
+
+/// The probe view of a running container the probes have not seen yet: not started while it
+/// has a startup probe, not ready while it has a readiness probe.
+fn unprobed_view(c: &k8s_openapi::api::core::v1::Container) -> ContainerProbeView {
+    let started = c.startup_probe.is_none();
+    ContainerProbeView {
+        started,
+        ready: started && c.readiness_probe.is_none(),
+        kill: false,
+    }
 }
 
 /// Syncs `pod` once and returns the status the API should show.
@@ -324,6 +341,13 @@ pub async fn sync_pod<R: Runtime>(
                 .create_container(&sandbox.id, config, sb_config.clone())
                 .await?;
             rt.start_container(&id).await?;
+            if let Some(hook) = container
+                .lifecycle
+                .as_ref()
+                .and_then(|l| l.post_start.as_ref())
+            {
+                run_post_start(rt, pod, container, hook, &id, &observed.sandbox_ip).await?;
+            }
             if start.init {
                 // The next init container waits for this one to exit.
                 break;
@@ -335,6 +359,111 @@ pub async fn sync_pod<R: Runtime>(
         observed = observe(rt, &uid).await?;
     }
     Ok(pod_status(pod, &observed, memory, host_ip, wall_now))
+}
+
+/// The pod's grace period (`terminationGracePeriodSeconds`, default 30 s).
+pub fn grace_seconds(pod: &Pod) -> i64 {
+    pod.spec
+        .as_ref()
+        .and_then(|s| s.termination_grace_period_seconds)
+        .unwrap_or(30)
+        .max(0)
+}
+
+/// Runs a container's `postStart` hook; if it fails the container is killed (the kubelet's
+/// `FailedPostStartHook`) and restarted per the restart policy by a later sync.
+async fn run_post_start<R: Runtime>(
+    rt: &R,
+    pod: &Pod,
+    container: &k8s_openapi::api::core::v1::Container,
+    hook: &k8s_openapi::api::core::v1::LifecycleHandler,
+    id: &str,
+    pod_ip: &str,
+) -> Result<(), RuntimeError> {
+    let grace = grace_seconds(pod);
+    let outcome = match probes::hook_action(hook, container) {
+        Ok(action) => {
+            probes::run_action(
+                rt,
+                &action,
+                id,
+                pod_ip,
+                Duration::from_secs(grace.max(1) as u64),
+            )
+            .await
+        }
+        Err(e) => probes::Outcome::Failure(e),
+    };
+    if let probes::Outcome::Failure(why) = outcome {
+        tracing::warn!(pod = ?pod.metadata.name, container = %container.name, %why, "FailedPostStartHook: killing the container");
+        rt.stop_container(id, grace).await?;
+    }
+    Ok(())
+}
+
+/// Stops one running container as the kubelet does: its `preStop` hook first (within the grace
+/// period), then SIGTERM and, after what is left of the grace period (at least 2 s), SIGKILL.
+pub async fn stop_container_gracefully<R: Runtime>(
+    rt: &R,
+    container: Option<&k8s_openapi::api::core::v1::Container>,
+    id: &str,
+    pod_ip: &str,
+    grace_seconds: i64,
+) -> Result<(), RuntimeError> {
+    let started = Instant::now();
+    if let Some((c, hook)) =
+        container.and_then(|c| Some((c, c.lifecycle.as_ref()?.pre_stop.as_ref()?)))
+    {
+        let budget = Duration::from_secs(grace_seconds.max(0) as u64);
+        match probes::hook_action(hook, c) {
+            Ok(action) => {
+                if let probes::Outcome::Failure(why) =
+                    probes::run_action(rt, &action, id, pod_ip, budget).await
+                {
+                    tracing::warn!(container = %c.name, %why, "preStop hook failed");
+                }
+            }
+            Err(why) => tracing::warn!(container = %c.name, %why, "preStop hook invalid"),
+        }
+    }
+    let left = grace_seconds - started.elapsed().as_secs() as i64;
+    match rt.stop_container(id, left.max(2)).await {
+        Err(e) if e.is_not_found() => Ok(()),
+        other => other,
+    }
+}
+
+/// Stops every running container of the pod with its preStop hooks and grace period (all at
+/// once, as the kubelet does), then its sandboxes.
+pub async fn stop_pod_gracefully<R: Runtime>(
+    rt: &R,
+    pod: &Pod,
+    observed: &Observed,
+    grace_seconds: i64,
+) -> Result<(), RuntimeError> {
+    let spec = pod.spec.clone().unwrap_or_default();
+    let stops = observed
+        .pod
+        .containers
+        .iter()
+        .filter(|c| c.state == api::ContainerState::ContainerRunning)
+        .map(|c| {
+            let container = spec
+                .containers
+                .iter()
+                .chain(spec.init_containers.iter().flatten())
+                .find(|s| s.name == c.name);
+            stop_container_gracefully(rt, container, &c.id, &observed.sandbox_ip, grace_seconds)
+        });
+    for r in futures_util::future::join_all(stops).await {
+        r?;
+    }
+    for s in &observed.pod.sandboxes {
+        if s.ready {
+            rt.stop_pod_sandbox(&s.id).await?;
+        }
+    }
+    Ok(())
 }
 
 /// Removes exited containers beyond the newest two attempts per container name (the current one
@@ -472,6 +601,10 @@ fn pod_status(
         let running = current
             .as_ref()
             .is_some_and(|s| s.state == api::ContainerState::ContainerRunning as i32);
+        let probe_view = attempts
+            .last()
+            .and_then(|x| memory.probes.get(&x.id).copied())
+            .unwrap_or_else(|| unprobed_view(c));
         let waiting = memory.waiting.get(&c.name).cloned();
         // While held back, the last run is the last state (and the current one is history).
         let (current, previous) = if waiting.is_some() && current.is_some() && !running {
@@ -486,10 +619,20 @@ fn pod_status(
             current,
             previous,
             waiting,
-            ready: running,
-            started: running.then_some(true),
+            ready: running && probe_view.ready,
+            started: running.then_some(probe_view.started),
         }
     };
+    memory.running = observed
+        .pod
+        .containers
+        .iter()
+        .filter(|c| c.state == api::ContainerState::ContainerRunning)
+        .map(|c| {
+            let started = observed.statuses.get(&c.id).map_or(0, |s| s.started_at);
+            (c.name.clone(), c.id.clone(), started)
+        })
+        .collect();
     let init: Vec<_> = spec
         .init_containers
         .iter()
