@@ -9,6 +9,7 @@
 //! - [`cloud::raw_connect`]: a bare WebSocket client with a node certificate, for protocol-level tests.
 //! - [`containerd::TestContainerd`]: a private containerd (hack/containerd-up.sh) for CRI tests.
 //! - [`daemons::Setup`]: the shipped binaries with their config files, killable and restartable.
+//! - [`edgerig::Rig`]: cloudcore + edgecore + containerd + test API server, for edged scenarios.
 #![forbid(unsafe_code)]
 
 pub mod apiserver;
@@ -16,5 +17,6 @@ pub mod cloud;
 pub mod containerd;
 pub mod daemons;
 pub mod edge;
+pub mod edgerig;
 pub mod procfs;
 pub mod proxy;

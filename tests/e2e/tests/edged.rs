@@ -7,73 +7,10 @@
 use std::time::{Duration, Instant};
 
 use edgecore::edged::runtime::{CriRuntime, Runtime};
-use k8s_openapi::api::core::v1::{Node, Pod};
-use kedge_e2e::apiserver::TestApiServer;
-use kedge_e2e::containerd::TestContainerd;
-use kedge_e2e::daemons::Setup;
+use k8s_openapi::api::core::v1::Pod;
+use kedge_e2e::edgerig::{Rig, eventually};
 use kube::api::{Api, DeleteParams, PostParams};
 use serde_json::json;
-
-async fn eventually<F, Fut>(what: &str, setup: &Setup, ctr: &TestContainerd, mut cond: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !cond().await {
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for: {what}\n{}\n--- containerd\n{}",
-            setup.log_tails(60),
-            ctr.log()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// One edge node on a private containerd, with cloudcore against the test API server, up and
-/// registered.
-struct Rig {
-    ctr: TestContainerd,
-    client: kube::Client,
-    setup: Setup,
-    cloud: kedge_e2e::daemons::Daemon,
-    edge: kedge_e2e::daemons::Daemon,
-    nodes: Api<Node>,
-    _server: TestApiServer,
-    _dir: tempfile::TempDir,
-}
-
-impl Rig {
-    async fn start(node: &str) -> Rig {
-        kedge_common::tls::install_crypto_provider();
-        let ctr = TestContainerd::start().unwrap();
-        let server = TestApiServer::start().await.unwrap();
-        let client = server.client().unwrap();
-        server.create_namespace("kubeedge").await.unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let setup = Setup::write(dir.path(), server.kubeconfig_path(), node).unwrap();
-        setup
-            .use_container_runtime(&ctr.socket, &ctr.cgroup_parent)
-            .unwrap();
-        let (cloud, edge) = setup.start_both().await.unwrap();
-        let nodes: Api<Node> = Api::all(client.clone());
-        eventually("edge Node registered", &setup, &ctr, || async {
-            nodes.get_opt(node).await.unwrap().is_some()
-        })
-        .await;
-        Rig {
-            ctr,
-            client,
-            setup,
-            cloud,
-            edge,
-            nodes,
-            _server: server,
-            _dir: dir,
-        }
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pod_created_in_the_api_runs_on_the_edge_and_is_deleted_cleanly() {
@@ -173,8 +110,8 @@ async fn a_pod_created_in_the_api_runs_on_the_edge_and_is_deleted_cleanly() {
     );
 }
 
-/// Autonomy across edgecore restarts: running containers are adopted, never restarted, also with
-/// the cloud unreachable; a pod deleted while edgecore was down is cleaned up when it comes
+/// Autonomy across edgecore restarts (SIGKILL, five pods): running containers are adopted, never
+/// restarted, also with the cloud unreachable; a pod deleted while edgecore was down is cleaned up when it comes
 /// back; a container removed behind edged's back is created again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn edgecore_restarts_adopt_running_containers_and_clean_up() {
@@ -192,7 +129,8 @@ async fn edgecore_restarts_adopt_running_containers_and_clean_up() {
     let mut cloud = cloud;
     let mut edge = edge;
     let pods: Api<Pod> = Api::default_namespaced(client.clone());
-    for name in ["a", "b", "c"] {
+    const NAMES: [&str; 5] = ["a", "b", "c", "d", "e"];
+    for name in NAMES {
         pods.create(
             &PostParams::default(),
             &serde_json::from_value(json!({
@@ -206,9 +144,9 @@ async fn edgecore_restarts_adopt_running_containers_and_clean_up() {
         .await
         .unwrap();
     }
-    eventually("three pods Running", &setup, &ctr, || async {
+    eventually("five pods Running", &setup, &ctr, || async {
         let mut running = 0;
-        for n in ["a", "b", "c"] {
+        for n in NAMES {
             if pods
                 .get(n)
                 .await
@@ -221,7 +159,7 @@ async fn edgecore_restarts_adopt_running_containers_and_clean_up() {
                 running += 1;
             }
         }
-        running == 3
+        running == 5
     })
     .await;
     let rt = CriRuntime::connect(&ctr.socket).await.unwrap();
@@ -237,8 +175,12 @@ async fn edgecore_restarts_adopt_running_containers_and_clean_up() {
                 .collect::<Vec<_>>()
         }
     };
-    let a_before = container_of("a").await;
-    assert_eq!(a_before.len(), 1);
+    let mut before = Vec::new();
+    for n in ["a", "d", "e"] {
+        let c = container_of(n).await;
+        assert_eq!(c.len(), 1);
+        before.push(c);
+    }
 
     // 1. edgecore down while pod c is deleted in the cluster; back with the cloud up.
     edge.kill();
@@ -252,7 +194,7 @@ async fn edgecore_restarts_adopt_running_containers_and_clean_up() {
         &ctr,
         || async {
             container_of("c").await.is_empty()
-                && rt.list_pod_sandboxes(None).await.unwrap().len() == 2
+                && rt.list_pod_sandboxes(None).await.unwrap().len() == 4
         },
     )
     .await;
@@ -271,14 +213,16 @@ async fn edgecore_restarts_adopt_running_containers_and_clean_up() {
             .any(|(_, state, _)| *state == api::ContainerState::ContainerRunning as i32)
     })
     .await;
-    // a was adopted: the same container, still running, never restarted.
+    // a, d and e were adopted: the same containers, still running, never restarted.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let a_after = container_of("a").await;
-    assert_eq!(
-        a_after, a_before,
-        "a's container is the same one, still attempt 0"
-    );
-    assert_eq!(a_after[0].1, api::ContainerState::ContainerRunning as i32);
+    for (n, before) in ["a", "d", "e"].into_iter().zip(before) {
+        let after = container_of(n).await;
+        assert_eq!(
+            after, before,
+            "{n}'s container is the same one, still attempt 0"
+        );
+        assert_eq!(after[0].1, api::ContainerState::ContainerRunning as i32);
+    }
 }
 
 /// A ConfigMap volume, a Secret volume and a Secret env var reach the running container; an
