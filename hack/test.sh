@@ -16,6 +16,9 @@ need_cmd kubectl "the e2e tests need kubectl on PATH"
 # edged's runtime tests run a private containerd (hack/containerd-up.sh) with runc, CNI plugins
 # and test images built from busybox-static by a Python script.
 need_apt containerd runc containernetworking-plugins busybox-static iproute2
+# Image pulls with credentials are tested against a real registry (Debian's docker-registry with
+# htpasswd auth), the test images pushed into it with skopeo.
+need_apt docker-registry skopeo apache2-utils
 command -v python3 >/dev/null 2>&1 || need_apt python3
 
 echo ">> cargo fmt --check"

@@ -23,7 +23,7 @@
 //! - [`volumes`]: the pod's volumes on the host, written ones updated in place; [`tokens`]:
 //!   service account tokens for them, asked of cloudcore and refreshed.
 //!
-//! Still to come (issue: edged): image pull secrets.
+//! - [`pull_secrets`]: registry credentials from `imagePullSecrets`.
 pub mod backoff;
 pub mod cri_config;
 pub mod env;
@@ -32,6 +32,7 @@ pub mod node;
 pub mod node_status;
 pub mod pod_actions;
 pub mod probes;
+pub mod pull_secrets;
 pub mod qos;
 pub mod quantity;
 pub mod runtime;

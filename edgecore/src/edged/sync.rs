@@ -14,6 +14,7 @@ use super::cri_config::{self, NodeSettings, POD_UID_LABEL};
 use super::env::{ObjectSource, PodContext};
 use super::pod_actions::{self, ContainerInfo, RuntimePod, SandboxInfo};
 use super::probes::{self, ContainerProbeView};
+use super::pull_secrets;
 use super::qos::qos_class;
 use super::runtime::{Runtime, RuntimeError, api};
 use super::status::{self, ContainerView, Waiting};
@@ -128,6 +129,7 @@ async fn ensure_image<R: Runtime>(
     image: &str,
     policy: Option<&str>,
     sandbox: &api::PodSandboxConfig,
+    credentials: &[api::AuthConfig],
 ) -> Result<(), Waiting> {
     let last = image.rsplit('/').next().unwrap_or(image);
     let latest = !last.contains(':') || last.ends_with(":latest");
@@ -149,19 +151,66 @@ async fn ensure_image<R: Runtime>(
         }),
         "Never" => Ok(()),
         "IfNotPresent" if present => Ok(()),
-        _ => rt
-            .pull_image(image, None, Some(sandbox.clone()))
-            .await
-            .map(|_| ())
-            .map_err(|e| {
-                // Offline, a present image still runs (the registry is merely unreachable).
-                Waiting {
-                    reason: "ErrImagePull".into(),
-                    message: e.to_string(),
+        _ => {
+            // Each matching credential, then anonymously (as the kubelet tries them).
+            let attempts = credentials.iter().cloned().map(Some).chain([None]);
+            let mut last_error = String::new();
+            for auth in attempts {
+                match rt.pull_image(image, auth, Some(sandbox.clone())).await {
+                    Ok(_) => return Ok(()),
+                    Err(e) => last_error = e.to_string(),
                 }
+            }
+            // Offline, a present image still runs (the registry is merely unreachable); a
+            // registry that answers no (bad credentials, no such image) is not overruled.
+            if present && unreachable(&last_error) {
+                tracing::info!(%image, error = %last_error, "registry unreachable; using the image present on the node");
+                return Ok(());
+            }
+            Err(Waiting {
+                reason: "ErrImagePull".into(),
+                message: last_error,
             })
-            .or_else(|w| if present { Ok(()) } else { Err(w) }),
+        }
     }
+}
+
+/// Whether a pull failed for want of a network (not because the registry refused).
+fn unreachable(error: &str) -> bool {
+    [
+        "dial tcp",
+        "connection refused",
+        "no such host",
+        "i/o timeout",
+        "network is unreachable",
+        "TLS handshake timeout",
+        "no route to host",
+    ]
+    .iter()
+    .any(|m| error.contains(m))
+}
+
+/// The registry credentials of the pod's `imagePullSecrets` for `image` (a missing Secret is
+/// skipped, as the kubelet does: the pull may still work anonymously).
+fn pull_credentials(
+    pod: &Pod,
+    image: &str,
+    source: &(dyn ObjectSource + Sync),
+) -> Vec<api::AuthConfig> {
+    let ns = pod.metadata.namespace.as_deref().unwrap_or("default");
+    let secrets: Vec<_> = pod
+        .spec
+        .iter()
+        .flat_map(|s| s.image_pull_secrets.iter().flatten())
+        .filter_map(|r| {
+            let found = source.secret(ns, &r.name);
+            if found.is_none() {
+                tracing::warn!(pod = ?pod.metadata.name, secret = %r.name, "image pull secret not found; pulling without it");
+            }
+            found
+        })
+        .collect();
+    pull_secrets::credentials_for(image, &secrets)
 }
 
 /// Per-pod memory between syncs.
@@ -283,11 +332,13 @@ pub async fn sync_pod<R: Runtime>(
                 );
                 continue;
             }
+            let credentials = pull_credentials(pod, &image, source);
             if let Err(w) = ensure_image(
                 rt,
                 &image,
                 container.image_pull_policy.as_deref(),
                 &sb_config,
+                &credentials,
             )
             .await
             {

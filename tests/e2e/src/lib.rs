@@ -9,6 +9,7 @@
 //! - [`cloud::raw_connect`]: a bare WebSocket client with a node certificate, for protocol-level tests.
 //! - [`containerd::TestContainerd`]: a private containerd (hack/containerd-up.sh) for CRI tests.
 //! - [`daemons::Setup`]: the shipped binaries with their config files, killable and restartable.
+//! - [`registry::TestRegistry`]: a real registry with basic auth (docker-registry), for pulls.
 //! - [`edgerig::Rig`]: cloudcore + edgecore + containerd + test API server, for edged scenarios.
 #![forbid(unsafe_code)]
 
@@ -20,3 +21,4 @@ pub mod edge;
 pub mod edgerig;
 pub mod procfs;
 pub mod proxy;
+pub mod registry;

@@ -282,3 +282,74 @@ async fn graceful_deletion_runs_pre_stop_and_honours_the_grace_period() {
         "stopping\n"
     );
 }
+
+/// Pulls through CRI from a real registry with basic auth: the pod's imagePullSecrets
+/// credentials work; wrong credentials, no credentials and a missing image end in
+/// ErrImagePull/ImagePullBackOff.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn images_are_pulled_with_image_pull_secrets_from_a_real_registry() {
+    use base64::Engine;
+    use k8s_openapi::api::core::v1::Secret;
+    let rig = Rig::start("edge-pull").await;
+    let (ctr, setup) = (&rig.ctr, &rig.setup);
+    let registry = kedge_e2e::registry::TestRegistry::start("puller", "s3cret").unwrap();
+    let archive = ctr.dir().join("images/busybox.tar");
+    let good = registry.push(&archive, "kedge/busybox:good").unwrap();
+    let other = registry.push(&archive, "kedge/busybox:other").unwrap();
+    let missing = format!("{}/kedge/nothere:1", registry.addr);
+    let secrets: Api<Secret> = Api::default_namespaced(rig.client.clone());
+    for (name, password) in [("regcred", "s3cret"), ("wrongcred", "guess")] {
+        let config =
+            json!({"auths": {registry.addr.clone(): {"username": "puller", "password": password}}});
+        let data = base64::engine::general_purpose::STANDARD.encode(config.to_string());
+        secrets
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(json!({"metadata": {"name": name},
+                    "type": "kubernetes.io/dockerconfigjson",
+                    "data": {".dockerconfigjson": data}}))
+                .unwrap(),
+            )
+            .await
+            .unwrap();
+    }
+    let pods: Api<Pod> = Api::default_namespaced(rig.client.clone());
+    let pod = |name: &str, image: &str, secret: Option<&str>| {
+        let secrets: Vec<Value> = secret.map(|s| json!({"name": s})).into_iter().collect();
+        json!({"metadata": {"name": name},
+            "spec": {"nodeName": "edge-pull", "terminationGracePeriodSeconds": 1, "imagePullSecrets": secrets,
+                "containers": [{"name": "main", "image": image, "imagePullPolicy": "Always",
+                    "command": ["sh", "-c", "exec sleep 3600"]}]}})
+    };
+    create(&pods, pod("pull-good", &good, Some("regcred"))).await;
+    create(&pods, pod("pull-wrong", &other, Some("wrongcred"))).await;
+    create(&pods, pod("pull-anonymous", &other, None)).await;
+    create(&pods, pod("pull-missing", &missing, Some("regcred"))).await;
+    eventually(
+        "pod with the right credentials Running",
+        setup,
+        ctr,
+        || async { phase(&pods, "pull-good").await.as_deref() == Some("Running") },
+    )
+    .await;
+    let status = container_status(&pods, "pull-good", "main").await.unwrap();
+    assert_eq!(status.image, good);
+    assert!(
+        status.image_id.starts_with("sha256:") || status.image_id.contains("@sha256:"),
+        "{status:?}"
+    );
+    for name in ["pull-wrong", "pull-anonymous", "pull-missing"] {
+        eventually(&format!("{name} fails to pull"), setup, ctr, || async {
+            container_status(&pods, name, "main")
+                .await
+                .is_some_and(|c| {
+                    let reason = c.state.and_then(|s| s.waiting).and_then(|w| w.reason);
+                    matches!(reason.as_deref(), Some("ErrImagePull" | "ImagePullBackOff"))
+                })
+        })
+        .await;
+    }
+    assert_eq!(phase(&pods, "pull-wrong").await.as_deref(), Some("Pending"));
+    let log = registry.log();
+    assert!(!log.contains("panic"), "{log}");
+}
