@@ -348,6 +348,15 @@ pub async fn sync_pod<R: Runtime>(
                 memory.waiting.insert(start.name.clone(), w);
                 continue;
             }
+            let message_file = match termination_message_file(pod, container, start.attempt, node)
+                .await
+            {
+                Ok(f) => f,
+                Err(e) => {
+                    tracing::warn!(container = %container.name, error = %e, "cannot prepare the termination message file");
+                    None
+                }
+            };
             let config = match cri_config::container_config(
                 pod,
                 container,
@@ -359,6 +368,13 @@ pub async fn sync_pod<R: Runtime>(
             .map_err(|e| e.to_string())
             .and_then(|mut c| {
                 c.mounts = volumes::mounts(pod, container, &vols).map_err(|e| e.to_string())?;
+                if let Some((container_path, host_path)) = &message_file {
+                    c.mounts.push(api::Mount {
+                        container_path: container_path.clone(),
+                        host_path: host_path.display().to_string(),
+                        ..Default::default()
+                    });
+                }
                 Ok(c)
             }) {
                 Ok(c) => c,
@@ -409,7 +425,115 @@ pub async fn sync_pod<R: Runtime>(
     if prune_exited(rt, &observed).await? {
         observed = observe(rt, &uid).await?;
     }
+    add_termination_messages(pod, node, &mut observed).await;
     Ok(pod_status(pod, &observed, memory, host_ip, wall_now))
+}
+
+/// The most of a termination message the API shows (as the kubelet limits it).
+const MAX_TERMINATION_MESSAGE: usize = 4096;
+/// With `FallbackToLogsOnError`: at most this many of the log's last lines, and bytes.
+const FALLBACK_LOG_LINES: usize = 80;
+const FALLBACK_LOG_BYTES: usize = 2048;
+
+/// Where a container attempt's termination message lives on the host.
+fn termination_message_host_path(
+    node: &NodeSettings,
+    uid: &str,
+    name: &str,
+    attempt: u32,
+) -> std::path::PathBuf {
+    volumes::pod_dir(&node.root_dir, uid)
+        .join("containers")
+        .join(name)
+        .join(attempt.to_string())
+}
+
+/// Creates the empty, writable file mounted at the container's `terminationMessagePath`
+/// (default `/dev/termination-log`); `None` when the path is set empty.
+async fn termination_message_file(
+    pod: &Pod,
+    container: &k8s_openapi::api::core::v1::Container,
+    attempt: u32,
+    node: &NodeSettings,
+) -> std::io::Result<Option<(String, std::path::PathBuf)>> {
+    use std::os::unix::fs::PermissionsExt;
+    let container_path = container
+        .termination_message_path
+        .clone()
+        .unwrap_or_else(|| "/dev/termination-log".to_owned());
+    if container_path.is_empty() {
+        return Ok(None);
+    }
+    let uid = pod.metadata.uid.as_deref().unwrap_or_default();
+    let host = termination_message_host_path(node, uid, &container.name, attempt);
+    if let Some(dir) = host.parent() {
+        tokio::fs::create_dir_all(dir).await?;
+    }
+    tokio::fs::write(&host, b"").await?;
+    // Any user in the container may write it, as with the kubelet.
+    tokio::fs::set_permissions(&host, std::fs::Permissions::from_mode(0o666)).await?;
+    Ok(Some((container_path, host)))
+}
+
+/// The content of the last `lines` lines (at most `bytes`) of a CRI log file
+/// (`<time> <stream> <P|F> <content>` per line).
+fn cri_log_tail(text: &str, lines: usize, bytes: usize) -> String {
+    let contents: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.splitn(4, ' ').nth(3))
+        .collect();
+    let start = contents.len().saturating_sub(lines);
+    let mut out = contents[start..].join("\n");
+    if out.len() > bytes {
+        let mut cut = out.len() - bytes;
+        while !out.is_char_boundary(cut) {
+            cut += 1;
+        }
+        out = out[cut..].to_owned();
+    }
+    out
+}
+
+/// Fills in the termination message of exited containers (unless the runtime gave one): the
+/// file the container wrote, or with `FallbackToLogsOnError` and a failure, its log's tail.
+pub async fn add_termination_messages(pod: &Pod, node: &NodeSettings, observed: &mut Observed) {
+    let spec = pod.spec.clone().unwrap_or_default();
+    let uid = pod.metadata.uid.clone().unwrap_or_default();
+    for c in &observed.pod.containers {
+        if c.state != api::ContainerState::ContainerExited {
+            continue;
+        }
+        let Some(st) = observed.statuses.get_mut(&c.id) else {
+            continue;
+        };
+        if !st.message.is_empty() {
+            continue;
+        }
+        let host = termination_message_host_path(node, &uid, &c.name, c.attempt);
+        let mut message = match tokio::fs::read(&host).await {
+            Ok(mut b) => {
+                b.truncate(MAX_TERMINATION_MESSAGE);
+                String::from_utf8_lossy(&b).into_owned()
+            }
+            Err(_) => String::new(),
+        };
+        let fallback = spec
+            .containers
+            .iter()
+            .chain(spec.init_containers.iter().flatten())
+            .find(|s| s.name == c.name)
+            .and_then(|s| s.termination_message_policy.as_deref())
+            == Some("FallbackToLogsOnError");
+        if message.is_empty()
+            && fallback
+            && st.exit_code != 0
+            && !st.log_path.is_empty()
+            && let Ok(text) = tokio::fs::read_to_string(&st.log_path).await
+        {
+            message = cri_log_tail(&text, FALLBACK_LOG_LINES, FALLBACK_LOG_BYTES);
+        }
+        st.message = message;
+    }
 }
 
 /// The pod's grace period (`terminationGracePeriodSeconds`, default 30 s).
@@ -728,6 +852,16 @@ fn pod_status(
 mod tests {
     use super::*;
     use crate::edged::runtime::MemoryRuntime;
+
+    #[test]
+    fn fallback_messages_are_the_log_tail() {
+        let log =
+            "2026-12-02T10:00:00.1Z stdout F one\n2026-12-02T10:00:00.2Z stderr F two words\n";
+        assert_eq!(cri_log_tail(log, 80, 2048), "one\ntwo words");
+        assert_eq!(cri_log_tail(log, 1, 2048), "two words");
+        assert_eq!(cri_log_tail(log, 80, 5), "words");
+        assert_eq!(cri_log_tail("", 80, 2048), "");
+    }
     use k8s_openapi::api::core::v1::{ConfigMap, Secret};
     use serde_json::json;
 

@@ -445,7 +445,13 @@ impl<R: Runtime, O: Outbox> Worker<R, O> {
             tracing::warn!(%uid, error = %e, "cannot stop a terminating pod");
         }
         // The final status: every container terminated, read before the sandbox goes.
-        let stopped = sync::observe(rt, uid).await;
+        let stopped = match sync::observe(rt, uid).await {
+            Ok(mut s) => {
+                sync::add_termination_messages(&pod, &self.ctx.settings.node, &mut s).await;
+                Ok(s)
+            }
+            Err(e) => Err(e),
+        };
         for s in &observed.pod.sandboxes {
             if let Err(e) = rt.remove_pod_sandbox(&s.id).await {
                 tracing::warn!(%uid, error = %e, "cannot remove a terminating pod's sandbox");

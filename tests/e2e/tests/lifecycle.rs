@@ -56,7 +56,18 @@ async fn restart_policies_and_crash_loop_back_off() {
     };
     create(&pods, pod("crash", "Always", "sleep 1; exit 1")).await;
     create(&pods, pod("never-ok", "Never", "exit 0")).await;
-    create(&pods, pod("never-fail", "Never", "exit 3")).await;
+    create(
+        &pods,
+        pod(
+            "never-fail",
+            "Never",
+            "echo custom > /dev/termination-log; exit 3",
+        ),
+    )
+    .await;
+    let mut fallback = pod("fallback", "Never", "echo from-the-log; exit 4");
+    fallback["spec"]["containers"][0]["terminationMessagePolicy"] = json!("FallbackToLogsOnError");
+    create(&pods, fallback).await;
     create(&pods, pod("onfailure-ok", "OnFailure", "exit 0")).await;
     create(&pods, pod("onfailure-fail", "OnFailure", "sleep 1; exit 2")).await;
 
@@ -74,6 +85,16 @@ async fn restart_policies_and_crash_loop_back_off() {
     let failed = container_status(&pods, "never-fail", "main").await.unwrap();
     let terminated = failed.state.unwrap().terminated.unwrap();
     assert_eq!((terminated.exit_code, failed.restart_count), (3, 0));
+    assert_eq!(
+        terminated.message.as_deref(),
+        Some("custom\n"),
+        "the termination message file"
+    );
+    eventually("the log tail as the message", setup, ctr, || async {
+        let c = container_status(&pods, "fallback", "main").await;
+        c.and_then(|c| c.state?.terminated?.message).as_deref() == Some("from-the-log")
+    })
+    .await;
 
     // The first exit restarts at once; the second waits 10 s: CrashLoopBackOff.
     eventually(
