@@ -643,13 +643,36 @@ pub async fn stop_pod_gracefully<R: Runtime>(
 
 /// Removes exited containers beyond the newest two attempts per container name (the current one
 /// and the `lastState` one), so a crash-looping container does not pile up containers on the
-/// node; attempt numbers go on from the newest kept. Returns whether anything was removed.
+/// node (attempt numbers go on from the newest kept), and stopped sandboxes a newer one replaced
+/// once they hold no container. Returns whether anything was removed.
 async fn prune_exited<R: Runtime>(rt: &R, observed: &Observed) -> Result<bool, RuntimeError> {
     let mut by_name: HashMap<&str, Vec<&ContainerInfo>> = HashMap::new();
     for c in &observed.pod.containers {
         by_name.entry(c.name.as_str()).or_default().push(c);
     }
     let mut removed = false;
+    // Sandboxes replaced by a newer attempt go once no container is left in them.
+    if let Some(newest) = observed
+        .pod
+        .sandboxes
+        .iter()
+        .max_by_key(|s| (s.attempt, s.created_at))
+    {
+        for old in &observed.pod.sandboxes {
+            let empty = !observed
+                .pod
+                .containers
+                .iter()
+                .any(|c| c.sandbox_id == old.id);
+            if old.id != newest.id && !old.ready && empty {
+                match rt.remove_pod_sandbox(&old.id).await {
+                    Ok(()) => removed = true,
+                    Err(e) if e.is_not_found() => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+    }
     for attempts in by_name.values_mut() {
         attempts.sort_by_key(|c| std::cmp::Reverse(c.attempt));
         for old in attempts.iter().skip(2) {
@@ -1015,6 +1038,55 @@ mod tests {
         let app = &s.container_statuses.as_ref().unwrap()[0];
         assert_eq!(app.restart_count, 4, "restart counts go on");
         assert!(app.state.as_ref().unwrap().running.is_some());
+    }
+
+    #[tokio::test]
+    async fn a_dead_sandbox_is_replaced_and_removed_once_empty() {
+        let rt = MemoryRuntime::new();
+        rt.add_image("busybox:1");
+        let pod: Pod = serde_json::from_value(json!({
+            "metadata": {"name": "web", "namespace": "ns", "uid": "u2"},
+            "spec": {"containers": [{"name": "app", "image": "busybox:1"}]}
+        }))
+        .unwrap();
+        let (mut backoff, mut mem, t0) = (
+            RestartBackoff::default(),
+            PodMemory::default(),
+            Instant::now(),
+        );
+        sync_at(&rt, &pod, &mut backoff, &mut mem, t0, 0).await;
+        let first = rt.list_pod_sandboxes(None).await.unwrap()[0].id.clone();
+        // The sandbox dies (e.g. a reboot): its containers are killed, a new one is made.
+        rt.stop_pod_sandbox(&first).await.unwrap();
+        let s = sync_at(&rt, &pod, &mut backoff, &mut mem, t0, 1).await;
+        let s = if s.phase.as_deref() == Some("Running") {
+            s
+        } else {
+            sync_at(&rt, &pod, &mut backoff, &mut mem, t0, 2).await
+        };
+        assert_eq!(s.phase.as_deref(), Some("Running"));
+        let sandboxes = rt.list_pod_sandboxes(None).await.unwrap();
+        assert!(
+            sandboxes
+                .iter()
+                .any(|x| x.id != first && x.metadata.as_ref().unwrap().attempt == 1)
+        );
+        // The old sandbox goes once the containers it held are gone (pruned or removed).
+        for c in rt.list_containers(None).await.unwrap() {
+            if c.pod_sandbox_id == first {
+                rt.remove_container(&c.id).await.unwrap();
+            }
+        }
+        sync_at(&rt, &pod, &mut backoff, &mut mem, t0, 3).await;
+        let left: Vec<String> = rt
+            .list_pod_sandboxes(None)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|x| x.id)
+            .collect();
+        assert_eq!(left.len(), 1);
+        assert_ne!(left[0], first);
     }
 
     #[tokio::test]
