@@ -8,6 +8,17 @@ pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
         .build()
 }
 
+/// The runtime of a daemon on a small device: blocking work (file I/O, name lookups) goes
+/// through at most `max_blocking` threads. Each extra thread costs memory that stays (its stack
+/// and, with glibc, often an allocator arena), and a burst of pods would otherwise start dozens.
+pub fn small_runtime(max_blocking: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    crate::tls::install_crypto_provider();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .max_blocking_threads(max_blocking.max(1))
+        .build()
+}
+
 /// Resolves on SIGTERM (systemd, kubelet) or Ctrl-C.
 pub async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};

@@ -101,5 +101,5 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    kedge_common::process::runtime().context("starting the async runtime")
+    kedge_common::process::small_runtime(4).context("starting the async runtime")
 }

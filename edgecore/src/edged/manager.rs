@@ -4,8 +4,8 @@
 //!
 //! - At start it removes sandboxes edged created for pods no longer in the store; running pods
 //!   are adopted as they are (their containers are found by the pod UID label, nothing restarts).
-//! - A pod change goes to that pod's worker; a ConfigMap, Secret or token change wakes every
-//!   worker (each resolves only what its pod uses). A pod that leaves the store has its worker
+//! - A pod change goes to that pod's worker; a ConfigMap or Secret change wakes every worker
+//!   (each resolves only what its pod uses). A pod that leaves the store has its worker
 //!   remove what is left of it.
 //! - A relist of the runtime every `resync` (one call for sandboxes, one for containers) wakes
 //!   the workers whose containers changed in a way edged did not cause (a container exiting):
@@ -180,7 +180,6 @@ impl<R: Runtime, O: Outbox> Edged<R, O> {
             tokens: self.tokens.clone(),
             sync_slots: Arc::new(Semaphore::new(MAX_CONCURRENT_SYNCS)),
         });
-        let token_changes = self.tokens.as_ref().map(|t| t.changed());
         let mut workers: HashMap<String, WorkerHandle> = HashMap::new();
         let mut relist = Relist::default();
         let mut cleaned_up = false;
@@ -219,9 +218,6 @@ impl<R: Runtime, O: Outbox> Edged<R, O> {
                     _ = shutdown.cancelled() => return,
                     _ = tick.tick() => {
                         self.relist(&cache, &mut workers, &mut relist).await;
-                    }
-                    _ = async { token_changes.as_ref()?.notified().await; Some(()) }, if token_changes.is_some() => {
-                        objects_changed = true;
                     }
                     change = changes.recv() => match change {
                         Ok(c) => {

@@ -7,6 +7,9 @@
 //! exactly this token, calls the TokenRequest API. Like the kubelet, edged asks again once 80 %
 //! of a token's lifetime has passed (or 24 h, whichever is first).
 //!
+//! A pod waits for its first token (its worker awaits it before syncing); refreshes run in the
+//! background while the current token stays in use, and the pod's next sync writes the new one.
+//!
 //! Tokens are kept per pod in `<root>/pods/<uid>/tokens.json` (0600), beside the pod's volumes and
 //! removed with them, so a restart of edgecore without the cloud still finds them: offline, the
 //! last token stays in the volume until it expires, and a container restarted meanwhile gets it
@@ -22,7 +25,6 @@ use k8s_openapi::api::core::v1::Pod;
 use kedge_common::{Message, Operation};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use tokio::sync::Notify;
 
 use crate::edgehub::{CloudRequester, RequestError};
 
@@ -193,7 +195,6 @@ impl TokenRequester for CloudRequester {
 struct PodTokens {
     /// Whether `tokens.json` was read (or found missing).
     loaded: bool,
-    loading: bool,
     tokens: HashMap<TokenKey, Token>,
     in_flight: HashSet<TokenKey>,
     /// No new request before this time (after a failure).
@@ -205,16 +206,18 @@ struct PodTokens {
 pub trait Tokens: Send + Sync {
     /// The token for `key` if one is held that has not expired.
     fn token(&self, key: &TokenKey, now: i64) -> Option<String>;
-    /// Starts, in the background, whatever `pods` need: reading a pod's saved tokens, asking for
-    /// missing ones and refreshing those due. Returns at once.
-    fn ensure(&self, pods: &[&Pod], now: i64);
+    /// Makes `pod`'s tokens ready for its sync: reads the pod's saved tokens the first time,
+    /// asks for missing or expired ones and waits for them (the pod cannot start without),
+    /// and starts refreshes of those due in the background (the current one stays usable).
+    /// After a failed request the next one waits a few seconds.
+    fn ready<'a>(&'a self, pod: &'a Pod, now: i64) -> BoxFuture<'a, ()>;
     /// Forgets a pod that is gone (its file goes with its directory).
     fn forget(&self, uid: &str);
-    /// Notified whenever a token was stored, so edged writes it without waiting for a relist.
-    fn changed(&self) -> Arc<Notify>;
 }
 
-/// The tokens of every pod, fetched and refreshed in the background.
+pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// The tokens of every pod.
 pub struct TokenManager<Q: TokenRequester>(Arc<Inner<Q>>);
 
 impl<Q: TokenRequester> Clone for TokenManager<Q> {
@@ -227,11 +230,19 @@ struct Inner<Q: TokenRequester> {
     requester: Q,
     root: PathBuf,
     pods: Mutex<HashMap<String, PodTokens>>,
-    changed: Arc<Notify>,
 }
 
 fn tokens_file(root: &Path, uid: &str) -> PathBuf {
     super::volumes::pod_dir(root, uid).join("tokens.json")
+}
+
+/// What `ready` does for one key.
+enum Need {
+    Nothing,
+    /// A valid token that is due: refreshed in the background.
+    Refresh,
+    /// No valid token: asked for and waited for.
+    Fetch,
 }
 
 impl<Q: TokenRequester> TokenManager<Q> {
@@ -240,7 +251,6 @@ impl<Q: TokenRequester> TokenManager<Q> {
             requester,
             root,
             pods: Mutex::new(HashMap::new()),
-            changed: Arc::new(Notify::new()),
         }))
     }
 }
@@ -255,49 +265,47 @@ impl<Q: TokenRequester> Tokens for TokenManager<Q> {
             .map(|t| t.token.clone())
     }
 
-    fn ensure(&self, pods: &[&Pod], now: i64) {
-        let mut work: Vec<Work> = Vec::new();
-        {
-            let mut all = self.0.lock();
-            for pod in pods.iter().copied() {
-                let keys = pod_token_keys(pod);
-                let Some(first) = keys.first() else {
-                    continue;
-                };
-                let entry = all.entry(first.pod_uid.clone()).or_default();
-                if !entry.loaded {
-                    if !entry.loading {
-                        entry.loading = true;
-                        work.push(Work::Load(first.pod_uid.clone()));
-                    }
-                    continue;
-                }
-                for key in keys {
-                    let needed = entry.tokens.get(&key).is_none_or(|t| t.refresh_due(now));
+    fn ready<'a>(&'a self, pod: &'a Pod, now: i64) -> BoxFuture<'a, ()> {
+        Box::pin(async move {
+            let keys = pod_token_keys(pod);
+            let Some(first) = keys.first() else {
+                return;
+            };
+            let uid = first.pod_uid.clone();
+            let loaded = self.0.lock().get(&uid).is_some_and(|p| p.loaded);
+            if !loaded {
+                self.0.load(&uid).await;
+            }
+            for key in keys {
+                let need = {
+                    let mut all = self.0.lock();
+                    let entry = all.entry(uid.clone()).or_default();
                     let waiting = entry.retry_at.get(&key).is_some_and(|at| now < *at);
-                    if needed && !waiting && entry.in_flight.insert(key.clone()) {
-                        work.push(Work::Request(key));
+                    let need = match entry.tokens.get(&key) {
+                        Some(t) if t.valid(now) && !t.refresh_due(now) => Need::Nothing,
+                        Some(t) if t.valid(now) => Need::Refresh,
+                        _ => Need::Fetch,
+                    };
+                    match need {
+                        Need::Nothing => Need::Nothing,
+                        _ if waiting || !entry.in_flight.insert(key.clone()) => Need::Nothing,
+                        n => n,
+                    }
+                };
+                match need {
+                    Need::Nothing => {}
+                    Need::Fetch => self.0.fetch(key, now).await,
+                    Need::Refresh => {
+                        let this = self.0.clone();
+                        tokio::spawn(async move { this.fetch(key, now).await });
                     }
                 }
             }
-        }
-        for w in work {
-            let this = self.0.clone();
-            tokio::spawn(async move {
-                match w {
-                    Work::Load(uid) => this.load(&uid).await,
-                    Work::Request(key) => this.fetch(key, now).await,
-                }
-            });
-        }
+        })
     }
 
     fn forget(&self, uid: &str) {
         self.0.lock().remove(uid);
-    }
-
-    fn changed(&self) -> Arc<Notify> {
-        self.0.changed.clone()
     }
 }
 
@@ -306,6 +314,7 @@ impl<Q: TokenRequester> Inner<Q> {
         self.pods.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Reads the pod's saved tokens (a restart, maybe without the cloud).
     async fn load(&self, uid: &str) {
         let path = tokens_file(&self.root, uid);
         let saved: Vec<(TokenKey, Token)> = match tokio::fs::read(&path).await {
@@ -319,17 +328,12 @@ impl<Q: TokenRequester> Inner<Q> {
                 Vec::new()
             }
         };
-        {
-            let mut all = self.lock();
-            let entry = all.entry(uid.to_owned()).or_default();
-            entry.loaded = true;
-            entry.loading = false;
-            for (k, t) in saved {
-                entry.tokens.entry(k).or_insert(t);
-            }
+        let mut all = self.lock();
+        let entry = all.entry(uid.to_owned()).or_default();
+        entry.loaded = true;
+        for (k, t) in saved {
+            entry.tokens.entry(k).or_insert(t);
         }
-        // Saved tokens can be written now; missing ones are asked for at the next `ensure`.
-        self.changed.notify_one();
     }
 
     async fn fetch(&self, key: TokenKey, now: i64) {
@@ -365,11 +369,10 @@ impl<Q: TokenRequester> Inner<Q> {
                 }
             }
         };
-        if let Some(tokens) = snapshot {
-            if let Err(e) = self.save(&key.pod_uid, &tokens).await {
-                tracing::warn!(pod = %key.pod_name, error = %e, "cannot save service account tokens; a restart without the cloud would have to ask again");
-            }
-            self.changed.notify_one();
+        if let Some(tokens) = snapshot
+            && let Err(e) = self.save(&key.pod_uid, &tokens).await
+        {
+            tracing::warn!(pod = %key.pod_name, error = %e, "cannot save service account tokens; a restart without the cloud would have to ask again");
         }
     }
 
@@ -397,11 +400,6 @@ impl<Q: TokenRequester> Inner<Q> {
         .await
         .map_err(std::io::Error::other)?
     }
-}
-
-enum Work {
-    Load(String),
-    Request(TokenKey),
 }
 
 #[cfg(test)]
@@ -514,12 +512,12 @@ mod tests {
         }
     }
 
+    /// What a pod worker does before each sync; background refreshes get a moment to finish.
     async fn settle<Q: TokenRequester>(m: &TokenManager<Q>, pods: &[Pod], now: i64) {
-        let pods: Vec<&Pod> = pods.iter().collect();
-        for _ in 0..3 {
-            m.ensure(&pods, now);
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        for p in pods {
+            m.ready(p, now).await;
         }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
     #[tokio::test]

@@ -318,7 +318,7 @@ impl<R: Runtime, O: Outbox> Worker<R, O> {
         let ctx = self.ctx.clone();
         let pod = self.pod.clone();
         if let Some(t) = &ctx.tokens {
-            t.ensure(&[&pod], unix_now());
+            t.ready(&pod, unix_now()).await;
         }
         self.kill_failed_probes(&pod).await;
         self.memory.probes = self

@@ -95,6 +95,21 @@ enum WriterOp {
     Apply(Box<Message>, Reply),
     /// Read the inventory once everything queued before it has committed.
     Inventory(InventoryReply),
+    /// An outbox write (put or remove). SQLite has one writer at a time: every write goes
+    /// through this connection, so concurrent reporters never meet `SQLITE_BUSY` and outbox
+    /// writes share the store's group commits.
+    Outbox(OutboxWrite, oneshot::Sender<Result<(), StoreError>>),
+}
+
+enum OutboxWrite {
+    Put { key: String, seq: u64, text: String },
+    Remove { key: String, seq: u64 },
+}
+
+/// One queued write of a batch.
+enum BatchOp {
+    Apply(Box<Message>, Reply),
+    Outbox(OutboxWrite, oneshot::Sender<Result<(), StoreError>>),
 }
 
 struct Shared {
@@ -379,7 +394,8 @@ async fn writer(
         }
         let Some(first) = rx.recv().await else { break };
         let first = match first {
-            WriterOp::Apply(msg, reply) => (msg, reply),
+            WriterOp::Apply(msg, reply) => BatchOp::Apply(msg, reply),
+            WriterOp::Outbox(w, reply) => BatchOp::Outbox(w, reply),
             WriterOp::Inventory(reply) => {
                 barrier = Some(reply);
                 continue;
@@ -388,7 +404,8 @@ async fn writer(
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
-                Ok(WriterOp::Apply(msg, reply)) => batch.push((msg, reply)),
+                Ok(WriterOp::Apply(msg, reply)) => batch.push(BatchOp::Apply(msg, reply)),
+                Ok(WriterOp::Outbox(w, reply)) => batch.push(BatchOp::Outbox(w, reply)),
                 Ok(WriterOp::Inventory(reply)) => {
                     barrier = Some(reply);
                     break;
@@ -401,8 +418,13 @@ async fn writer(
         let outcome: Result<(), StoreError> = async {
             let mut tx = conn.begin().await.map_err(storage)?;
             let mut seq = shared.seq.load(Ordering::Acquire);
-            for (msg, _) in &batch {
-                let r = apply_one(&mut tx, msg, seq + 1).await;
+            for op in &batch {
+                let r = match op {
+                    BatchOp::Apply(msg, _) => apply_one(&mut tx, msg, seq + 1).await,
+                    BatchOp::Outbox(w, _) => outbox_write(&mut tx, w)
+                        .await
+                        .map(|()| (Applied::Stored, None)),
+                };
                 if let Ok((_, Some(_))) = &r {
                     seq += 1;
                 }
@@ -420,7 +442,14 @@ async fn writer(
         match outcome {
             Ok(()) => {
                 let mut history = shared.history.lock().unwrap_or_else(|p| p.into_inner());
-                for ((_, reply), r) in batch.into_iter().zip(results) {
+                for (op, r) in batch.into_iter().zip(results) {
+                    let reply = match op {
+                        BatchOp::Apply(_, reply) => reply,
+                        BatchOp::Outbox(_, reply) => {
+                            let _ = reply.send(r.map(|_| ()));
+                            continue;
+                        }
+                    };
                     let r = r.map(|(applied, change)| {
                         if let Some(c) = change {
                             let c = Arc::new(c);
@@ -441,10 +470,46 @@ async fn writer(
             }
             Err(e) => {
                 tracing::error!(error = %e, messages = batch.len(), "database transaction failed; nothing acked");
-                for (_, reply) in batch {
-                    let _ = reply.send(Err(StoreError::Storage(e.to_string())));
+                for op in batch {
+                    let err = StoreError::Storage(e.to_string());
+                    match op {
+                        BatchOp::Apply(_, reply) => {
+                            let _ = reply.send(Err(err));
+                        }
+                        BatchOp::Outbox(_, reply) => {
+                            let _ = reply.send(Err(err));
+                        }
+                    }
                 }
             }
+        }
+    }
+}
+
+async fn outbox_write(
+    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    w: &OutboxWrite,
+) -> Result<(), StoreError> {
+    match w {
+        OutboxWrite::Put { key, seq, text } => sqlx::query(
+            "INSERT INTO outbox (key, seq, message) VALUES (?, ?, ?) \
+             ON CONFLICT (key) DO UPDATE SET seq = excluded.seq, message = excluded.message",
+        )
+        .bind(key)
+        .bind(*seq as i64)
+        .bind(text)
+        .execute(&mut **tx)
+        .await
+        .map(|_| ())
+        .map_err(storage),
+        OutboxWrite::Remove { key, seq } => {
+            sqlx::query("DELETE FROM outbox WHERE key = ? AND seq = ?")
+                .bind(key)
+                .bind(*seq as i64)
+                .execute(&mut **tx)
+                .await
+                .map(|_| ())
+                .map_err(storage)
         }
     }
 }
@@ -575,6 +640,7 @@ async fn apply_one(
 /// The outbox in the same database file.
 pub struct SqliteOutbox {
     pool: SqlitePool,
+    writer: mpsc::UnboundedSender<WriterOp>,
     next: AtomicU64,
     latest: watch::Sender<u64>,
 }
@@ -591,9 +657,21 @@ impl SqliteOutbox {
             .map_err(outbox_err)?;
         Ok(SqliteOutbox {
             pool: store.pool.clone(),
+            writer: store.writer.clone(),
             next: AtomicU64::new(max.max(0) as u64),
             latest: watch::channel(max.max(0) as u64).0,
         })
+    }
+
+    /// Hands a write to the store's single writer and waits for its commit.
+    async fn write(&self, w: OutboxWrite) -> Result<(), OutboxError> {
+        let (tx, rx) = oneshot::channel();
+        self.writer
+            .send(WriterOp::Outbox(w, tx))
+            .map_err(|_| OutboxError::Storage("the database writer stopped".into()))?;
+        rx.await
+            .map_err(|_| OutboxError::Storage("the database writer stopped".into()))?
+            .map_err(outbox_err)
     }
 
     /// Reports waiting for the cloud.
@@ -610,16 +688,12 @@ impl Outbox for SqliteOutbox {
     async fn put(&self, key: &str, msg: Message) -> Result<u64, OutboxError> {
         let seq = self.next.fetch_add(1, Ordering::AcqRel) + 1;
         let text = serde_json::to_string(&msg).map_err(outbox_err)?;
-        sqlx::query(
-            "INSERT INTO outbox (key, seq, message) VALUES (?, ?, ?) \
-             ON CONFLICT (key) DO UPDATE SET seq = excluded.seq, message = excluded.message",
-        )
-        .bind(key)
-        .bind(seq as i64)
-        .bind(text)
-        .execute(&self.pool)
-        .await
-        .map_err(outbox_err)?;
+        self.write(OutboxWrite::Put {
+            key: key.to_owned(),
+            seq,
+            text,
+        })
+        .await?;
         self.latest.send_modify(|l| *l = (*l).max(seq));
         Ok(seq)
     }
@@ -650,13 +724,11 @@ impl Outbox for SqliteOutbox {
     }
 
     async fn remove(&self, key: &str, seq: u64) -> Result<(), OutboxError> {
-        sqlx::query("DELETE FROM outbox WHERE key = ? AND seq = ?")
-            .bind(key)
-            .bind(seq as i64)
-            .execute(&self.pool)
-            .await
-            .map_err(outbox_err)?;
-        Ok(())
+        self.write(OutboxWrite::Remove {
+            key: key.to_owned(),
+            seq,
+        })
+        .await
     }
 
     fn subscribe(&self) -> watch::Receiver<u64> {
@@ -779,6 +851,42 @@ mod tests {
         assert_eq!(rows.len(), 2000);
         assert_eq!(seq, 2000);
         assert_eq!(again.seq(), 2000);
+    }
+
+    /// Many reporters and the store's writes at once (20 pod workers starting together): no
+    /// write ever meets `database is locked`, since every write goes through one connection.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_reports_and_store_writes_never_conflict() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(&dir).await;
+        let outbox = Arc::new(SqliteOutbox::new(&s).await.unwrap());
+        let mut tasks = Vec::new();
+        for w in 0..20u64 {
+            let (s, outbox) = (s.clone(), outbox.clone());
+            tasks.push(tokio::spawn(async move {
+                for i in 0..25u64 {
+                    let name = format!("w{w}-{i}");
+                    s.apply(&m(Operation::Insert, &name, w * 100 + i + 1))
+                        .await
+                        .unwrap();
+                    let seq = outbox
+                        .put(&format!("podstatus/{name}"), m(Operation::Update, &name, 1))
+                        .await
+                        .unwrap();
+                    if i % 2 == 0 {
+                        outbox
+                            .remove(&format!("podstatus/{name}"), seq)
+                            .await
+                            .unwrap();
+                    }
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert_eq!(outbox.pending_count().await.unwrap(), 20 * 12);
+        assert_eq!(s.list(Some("pod"), None).await.unwrap().0.len(), 500);
     }
 
     #[tokio::test]

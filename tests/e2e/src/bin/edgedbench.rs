@@ -117,7 +117,14 @@ async fn wait_ready(
             }
         }
         if since.elapsed() > Duration::from_secs(120) {
-            bail!("pods not Ready within 120 s");
+            let mut waiting = Vec::new();
+            for (i, n) in names.iter().enumerate() {
+                if done[i].is_none() {
+                    let status = pods.get_opt(n).await?.and_then(|p| p.status);
+                    waiting.push(format!("{n}: {}", serde_json::to_string(&status)?));
+                }
+            }
+            bail!("pods not Ready within 120 s:\n{}", waiting.join("\n"));
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
@@ -207,7 +214,9 @@ async fn main() -> anyhow::Result<()> {
         let t = Instant::now();
         pods.create(&PostParams::default(), &serde_json::from_value(body)?)
             .await?;
-        kedge_seq.extend(wait_ready(&pods, std::slice::from_ref(&name), t).await?);
+        let ready = wait_ready(&pods, std::slice::from_ref(&name), t).await;
+        let ready = ready.with_context(|| setup.log_tails(80))?;
+        kedge_seq.extend(ready);
         names.push(name);
     }
     delete_all(&pods, &names, &rt).await?;
@@ -223,7 +232,9 @@ async fn main() -> anyhow::Result<()> {
         pods.create(&PostParams::default(), &serde_json::from_value(body)?)
             .await?;
     }
-    let parallel = wait_ready(&pods, &names, t).await?;
+    let parallel = wait_ready(&pods, &names, t)
+        .await
+        .with_context(|| setup.log_tails(80))?;
     let kedge_parallel = parallel.iter().max().copied().unwrap_or_default();
     delete_all(&pods, &names, &rt).await?;
 
@@ -247,7 +258,9 @@ async fn main() -> anyhow::Result<()> {
         pods.create(&PostParams::default(), &serde_json::from_value(body)?)
             .await?;
     }
-    wait_ready(&pods, &names, Instant::now()).await?;
+    wait_ready(&pods, &names, Instant::now())
+        .await
+        .with_context(|| setup.log_tails(80))?;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let rss_10 = rss_mib(pid);
     let target = rt
