@@ -156,6 +156,7 @@ pub async fn run(cfg: EdgeCoreConfig) -> anyhow::Result<()> {
             store,
             outbox,
             hub.requester(),
+            hub.link_state(),
             shutdown.clone(),
         ));
     }
@@ -177,6 +178,7 @@ async fn run_edged(
     store: SqliteStore,
     outbox: Arc<SqliteOutbox>,
     requester: CloudRequester,
+    link: tokio::sync::watch::Receiver<edgecore::edgehub::LinkState>,
     shutdown: CancellationToken,
 ) {
     let k = &cfg.modules.edged.tailored_kubelet_config;
@@ -211,6 +213,7 @@ async fn run_edged(
         facts,
         outbox.clone(),
         Duration::from_secs(10),
+        link,
         shutdown.clone(),
     ));
     let settings = EdgedSettings {

@@ -14,6 +14,7 @@
 //! status subresource (kubelet-owned fields only) after checking that the pod is bound to the
 //! reporting node; a terminating pod whose containers all stopped is deleted with grace period 0.
 
+pub mod autonomy;
 pub mod refs;
 mod resync;
 mod tokens;
@@ -56,6 +57,8 @@ pub struct Stats {
     pub lease_renewals: AtomicU64,
     /// Inventories compared with what their node must hold.
     pub inventories_reconciled: AtomicU64,
+    /// Pods whose tolerations were patched for their node's autonomy.
+    pub toleration_patches: AtomicU64,
 }
 
 #[derive(Debug, Clone)]
@@ -162,6 +165,8 @@ struct Loop {
     pending_inventories: HashMap<String, HashMap<ObjectKey, String>>,
     /// Per node, the worker that applies its reports in order.
     report_workers: HashMap<String, upstream::ReportSender>,
+    /// The pod version whose tolerations were last patched (one patch per version at most).
+    autonomy_patched: HashMap<NsName, String>,
     retry_tx: mpsc::WeakSender<Input>,
 }
 
@@ -279,6 +284,7 @@ impl EdgeController {
             inventory_nodes: HashSet::new(),
             pending_inventories: HashMap::new(),
             report_workers: HashMap::new(),
+            autonomy_patched: HashMap::new(),
             retry_tx,
         };
         loop {
@@ -467,7 +473,23 @@ impl Loop {
                 let name = n.name_any();
                 self.relists[0].saw((String::new(), name.clone()));
                 let new = !self.edge_nodes.contains_key(&name);
+                let autonomy_changed = self
+                    .edge_nodes
+                    .get(&name)
+                    .is_some_and(|old| autonomy::autonomy_of(old) != autonomy::autonomy_of(&n));
                 self.edge_nodes.insert(name.clone(), n.clone());
+                if autonomy_changed {
+                    let keys: Vec<NsName> = self
+                        .pods
+                        .iter()
+                        .filter(|(_, e)| e.node == name)
+                        .map(|(k, _)| k.clone())
+                        .collect();
+                    tracing::info!(node = %name, pods = keys.len(), autonomy = ?autonomy::autonomy_of(&n), "node autonomy changed");
+                    for k in keys {
+                        self.ensure_autonomy(&k);
+                    }
+                }
                 // The node gets its own Node object (for its local API).
                 self.send(
                     &name,
@@ -684,7 +706,8 @@ impl Loop {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(key.clone(), (node.clone(), uid));
-        self.pods.insert(key, PodEntry { pod, node, refs });
+        self.pods.insert(key.clone(), PodEntry { pod, node, refs });
+        self.ensure_autonomy(&key);
     }
 
     /// The pod is gone from the cluster: delete it on its node and release what it referenced.
@@ -692,6 +715,7 @@ impl Loop {
         let Some(entry) = self.pods.remove(key) else {
             return;
         };
+        self.autonomy_patched.remove(key);
         self.shared
             .pod_owner
             .lock()
@@ -835,7 +859,7 @@ impl Loop {
                     self.pending_inventories.insert(node, held);
                 }
             }
-            Upstream::Message { node, message, ack } if is_token_query(&message) => {
+            Upstream::Message { node, message, ack } if tokens::is_token_query(&message) => {
                 drop(ack);
                 self.token_query(node, *message);
             }
@@ -863,52 +887,6 @@ impl Loop {
                 }
             }
         }
-    }
-}
-
-/// A node asking for a service account token (KubeEdge's `query …/serviceaccounttoken/…`).
-fn is_token_query(msg: &Message) -> bool {
-    msg.route.operation == Operation::Query
-        && kedge_common::ResourcePath::parse_cloud(&msg.route.resource)
-            .is_ok_and(|p| p.resource_type() == Some("serviceaccounttoken"))
-}
-
-impl Loop {
-    /// Answers a node's token query: checked here against the pods cloudcore knows, issued by
-    /// the API server in a task of its own (see `tokens`).
-    fn token_query(&self, node: String, query: Message) {
-        let (namespace, service_account, request) = match tokens::parse(&query) {
-            Ok(p) => p,
-            Err(why) => {
-                tracing::warn!(%node, %why, "malformed token query");
-                tokens::send(&self.hub, &node, tokens::refusal(&query, why));
-                return;
-            }
-        };
-        let pod_name = request
-            .spec
-            .bound_object_ref
-            .as_ref()
-            .and_then(|b| b.name.clone())
-            .unwrap_or_default();
-        let pod = self
-            .pods
-            .get(&(namespace.clone(), pod_name))
-            .map(|e| (&e.pod, e.node.as_str()));
-        if let Err(why) = tokens::check(&node, &service_account, &request, pod) {
-            tracing::warn!(%node, %namespace, %service_account, %why, "token query refused");
-            tokens::send(&self.hub, &node, tokens::refusal(&query, why));
-            return;
-        }
-        tokio::spawn(tokens::issue(
-            self.client.clone(),
-            self.hub.clone(),
-            node,
-            query,
-            namespace,
-            service_account,
-            request,
-        ));
     }
 }
 

@@ -161,6 +161,52 @@ pub fn send(hub: &CloudHubHandle, node: &str, mut answer: Message) {
     }
 }
 
+/// A node asking for a service account token (KubeEdge's `query …/serviceaccounttoken/…`).
+pub(super) fn is_token_query(msg: &Message) -> bool {
+    msg.route.operation == Operation::Query
+        && kedge_common::ResourcePath::parse_cloud(&msg.route.resource)
+            .is_ok_and(|p| p.resource_type() == Some("serviceaccounttoken"))
+}
+
+impl super::Loop {
+    /// Answers a node's token query: checked here against the pods cloudcore knows, issued by
+    /// the API server in a task of its own (see `tokens`).
+    pub(super) fn token_query(&self, node: String, query: Message) {
+        let (namespace, service_account, request) = match parse(&query) {
+            Ok(p) => p,
+            Err(why) => {
+                tracing::warn!(%node, %why, "malformed token query");
+                send(&self.hub, &node, refusal(&query, why));
+                return;
+            }
+        };
+        let pod_name = request
+            .spec
+            .bound_object_ref
+            .as_ref()
+            .and_then(|b| b.name.clone())
+            .unwrap_or_default();
+        let pod = self
+            .pods
+            .get(&(namespace.clone(), pod_name))
+            .map(|e| (&e.pod, e.node.as_str()));
+        if let Err(why) = check(&node, &service_account, &request, pod) {
+            tracing::warn!(%node, %namespace, %service_account, %why, "token query refused");
+            send(&self.hub, &node, refusal(&query, why));
+            return;
+        }
+        tokio::spawn(issue(
+            self.client.clone(),
+            self.hub.clone(),
+            node,
+            query,
+            namespace,
+            service_account,
+            request,
+        ));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

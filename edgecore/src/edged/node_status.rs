@@ -170,18 +170,33 @@ fn carry_transitions(previous: Option<&NodeStatus>, status: &mut NodeStatus) {
 }
 
 /// Reports the node status every `every` (and at start) until `shutdown`.
+/// Reports the node's status every `every`, and at once whenever the cloud link comes back:
+/// after an outage the cluster sees the node Ready again right away (its last heartbeat is
+/// old, so the node lifecycle controller has marked it Unknown), not a period later.
 pub async fn report<O: Outbox>(
     facts: NodeFacts,
     outbox: Arc<O>,
     every: Duration,
+    mut link: tokio::sync::watch::Receiver<crate::edgehub::LinkState>,
     shutdown: CancellationToken,
 ) {
     let mut previous: Option<NodeStatus> = None;
     let mut tick = tokio::time::interval(every);
+    let mut link_open = true;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
+            changed = link.changed(), if link_open => {
+                if changed.is_err() {
+                    link_open = false;
+                    continue;
+                }
+                if *link.borrow_and_update() != crate::edgehub::LinkState::Connected {
+                    continue;
+                }
+                tick.reset();
+            }
         }
         let now = Time(k8s_openapi::jiff::Timestamp::now());
         let mut status = node_status(&facts, &now);

@@ -9,7 +9,16 @@ use anyhow::{Context, bail};
 
 /// A binary built next to the running executable: `target/<profile>/<name>`, seen from a test
 /// (`target/<profile>/deps/`) or from a benchmark binary (`target/<profile>/`).
+/// `KEDGE_BIN_DIR` overrides where the daemons are taken from (e.g. `target/dist` for the
+/// shipped build in benchmarks).
 pub fn bin(name: &str) -> anyhow::Result<PathBuf> {
+    if let Some(dir) = std::env::var_os("KEDGE_BIN_DIR") {
+        let p = PathBuf::from(dir).join(name);
+        if p.is_file() {
+            return Ok(p);
+        }
+        bail!("{} does not exist (KEDGE_BIN_DIR)", p.display());
+    }
     let exe = std::env::current_exe()?;
     let dir = exe.parent().context("executable has no parent directory")?;
     for candidate in [

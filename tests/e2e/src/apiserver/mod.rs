@@ -20,6 +20,7 @@
 //! `kubectl create <generator>` (which sends protobuf) gets 415, and there is no server-side
 //! Table rendering (kubectl prints NAME and AGE), no OpenAPI (use `--validate=false`).
 
+pub mod eviction;
 pub mod patch;
 pub mod serviceaccounts;
 pub mod store;
@@ -206,6 +207,17 @@ impl TestApiServer {
     /// Checks a service account token this server issued; returns its claims.
     pub fn verify_token(&self, token: &str) -> anyhow::Result<Value> {
         self.shared.accounts.verify(token)
+    }
+
+    /// Test support: a node unreachable for `unreachable_for`, as the node lifecycle and taint
+    /// eviction controllers would treat it (see [`eviction`]). Returns the evicted pods.
+    pub fn evict_unreachable(
+        &self,
+        node: &str,
+        unreachable_for: Duration,
+    ) -> anyhow::Result<Vec<String>> {
+        eviction::evict_unreachable(&self.shared.store, node, unreachable_for)
+            .map_err(|e| anyhow::anyhow!("{}", e.message))
     }
 
     /// The cluster's root CA certificate (as in every namespace's `kube-root-ca.crt`).
@@ -535,6 +547,44 @@ async fn resource(
             }
             return match created {
                 Ok(v) => full(StatusCode::CREATED, v),
+                Err(e) => error(&e),
+            };
+        }
+        (Some(name), Some("binding"), &Method::POST)
+            if t.ty.group.is_empty() && t.ty.plural == "pods" =>
+        {
+            // The scheduler's binding: sets spec.nodeName once.
+            return match read_body(req).await.and_then(|(_, body)| {
+                let node = body
+                    .pointer("/target/name")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_owned();
+                let pod = store.get(&t.ty, &ns, name)?;
+                if let Some(bound) = pod
+                    .pointer("/spec/nodeName")
+                    .and_then(Value::as_str)
+                    .filter(|n| !n.is_empty())
+                {
+                    return Err(store::ApiError::new(
+                        409,
+                        "Conflict",
+                        format!("pod {name} is already assigned to node \"{bound}\""),
+                    ));
+                }
+                store.patch(
+                    &t.ty,
+                    &ns,
+                    name,
+                    "application/merge-patch+json",
+                    &json!({"spec": {"nodeName": node}}),
+                    false,
+                )
+            }) {
+                Ok(_) => full(
+                    StatusCode::CREATED,
+                    json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201}),
+                ),
                 Err(e) => error(&e),
             };
         }

@@ -185,6 +185,52 @@ pub struct Store {
     events: broadcast::Sender<Arc<Event>>,
 }
 
+/// The API server's rule for a running pod's tolerations (`validateOnlyAddedTolerations`):
+/// entries may be added, and existing ones may change only their `tolerationSeconds`.
+fn validate_pod_update(
+    ty: &TypeInfo,
+    name: &str,
+    old: &Value,
+    new: &Value,
+    status: bool,
+) -> ApiResult<()> {
+    if status || !ty.group.is_empty() || ty.plural != "pods" {
+        return Ok(());
+    }
+    let list = |v: &Value| {
+        v.pointer("/spec/tolerations")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default()
+    };
+    let (before, after) = (list(old), list(new));
+    for o in &before {
+        let kept = after.iter().any(|n| {
+            let mut o = o.clone();
+            match (o.as_object_mut(), n.get("tolerationSeconds")) {
+                (Some(m), Some(secs)) => {
+                    m.insert("tolerationSeconds".into(), secs.clone());
+                }
+                (Some(m), None) => {
+                    m.remove("tolerationSeconds");
+                }
+                _ => {}
+            }
+            &o == n
+        });
+        if !kept {
+            return Err(ApiError::new(
+                422,
+                "Invalid",
+                format!(
+                    "Pod \"{name}\" is invalid: spec.tolerations: Forbidden: existing toleration can not be modified except its tolerationSeconds"
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 pub fn now_rfc3339() -> String {
     let secs = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -593,6 +639,7 @@ impl Store {
             ));
         }
         let new = self.merge_update(ty, &old, body, status);
+        validate_pod_update(ty, name, &old, &new, status)?;
         self.finish_write(&mut s, ty, ns, name, old, new)
     }
 
@@ -788,6 +835,7 @@ impl Store {
             return self.patch(ty, ns, name, content_type, patch_body, status);
         }
         let new = self.merge_update(ty, &old, doc, status);
+        validate_pod_update(ty, name, &old, &new, status)?;
         self.finish_write(&mut s, ty, ns, name, old, new)
     }
 

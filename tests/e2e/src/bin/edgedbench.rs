@@ -11,6 +11,8 @@
 //! cargo build --release -p cloudcore -p edgecore -p kedge-e2e --bins
 //! ./target/release/edgedbench
 //! ```
+//!
+//! `KEDGE_BENCH_HOLD=<seconds>` pauses with the 10 pods running, to inspect edgecore.
 
 use std::time::{Duration, Instant};
 
@@ -263,6 +265,11 @@ async fn main() -> anyhow::Result<()> {
         .with_context(|| setup.log_tails(80))?;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let rss_10 = rss_mib(pid);
+    if let Ok(secs) = std::env::var("KEDGE_BENCH_HOLD").map(|s| s.parse::<u64>().unwrap_or(60)) {
+        // For a look at the process (e.g. /proc/<pid>/smaps_rollup) with 10 pods running.
+        eprintln!("edgecore pid {pid} with 10 pods; holding {secs} s");
+        tokio::time::sleep(Duration::from_secs(secs)).await;
+    }
     let target = rt
         .list_containers(None)
         .await?
