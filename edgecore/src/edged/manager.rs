@@ -41,7 +41,7 @@ pub struct EdgedSettings {
 type NsName = (String, String);
 
 /// Pods synced against the runtime at the same time at most.
-const MAX_CONCURRENT_SYNCS: usize = 16;
+const MAX_CONCURRENT_SYNCS: usize = 32;
 
 /// The ConfigMaps and Secrets in the store, shared with the workers (read under a short lock,
 /// never held across an await).
