@@ -212,7 +212,7 @@ async fn run_edged(
     tokio::spawn(edgecore::edged::node_status::report(
         facts,
         outbox.clone(),
-        Duration::from_secs(10),
+        Duration::from_secs(k.node_status_update_frequency.max(1)),
         link,
         shutdown.clone(),
     ));

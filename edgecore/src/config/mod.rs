@@ -153,6 +153,8 @@ pub struct TailoredKubeletConfig {
     pub resolv_conf: PathBuf,
     pub pod_logs_dir: PathBuf,
     pub root_directory: PathBuf,
+    /// Seconds between node status reports (also sent at once when the cloud link returns).
+    pub node_status_update_frequency: u64,
 }
 
 impl Default for TailoredKubeletConfig {
@@ -165,6 +167,7 @@ impl Default for TailoredKubeletConfig {
             resolv_conf: PathBuf::from("/etc/resolv.conf"),
             pod_logs_dir: PathBuf::from("/var/log/pods"),
             root_directory: PathBuf::from("/var/lib/kedge/edged"),
+            node_status_update_frequency: 10,
         }
     }
 }
