@@ -172,7 +172,7 @@ impl CertificateAuthority {
         })
     }
 
-    /// Signs a node's CSR. The CSR's signature must verify and its subject must be exactly
+    /// Signs a node's CSR (PEM, or DER as KubeEdge's edgecore sends it). The CSR's signature must verify and its subject must be exactly
     /// `CN=system:node:<node>, O=system:nodes` (country/locality/province, which KubeEdge's
     /// edgecore adds, are tolerated and dropped). Only the CSR's public key is used: subject,
     /// validity, key usages and "not a CA" are ours. `ext_key_usages` are Go `x509.ExtKeyUsage`
@@ -191,9 +191,15 @@ impl CertificateAuthority {
             node: node.to_owned(),
             reason,
         })?;
-        let text = std::str::from_utf8(csr_pem)
-            .map_err(|_| PkiError::CsrUnparsable("not UTF-8".into()))?;
-        let der = pem_to_der(text, "CERTIFICATE REQUEST").map_err(PkiError::CsrUnparsable)?;
+        // KubeEdge's edgecore sends the CSR as raw DER (an ASN.1 SEQUENCE, first byte 0x30);
+        // ours sends PEM. Both are accepted.
+        let der = if csr_pem.first() == Some(&0x30) {
+            csr_pem.to_vec()
+        } else {
+            let text = std::str::from_utf8(csr_pem)
+                .map_err(|_| PkiError::CsrUnparsable("neither DER nor PEM (not UTF-8)".into()))?;
+            pem_to_der(text, "CERTIFICATE REQUEST").map_err(PkiError::CsrUnparsable)?
+        };
         check_csr_subject(&der, node)?;
         let parsed = CertificateSigningRequestParams::from_der(&der.into())
             .map_err(|e| PkiError::CsrUnparsable(e.to_string()))?;
@@ -510,6 +516,23 @@ mod tests {
                 .unwrap(),
             NODE_ORGANIZATION
         );
+    }
+
+    #[test]
+    fn a_der_csr_as_kubeedge_sends_it_is_signed_too() {
+        let ca = CertificateAuthority::generate("kedge test CA", DAY).unwrap();
+        let (_key, csr) = node_csr("edge-1").unwrap();
+        let der_csr = pem_to_der(&csr, "CERTIFICATE REQUEST").unwrap();
+        let cert = ca.sign_node_csr(&der_csr, "edge-1", &[], DAY).unwrap();
+        assert_eq!(node_name_from_cert(&cert).unwrap(), "edge-1");
+        assert!(matches!(
+            ca.sign_node_csr(&der_csr, "edge-2", &[], DAY),
+            Err(PkiError::CsrSubjectMismatch { .. })
+        ));
+        assert!(matches!(
+            ca.sign_node_csr(&[0x30, 0x03, 0x01], "edge-1", &[], DAY),
+            Err(PkiError::CsrUnparsable(_))
+        ));
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //! - `GET /ca.crt` → the CA certificate, DER.
 //! - `GET /edge.crt` with headers `NodeName`, `Authorization: Bearer <jwt>` (or a current client
 //!   certificate, for rotation), optional `ExtKeyUsages` (JSON list of Go `x509.ExtKeyUsage`
-//!   numbers) and a PEM CSR as the body → the signed node certificate, DER.
+//!   numbers) and a CSR as the body (PEM, or DER as KubeEdge's edgecore sends it) → the signed
+//!   node certificate, DER.
 //!
 //! Refused: a CSR whose subject is not the node's, an expired or forged token, a client
 //! certificate for another node, a body over 16 KiB.
