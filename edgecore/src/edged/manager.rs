@@ -79,7 +79,9 @@ impl ObjectSource for SharedSource {
             .cloned()
     }
     fn service_account_token(&self, key: &TokenKey) -> Option<String> {
-        self.tokens.as_ref()?.token(key, worker::unix_now())
+        self.tokens
+            .as_ref()?
+            .token(key, kedge_common::pki::now_unix())
     }
 }
 

@@ -377,28 +377,12 @@ impl<Q: TokenRequester> Inner<Q> {
     }
 
     async fn save(&self, uid: &str, tokens: &[(TokenKey, Token)]) -> std::io::Result<()> {
-        use std::os::unix::fs::OpenOptionsExt;
         let path = tokens_file(&self.root, uid);
         let bytes = serde_json::to_vec(tokens).map_err(std::io::Error::other)?;
-        let tmp = path.with_extension("json.tmp");
-        let p = path.clone();
         // Small, but still file I/O: off the async threads. 0600: these are credentials.
-        tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-            if let Some(dir) = p.parent() {
-                std::fs::create_dir_all(dir)?;
-            }
-            let _ = std::fs::remove_file(&tmp);
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&tmp)?;
-            std::io::Write::write_all(&mut f, &bytes)?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, &p)
-        })
-        .await
-        .map_err(std::io::Error::other)?
+        tokio::task::spawn_blocking(move || kedge_common::files::write_private(&path, &bytes))
+            .await
+            .map_err(std::io::Error::other)?
     }
 }
 

@@ -63,7 +63,6 @@ pub enum WorkerState {
 pub struct WorkerHandle {
     pod: watch::Sender<Option<Arc<Pod>>>,
     nudge: Arc<Notify>,
-    task: tokio::task::JoinHandle<()>,
 }
 
 impl WorkerHandle {
@@ -90,10 +89,6 @@ impl WorkerHandle {
     pub fn nudge(&self) {
         self.nudge.notify_one();
     }
-
-    pub fn is_finished(&self) -> bool {
-        self.task.is_finished()
-    }
 }
 
 /// Starts the worker of `pod`.
@@ -117,12 +112,9 @@ pub fn spawn<R: Runtime, O: Outbox>(
         pod_ip: String::new(),
         last_sync: Instant::now(),
     };
-    let task = tokio::spawn(worker.run(rx, nudge.clone(), shutdown));
-    WorkerHandle {
-        pod: tx,
-        nudge,
-        task,
-    }
+    // Detached: the worker ends on its own (pod removed, or shutdown).
+    tokio::spawn(worker.run(rx, nudge.clone(), shutdown));
+    WorkerHandle { pod: tx, nudge }
 }
 
 struct Worker<R: Runtime, O: Outbox> {
@@ -141,14 +133,6 @@ struct Worker<R: Runtime, O: Outbox> {
 
 fn now_time() -> Time {
     Time(k8s_openapi::jiff::Timestamp::now())
-}
-
-/// Wall-clock now in Unix seconds.
-pub fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
 }
 
 /// The monotonic instant of a CRI wall-clock timestamp (nanoseconds), for probe timing.
@@ -318,7 +302,7 @@ impl<R: Runtime, O: Outbox> Worker<R, O> {
         let ctx = self.ctx.clone();
         let pod = self.pod.clone();
         if let Some(t) = &ctx.tokens {
-            t.ready(&pod, unix_now()).await;
+            t.ready(&pod, kedge_common::pki::now_unix()).await;
         }
         self.kill_failed_probes(&pod).await;
         self.memory.probes = self

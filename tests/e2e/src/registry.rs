@@ -17,12 +17,6 @@ pub struct TestRegistry {
     dir: tempfile::TempDir,
 }
 
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
 impl TestRegistry {
     pub fn start(user: &str, password: &str) -> anyhow::Result<TestRegistry> {
         let dir = tempfile::Builder::new()
@@ -36,7 +30,7 @@ impl TestRegistry {
             bail!("htpasswd failed: {}", String::from_utf8_lossy(&out.stderr));
         }
         std::fs::write(dir.path().join("htpasswd"), &out.stdout)?;
-        let addr = format!("127.0.0.1:{}", free_port()?);
+        let addr = format!("127.0.0.1:{}", crate::procfs::free_port()?);
         let config = format!(
             "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {root}\nhttp:\n  addr: {addr}\nauth:\n  htpasswd:\n    realm: kedge-test\n    path: {htpasswd}\n",
             root = dir.path().join("data").display(),

@@ -11,8 +11,6 @@
 //! - `POST …/serviceaccounts/<name>/token` (TokenRequest) returns a signed JWT (ES256) bound to
 //!   the object named in `boundObjectRef`, with the real server's defaults and checks.
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use ring::rand::SystemRandom;
@@ -34,13 +32,6 @@ const KUBE_API_ACCESS_SECONDS: i64 = 3607;
 pub struct ServiceAccountIssuer {
     key: EcdsaKeyPair,
     root_ca_pem: String,
-}
-
-fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
 }
 
 fn rfc3339(secs: i64) -> String {
@@ -110,7 +101,7 @@ impl ServiceAccountIssuer {
             .map(|(_, p)| p)
             .ok_or_else(|| anyhow::anyhow!("not a JWT"))?;
         let claims: Value = serde_json::from_slice(&URL_SAFE_NO_PAD.decode(payload)?)?;
-        if claims["exp"].as_i64().unwrap_or(0) <= unix_now() {
+        if claims["exp"].as_i64().unwrap_or(0) <= kedge_common::pki::now_unix() {
             anyhow::bail!("token expired");
         }
         Ok(claims)
@@ -234,7 +225,7 @@ impl ServiceAccountIssuer {
         if audiences.is_empty() {
             audiences = vec![DEFAULT_AUDIENCE.to_owned()];
         }
-        let now = unix_now();
+        let now = kedge_common::pki::now_unix();
         let mut k8s = json!({
             "namespace": ns,
             "serviceaccount": {"name": sa_name, "uid": sa.pointer("/metadata/uid").cloned().unwrap_or(Value::Null)}
