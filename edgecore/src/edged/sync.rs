@@ -224,6 +224,8 @@ pub struct PodMemory {
     /// Running containers seen by the last sync: (name, container ID, started at in CRI
     /// nanoseconds), for the pod worker's probes.
     pub running: Vec<(String, String, i64)>,
+    /// Settled termination messages of exited containers, by container ID.
+    pub termination_messages: HashMap<String, String>,
 }
 
 /// The probe view of a running container the probes have not seen yet: not started while it
@@ -425,7 +427,7 @@ pub async fn sync_pod<R: Runtime>(
     if prune_exited(rt, &observed).await? {
         observed = observe(rt, &uid).await?;
     }
-    add_termination_messages(pod, node, &mut observed).await;
+    add_termination_messages(pod, node, &mut observed, &mut memory.termination_messages).await;
     Ok(pod_status(pod, &observed, memory, host_ip, wall_now))
 }
 
@@ -494,11 +496,43 @@ fn cri_log_tail(text: &str, lines: usize, bytes: usize) -> String {
     out
 }
 
+/// The last `bytes` bytes of a (possibly large) log file, from its first whole line on.
+async fn read_tail(path: &str, bytes: u64) -> std::io::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncSeekExt};
+    let mut f = tokio::fs::File::open(path).await?;
+    let len = f.metadata().await?.len();
+    let start = len.saturating_sub(bytes);
+    f.seek(std::io::SeekFrom::Start(start)).await?;
+    let mut buf = Vec::with_capacity((len - start) as usize);
+    f.read_to_end(&mut buf).await?;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    Ok(match (start > 0, text.split_once('\n')) {
+        (true, Some((_, rest))) => rest.to_owned(),
+        _ => text,
+    })
+}
+
+/// How much of a log the fallback message reads: its 80 lines rarely need more.
+const FALLBACK_READ_BYTES: u64 = 64 * 1024;
+/// An exited container's log is complete this long after it finished (containerd writes the
+/// last lines asynchronously); its message is then final and kept.
+const MESSAGE_SETTLED_NANOS: i64 = 5_000_000_000;
+
 /// Fills in the termination message of exited containers (unless the runtime gave one): the
 /// file the container wrote, or with `FallbackToLogsOnError` and a failure, its log's tail.
-pub async fn add_termination_messages(pod: &Pod, node: &NodeSettings, observed: &mut Observed) {
+/// An exited container never changes, so its settled message is kept in `known` (by container
+/// ID) and the files are not read again on every sync.
+pub async fn add_termination_messages(
+    pod: &Pod,
+    node: &NodeSettings,
+    observed: &mut Observed,
+    known: &mut HashMap<String, String>,
+) {
     let spec = pod.spec.clone().unwrap_or_default();
     let uid = pod.metadata.uid.clone().unwrap_or_default();
+    known.retain(|id, _| observed.statuses.contains_key(id));
+    let now =
+        i64::try_from(k8s_openapi::jiff::Timestamp::now().as_nanosecond()).unwrap_or(i64::MAX);
     for c in &observed.pod.containers {
         if c.state != api::ContainerState::ContainerExited {
             continue;
@@ -509,13 +543,21 @@ pub async fn add_termination_messages(pod: &Pod, node: &NodeSettings, observed: 
         if !st.message.is_empty() {
             continue;
         }
+        if let Some(m) = known.get(&c.id) {
+            st.message = m.clone();
+            continue;
+        }
         let host = termination_message_host_path(node, &uid, &c.name, c.attempt);
         let mut message = match tokio::fs::read(&host).await {
             Ok(mut b) => {
                 b.truncate(MAX_TERMINATION_MESSAGE);
                 String::from_utf8_lossy(&b).into_owned()
             }
-            Err(_) => String::new(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => {
+                tracing::warn!(container = %c.name, path = %host.display(), error = %e, "cannot read the termination message");
+                String::new()
+            }
         };
         let fallback = spec
             .containers
@@ -524,13 +566,16 @@ pub async fn add_termination_messages(pod: &Pod, node: &NodeSettings, observed: 
             .find(|s| s.name == c.name)
             .and_then(|s| s.termination_message_policy.as_deref())
             == Some("FallbackToLogsOnError");
-        if message.is_empty()
-            && fallback
-            && st.exit_code != 0
-            && !st.log_path.is_empty()
-            && let Ok(text) = tokio::fs::read_to_string(&st.log_path).await
-        {
-            message = cri_log_tail(&text, FALLBACK_LOG_LINES, FALLBACK_LOG_BYTES);
+        if message.is_empty() && fallback && st.exit_code != 0 && !st.log_path.is_empty() {
+            match read_tail(&st.log_path, FALLBACK_READ_BYTES).await {
+                Ok(text) => message = cri_log_tail(&text, FALLBACK_LOG_LINES, FALLBACK_LOG_BYTES),
+                Err(e) => {
+                    tracing::warn!(container = %c.name, path = %st.log_path, error = %e, "cannot read the log for the termination message")
+                }
+            }
+        }
+        if !message.is_empty() || now.saturating_sub(st.finished_at) >= MESSAGE_SETTLED_NANOS {
+            known.insert(c.id.clone(), message.clone());
         }
         st.message = message;
     }
@@ -875,6 +920,25 @@ fn pod_status(
 mod tests {
     use super::*;
     use crate::edged::runtime::MemoryRuntime;
+
+    #[tokio::test]
+    async fn only_the_tail_of_a_large_log_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("0.log");
+        let mut text = String::new();
+        for i in 0..20_000 {
+            text.push_str(&format!("2026-12-02T10:00:00.1Z stdout F line {i}\n"));
+        }
+        std::fs::write(&path, &text).unwrap();
+        let tail = read_tail(path.to_str().unwrap(), 4096).await.unwrap();
+        assert!(
+            tail.len() <= 4096 && tail.starts_with("2026-12-02T"),
+            "starts at a whole line"
+        );
+        assert_eq!(cri_log_tail(&tail, 1, 2048), "line 19999");
+        let small = read_tail(path.to_str().unwrap(), 1 << 30).await.unwrap();
+        assert_eq!(small, text);
+    }
 
     #[test]
     fn fallback_messages_are_the_log_tail() {

@@ -431,7 +431,13 @@ impl<R: Runtime, O: Outbox> Worker<R, O> {
         // The final status: every container terminated, read before the sandbox goes.
         let stopped = match sync::observe(rt, uid).await {
             Ok(mut s) => {
-                sync::add_termination_messages(&pod, &self.ctx.settings.node, &mut s).await;
+                sync::add_termination_messages(
+                    &pod,
+                    &self.ctx.settings.node,
+                    &mut s,
+                    &mut self.memory.termination_messages,
+                )
+                .await;
                 Ok(s)
             }
             Err(e) => Err(e),
