@@ -151,11 +151,9 @@ pub fn refusal(query: &Message, why: String) -> Message {
 }
 
 /// Queues an answer for `node` (answers are not acked, and not kept across its sessions).
-pub fn send(hub: &CloudHubHandle, node: &str, mut answer: Message) {
-    // The query's resource is already in cloud form (`node/<node>/…`).
-    if !answer.route.resource.starts_with("node/") {
-        answer.route.resource = format!("node/{node}/{}", answer.route.resource);
-    }
+/// The answer copies the query's resource, which CloudHub already put in cloud form
+/// (`node/<node>/…`), so the hub routes it back to that node.
+pub fn send(hub: &CloudHubHandle, node: &str, answer: Message) {
     if let Err(e) = hub.enqueue(None, answer) {
         tracing::warn!(%node, error = %e, "cannot queue an answer for the node");
     }
