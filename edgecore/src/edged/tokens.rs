@@ -230,6 +230,11 @@ struct Inner<Q: TokenRequester> {
     requester: Q,
     root: PathBuf,
     pods: Mutex<HashMap<String, PodTokens>>,
+    /// Held while a `tokens.json` is written: two refreshes finishing together must not let the
+    /// older snapshot land last (each writer takes its snapshot under this lock).
+    saving: tokio::sync::Mutex<()>,
+    /// Fetches started and not yet saved (lets tests wait for background refreshes).
+    busy: std::sync::atomic::AtomicUsize,
 }
 
 fn tokens_file(root: &Path, uid: &str) -> PathBuf {
@@ -251,6 +256,8 @@ impl<Q: TokenRequester> TokenManager<Q> {
             requester,
             root,
             pods: Mutex::new(HashMap::new()),
+            saving: tokio::sync::Mutex::new(()),
+            busy: std::sync::atomic::AtomicUsize::new(0),
         }))
     }
 }
@@ -292,6 +299,11 @@ impl<Q: TokenRequester> Tokens for TokenManager<Q> {
                         n => n,
                     }
                 };
+                if !matches!(need, Need::Nothing) {
+                    self.0
+                        .busy
+                        .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
                 match need {
                     Need::Nothing => {}
                     Need::Fetch => self.0.fetch(key, now).await,
@@ -337,8 +349,14 @@ impl<Q: TokenRequester> Inner<Q> {
     }
 
     async fn fetch(&self, key: TokenKey, now: i64) {
+        // `ready` counted this fetch in `busy` before starting it.
+        self.fetch_and_save(key, now).await;
+        self.busy.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    async fn fetch_and_save(&self, key: TokenKey, now: i64) {
         let result = self.requester.request(&key, now).await;
-        let snapshot = {
+        let received = {
             let mut all = self.lock();
             let Some(entry) = all.get_mut(&key.pod_uid) else {
                 return; // the pod went away meanwhile
@@ -351,13 +369,7 @@ impl<Q: TokenRequester> Inner<Q> {
                         "service account token received");
                     entry.retry_at.remove(&key);
                     entry.tokens.insert(key.clone(), token);
-                    Some(
-                        entry
-                            .tokens
-                            .iter()
-                            .map(|(k, t)| (k.clone(), t.clone()))
-                            .collect::<Vec<_>>(),
-                    )
+                    true
                 }
                 Err(e) => {
                     let kept = entry.tokens.get(&key).is_some_and(|t| t.valid(now));
@@ -365,13 +377,24 @@ impl<Q: TokenRequester> Inner<Q> {
                         service_account = %key.service_account, error = %e, kept_current = kept,
                         "cannot get a service account token; will ask again");
                     entry.retry_at.insert(key.clone(), now + RETRY_SECONDS);
-                    None
+                    false
                 }
             }
         };
-        if let Some(tokens) = snapshot
-            && let Err(e) = self.save(&key.pod_uid, &tokens).await
-        {
+        if !received {
+            return;
+        }
+        let _saving = self.saving.lock().await;
+        let Some(tokens) = self.lock().get(&key.pod_uid).map(|entry| {
+            entry
+                .tokens
+                .iter()
+                .map(|(k, t)| (k.clone(), t.clone()))
+                .collect::<Vec<_>>()
+        }) else {
+            return; // the pod went away meanwhile
+        };
+        if let Err(e) = self.save(&key.pod_uid, &tokens).await {
             tracing::warn!(pod = %key.pod_name, error = %e, "cannot save service account tokens; a restart without the cloud would have to ask again");
         }
     }
@@ -501,7 +524,10 @@ mod tests {
         for p in pods {
             m.ready(p, now).await;
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while m.0.busy.load(Ordering::SeqCst) > 0 && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 
     #[tokio::test]
