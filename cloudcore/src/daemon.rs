@@ -62,6 +62,7 @@ pub async fn run(cfg: CloudCoreConfig) -> anyhow::Result<()> {
             node_update_frequency: Duration::from_secs(
                 cfg.modules.edge_controller.node_update_frequency,
             ),
+            devices: cfg.modules.device_controller.enable,
             ..EdgeControllerSettings::default()
         },
     };

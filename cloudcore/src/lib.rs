@@ -3,6 +3,7 @@
 
 pub mod cloudhub;
 pub mod config;
+pub mod devicecontroller;
 pub mod edgecontroller;
 pub mod kubeclient;
 pub mod server;

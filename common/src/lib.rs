@@ -5,6 +5,7 @@
 pub mod backoff;
 pub mod config;
 pub mod crd;
+pub mod devices;
 pub mod files;
 pub mod http;
 pub mod inventory;

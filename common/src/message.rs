@@ -203,7 +203,7 @@ impl Message {
     ) -> Self {
         Message {
             header: MessageHeader {
-                id: uuid::Uuid::new_v4().to_string(),
+                id: new_id(),
                 parent_id: String::new(),
                 timestamp: now_millis(),
                 resource_version: String::new(),
@@ -323,6 +323,11 @@ pub fn now_millis() -> i64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
         .unwrap_or(0)
+}
+
+/// A new message or event id (a random UUID, as KubeEdge uses).
+pub fn new_id() -> String {
+    uuid::Uuid::new_v4().to_string()
 }
 
 #[cfg(test)]

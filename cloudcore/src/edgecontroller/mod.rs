@@ -15,11 +15,12 @@
 //! reporting node; a terminating pod whose containers all stopped is deleted with grace period 0.
 
 pub mod autonomy;
+mod devices;
 mod holders;
 pub mod refs;
 mod resync;
 mod tokens;
-mod upstream;
+pub mod upstream;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -38,7 +39,10 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::cloudhub::{CloudHubHandle, ObjectKey, Pushed, Upstream};
+use crate::devicecontroller;
 use crate::synccontroller::SyncState;
+use devices::devices_served;
+use kedge_common::crd::{Device, DeviceModel};
 use refs::{ObjectRef, RefKind, pod_refs};
 
 /// The label marking edge nodes.
@@ -60,6 +64,8 @@ pub struct Stats {
     pub inventories_reconciled: AtomicU64,
     /// Pods whose tolerations were patched for their node's autonomy.
     pub toleration_patches: AtomicU64,
+    /// Devices refused as invalid (each new reason once).
+    pub invalid_devices: AtomicU64,
 }
 
 #[derive(Debug, Clone)]
@@ -67,6 +73,9 @@ pub struct EdgeControllerSettings {
     /// Seconds between Lease renewals for connected nodes.
     pub node_update_frequency: Duration,
     pub lease_duration_seconds: i32,
+    /// Serve Devices and DeviceModels (needs the `devices.kubeedge.io` CRDs; without them the
+    /// device part stays off and says so).
+    pub devices: bool,
 }
 
 impl Default for EdgeControllerSettings {
@@ -74,6 +83,7 @@ impl Default for EdgeControllerSettings {
         EdgeControllerSettings {
             node_update_frequency: Duration::from_secs(10),
             lease_duration_seconds: 40,
+            devices: false,
         }
     }
 }
@@ -84,6 +94,8 @@ enum Input {
     Pods(Box<watcher::Event<Pod>>),
     ConfigMaps(Box<watcher::Event<ConfigMap>>),
     Secrets(Box<watcher::Event<Secret>>),
+    Devices(Box<watcher::Event<Device>>),
+    DeviceModels(Box<watcher::Event<DeviceModel>>),
     Hub(Upstream),
     /// Try again to pick up the pods already bound to a new edge node.
     Adopt(String),
@@ -132,6 +144,8 @@ pub struct Shared {
     pub connected: Mutex<HashSet<String>>,
     /// Pods bound to edge nodes: (namespace, name) → (node, uid).
     pub pod_owner: Mutex<HashMap<NsName, (String, String)>>,
+    /// Devices placed on edge nodes: (namespace, name) → (node, uid).
+    pub device_owner: Mutex<HashMap<NsName, (String, String)>>,
 }
 
 pub struct EdgeController {
@@ -169,6 +183,11 @@ struct Loop {
     /// The pod version whose tolerations were last patched (one patch per version at most).
     autonomy_patched: HashMap<NsName, String>,
     retry_tx: mpsc::WeakSender<Input>,
+    /// Devices and models, and where they were sent; `None` when the device part is off.
+    devices: Option<devicecontroller::Devices>,
+    /// Re-lists of Devices and DeviceModels.
+    device_relists: [Relist; 2],
+    events: kube::runtime::events::Recorder,
 }
 
 impl EdgeController {
@@ -187,6 +206,7 @@ impl EdgeController {
             shared: Arc::new(Shared {
                 connected: Mutex::new(HashSet::new()),
                 pod_owner: Mutex::new(HashMap::new()),
+                device_owner: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -242,6 +262,28 @@ impl EdgeController {
             |e| Input::Secrets(Box::new(e)),
             shutdown.clone(),
         );
+        let devices = self.settings.devices && devices_served(c).await;
+        if devices {
+            spawn_watch(
+                watcher(Api::<Device>::all(c.clone()), watcher::Config::default())
+                    .default_backoff()
+                    .modify(move |o| strip(o.meta_mut())),
+                tx.clone(),
+                |e| Input::Devices(Box::new(e)),
+                shutdown.clone(),
+            );
+            spawn_watch(
+                watcher(
+                    Api::<DeviceModel>::all(c.clone()),
+                    watcher::Config::default(),
+                )
+                .default_backoff()
+                .modify(move |o| strip(o.meta_mut())),
+                tx.clone(),
+                |e| Input::DeviceModels(Box::new(e)),
+                shutdown.clone(),
+            );
+        }
         let hub_tx = tx.clone();
         let hub_stop = shutdown.clone();
         tokio::spawn(async move {
@@ -287,6 +329,15 @@ impl EdgeController {
             report_workers: HashMap::new(),
             autonomy_patched: HashMap::new(),
             retry_tx,
+            devices: devices.then(devicecontroller::Devices::default),
+            device_relists: Default::default(),
+            events: kube::runtime::events::Recorder::new(
+                self.client.clone(),
+                kube::runtime::events::Reporter {
+                    controller: "kedge-cloudcore".into(),
+                    instance: None,
+                },
+            ),
         };
         loop {
             let input = tokio::select! {
@@ -360,6 +411,8 @@ impl Loop {
             }
             Input::ConfigMaps(ev) => self.on_refs(*ev, RefKind::ConfigMap),
             Input::Secrets(ev) => self.on_refs(*ev, RefKind::Secret),
+            Input::Devices(ev) => self.on_devices(*ev),
+            Input::DeviceModels(ev) => self.on_device_models(*ev),
             Input::Hub(ev) => self.on_hub(ev),
             Input::Adopt(node) => {
                 if self.edge_nodes.contains_key(&node) {
@@ -372,7 +425,9 @@ impl Loop {
                 self.on_pods(ev).await;
             }
         }
-        if !self.orphans_checked && self.relists.iter().all(|r| r.done_once) {
+        let devices_listed =
+            self.devices.is_none() || self.device_relists.iter().all(|r| r.done_once);
+        if !self.orphans_checked && devices_listed && self.relists.iter().all(|r| r.done_once) {
             self.orphans_checked = true;
             self.delete_orphans_after_restart();
             self.reconcile_held_inventories();
@@ -445,6 +500,9 @@ impl Loop {
                 if new && self.relists[0].done_once {
                     self.adopt_pods_of(&name).await;
                 }
+                if new {
+                    self.edge_nodes_changed();
+                }
             }
             watcher::Event::Delete(n) => self.node_gone(&n.name_any()),
             watcher::Event::Init => self.relists[0].init(),
@@ -494,7 +552,9 @@ impl Loop {
 
     /// An edge node's Node object is gone: its pods must not be left behind (as the pod GC).
     fn node_gone(&mut self, node: &str) {
-        self.edge_nodes.remove(node);
+        if self.edge_nodes.remove(node).is_some() {
+            self.edge_nodes_changed();
+        }
         // Its worker finishes what it has and stops.
         self.report_workers.remove(node);
         let victims: Vec<(NsName, String)> = self

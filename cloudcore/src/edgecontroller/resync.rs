@@ -35,6 +35,8 @@ enum WantedObject<'a> {
     Secret(&'a Secret),
     Node(&'a Node),
     Pod(&'a Pod),
+    /// Devices and models, already encoded (few per node).
+    Encoded(Value),
 }
 
 impl WantedObject<'_> {
@@ -44,6 +46,7 @@ impl WantedObject<'_> {
             WantedObject::Secret(o) => to_json(*o),
             WantedObject::Node(o) => to_json(*o),
             WantedObject::Pod(o) => to_json(*o),
+            WantedObject::Encoded(v) => v.clone(),
         }
     }
 }
@@ -91,6 +94,12 @@ impl Loop {
                         .edge_nodes
                         .get(&node)
                         .is_some_and(|n| n.metadata.uid.as_deref() == Some(o.uid.as_str())),
+                    "device" | "devicemodel" => self.device_still_wanted(
+                        &node,
+                        &o.kind,
+                        &(o.namespace.clone().unwrap_or_default(), o.name.clone()),
+                        &o.uid,
+                    ),
                     _ => true,
                 };
                 if still_wanted {
@@ -120,7 +129,7 @@ impl Loop {
     /// Everything `node` must hold now, references first (the order they are sent in).
     ///
     /// Whatever a node holds that is not listed here is deleted from it on its next connect: a
-    /// new kind cloudcore sends to nodes (devices, …) must be added here.
+    /// new kind cloudcore sends to nodes must be added here.
     fn wanted_by(&self, node: &str) -> Vec<Wanted<'_>> {
         let mut out = Vec::new();
         let mut refs: Vec<&ObjectRef> = self
@@ -167,6 +176,13 @@ impl Loop {
                 ),
                 rv: rv_of(n),
                 object: WantedObject::Node(n),
+            });
+        }
+        for (key, rv, content) in self.devices_wanted_by(node) {
+            out.push(Wanted {
+                key,
+                rv,
+                object: WantedObject::Encoded(content),
             });
         }
         let mut pods: Vec<_> = self.pods.iter().filter(|(_, e)| e.node == node).collect();

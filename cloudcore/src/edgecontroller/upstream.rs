@@ -23,6 +23,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::{EDGE_ROLE_LABEL, EdgeControllerSettings, Shared, Stats};
 use crate::cloudhub::ReportAck;
+use crate::devicecontroller::status::StatusWriter;
+use kedge_common::devices::{DeviceReport, StateMessage, TwinMessage, parse_report_resource};
 
 const LEASE_NAMESPACE: &str = "kube-node-lease";
 
@@ -236,11 +238,13 @@ pub fn spawn_report_worker(
 ) -> ReportSender {
     let (tx, mut rx) = mpsc::unbounded_channel::<(Box<Message>, ReportAck)>();
     tokio::spawn(async move {
+        let mut device_status = StatusWriter::new(client.clone());
         while let Some((message, ack)) = rx.recv().await {
             let outcome = handle_report(
                 client.clone(),
                 shared.clone(),
                 stats.clone(),
+                &mut device_status,
                 &node,
                 *message,
             )
@@ -259,6 +263,7 @@ pub async fn handle_report(
     client: kube::Client,
     shared: Arc<Shared>,
     stats: Arc<Stats>,
+    device_status: &mut StatusWriter,
     node: &str,
     msg: Message,
 ) -> Outcome {
@@ -273,6 +278,9 @@ pub async fn handle_report(
             return Outcome::Done;
         }
     };
+    if let Some(report) = parse_report_resource(path.edge_str()) {
+        return device_report(&shared, device_status, node, report, &msg.content).await;
+    }
     match path.resource_type() {
         Some("nodestatus") => node_status(&client, node, &msg.content).await,
         Some("podstatus") => {
@@ -463,4 +471,56 @@ fn containers_stopped(pod: &Pod) -> bool {
         }
     }
     any
+}
+
+/// A twin or state report for a device: applied only if `node` hosts the device now.
+async fn device_report(
+    shared: &Shared,
+    writer: &mut StatusWriter,
+    node: &str,
+    report: DeviceReport<'_>,
+    content: &Value,
+) -> Outcome {
+    let (ns, name) = match report {
+        DeviceReport::Twin { namespace, name } | DeviceReport::State { namespace, name } => {
+            (namespace.to_owned(), name.to_owned())
+        }
+    };
+    let key = (ns, name);
+    let owner = shared
+        .device_owner
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(&key)
+        .cloned();
+    let uid = match owner {
+        Some((owner, uid)) if owner == node => uid,
+        other => {
+            tracing::warn!(%node, namespace = %key.0, device = %key.1, host = ?other.map(|o| o.0),
+                "device report from a node that does not host the device; refused");
+            writer.forget(&key);
+            return Outcome::Done;
+        }
+    };
+    // KubeEdge's content is the bare object; a JSON string holding it is accepted too.
+    let content = match content {
+        Value::String(s) => serde_json::from_str(s).unwrap_or(Value::Null),
+        other => other.clone(),
+    };
+    match report {
+        DeviceReport::Twin { .. } => match serde_json::from_value::<TwinMessage>(content) {
+            Ok(m) => writer.twin_report(&key, &uid, &m).await,
+            Err(e) => {
+                tracing::warn!(%node, device = %key.1, error = %e, "malformed twin report; refused");
+                Outcome::Done
+            }
+        },
+        DeviceReport::State { .. } => match serde_json::from_value::<StateMessage>(content) {
+            Ok(m) => writer.state_report(&key, &uid, &m).await,
+            Err(e) => {
+                tracing::warn!(%node, device = %key.1, error = %e, "malformed state report; refused");
+                Outcome::Done
+            }
+        },
+    }
 }
