@@ -3,6 +3,8 @@
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod devicetwin;
 pub mod edged;
 pub mod edgehub;
+pub mod eventbus;
 pub mod metamanager;

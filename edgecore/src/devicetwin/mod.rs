@@ -1,0 +1,357 @@
+//! DeviceTwin: the node's devices between the cloud and the mappers.
+//!
+//! Like edged, DeviceTwin reads Devices and DeviceModels **only from the local store**
+//! (MetaManager's change feed), so desired values work the same online, offline and after a
+//! restart; the cloud's membership messages are for KubeEdge's edge and are not needed here.
+//! Mappers talk MQTT through the EventBus (KubeEdge's `$hw/events/…` topics). Reported values
+//! and states go to the cloud through the durable outbox — one entry per device property, so
+//! while offline the latest value of each property waits and nothing else piles up.
+//!
+//! The logic lives in [`twin`] (no I/O, time passed in); this module feeds it and carries out its
+//! effects: publishing, saving twins in batches ([`store`]), queueing reports.
+
+pub mod store;
+pub mod twin;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+
+use kedge_common::crd::{Device, DeviceModel};
+use kedge_common::devices::{self, topics};
+use kedge_common::{Message, Operation};
+use rumqttc::QoS;
+use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::edgehub::outbox::Outbox;
+use crate::eventbus::{EventBus, Inbound};
+use crate::metamanager::sqlite::SqliteStore;
+use store::TwinStore;
+use twin::{Effect, Twins};
+
+/// Mapper messages handled before their effects are written out together.
+const BATCH: usize = 256;
+
+/// The MQTT filters DeviceTwin and the upload bridge need.
+pub fn subscriptions() -> Vec<String> {
+    vec![
+        topics::DEVICE_FILTER.to_owned(),
+        topics::DEVICE_STATE_FILTER.to_owned(),
+        topics::NODE_FILTER.to_owned(),
+        topics::UPLOAD_FILTER.to_owned(),
+    ]
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+type NsName = (String, String);
+
+/// What DeviceTwin knows of the store's devices and models.
+struct Known {
+    node: String,
+    devices: HashMap<String, Device>,
+    models: HashMap<NsName, DeviceModel>,
+}
+
+impl Known {
+    fn model_of(&self, d: &Device) -> Option<&DeviceModel> {
+        let name = d.spec.device_model_ref.as_ref()?.name.clone()?;
+        self.models
+            .get(&(d.metadata.namespace.clone().unwrap_or_default(), name))
+    }
+
+    fn users_of(&self, key: &NsName) -> Vec<String> {
+        self.devices
+            .iter()
+            .filter(|(_, d)| {
+                d.metadata.namespace.as_deref() == Some(key.0.as_str())
+                    && d.spec
+                        .device_model_ref
+                        .as_ref()
+                        .and_then(|r| r.name.as_deref())
+                        == Some(key.1.as_str())
+            })
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
+    fn is_ours(&self, d: &Device) -> bool {
+        d.spec.node_name.as_deref().is_none_or(|n| n == self.node)
+    }
+}
+
+pub struct DeviceTwinModule<O: Outbox> {
+    pub node: String,
+    pub store: SqliteStore,
+    pub outbox: Arc<O>,
+    pub twins: TwinStore,
+    pub bus: EventBus,
+}
+
+impl<O: Outbox> DeviceTwinModule<O> {
+    /// Runs until `shutdown`. `inbound`: MQTT messages; `cloud`: messages of the `twin` and `user`
+    /// groups from the cloud.
+    pub async fn run(
+        self,
+        mut inbound: mpsc::Receiver<Inbound>,
+        mut cloud: mpsc::Receiver<Message>,
+        shutdown: CancellationToken,
+    ) {
+        let saved = match self.twins.load().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the device twin database; twins start empty");
+                BTreeMap::new()
+            }
+        };
+        let mut twins = Twins::new(&self.node, saved);
+        let mut known = Known {
+            node: self.node.clone(),
+            devices: HashMap::new(),
+            models: HashMap::new(),
+        };
+        'follow: loop {
+            let (rows, _, mut changes) = match self.store.follow(None).await {
+                Ok(f) => f,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot read devices from the local store; retrying");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(std::time::Duration::from_secs(2)) => continue 'follow,
+                    }
+                }
+            };
+            // A (re)list: models first, then devices; twins of devices gone meanwhile go too.
+            known.devices.clear();
+            known.models.clear();
+            for r in rows.iter().filter(|r| r.kind == "devicemodel") {
+                if let Ok(m) = serde_json::from_value::<DeviceModel>(r.object.content.clone()) {
+                    known
+                        .models
+                        .insert((r.namespace.clone(), r.name.clone()), m);
+                }
+            }
+            let mut effects = Vec::new();
+            let now = now_ms();
+            for r in rows.iter().filter(|r| r.kind == "device") {
+                match serde_json::from_value::<Device>(r.object.content.clone()) {
+                    Ok(d) if known.is_ours(&d) => {
+                        let id = devices::device_id(&r.namespace, &r.name);
+                        effects.extend(twins.device_synced(&d, known.model_of(&d), now));
+                        known.devices.insert(id, d);
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::error!(namespace = %r.namespace, name = %r.name, error = %e, "stored Device unreadable")
+                    }
+                }
+            }
+            for id in twins.ids() {
+                if !known.devices.contains_key(&id) {
+                    effects.extend(twins.device_removed(&id, now));
+                }
+            }
+            self.carry_out(&twins, effects).await;
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    change = changes.recv() => match change {
+                        Ok(c) => {
+                            let effects = self.on_change(&mut twins, &mut known, &c);
+                            self.carry_out(&twins, effects).await;
+                        }
+                        Err(RecvError::Lagged(_)) => continue 'follow,
+                        Err(RecvError::Closed) => return,
+                    },
+                    msg = inbound.recv() => {
+                        let Some(msg) = msg else { return };
+                        let mut effects = self.on_mqtt(&mut twins, msg).await;
+                        // Whatever else is waiting joins this batch (one transaction, one flush).
+                        for _ in 0..BATCH {
+                            match inbound.try_recv() {
+                                Ok(m) => effects.extend(self.on_mqtt(&mut twins, m).await),
+                                Err(_) => break,
+                            }
+                        }
+                        self.carry_out(&twins, effects).await;
+                    }
+                    msg = cloud.recv() => {
+                        if let Some(msg) = msg {
+                            self.on_cloud(msg).await;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_change(
+        &self,
+        twins: &mut Twins,
+        known: &mut Known,
+        c: &crate::metamanager::sqlite::Change,
+    ) -> Vec<Effect> {
+        let now = now_ms();
+        match c.kind.as_str() {
+            "device" => {
+                let id = devices::device_id(&c.namespace, &c.name);
+                if c.deleted {
+                    known.devices.remove(&id);
+                    return twins.device_removed(&id, now);
+                }
+                match serde_json::from_value::<Device>(c.object.clone()) {
+                    Ok(d) if known.is_ours(&d) => {
+                        let effects = twins.device_synced(&d, known.model_of(&d), now);
+                        known.devices.insert(id, d);
+                        effects
+                    }
+                    Ok(_) => {
+                        known.devices.remove(&id);
+                        twins.device_removed(&id, now)
+                    }
+                    Err(e) => {
+                        tracing::error!(device = %id, error = %e, "stored Device unreadable");
+                        Vec::new()
+                    }
+                }
+            }
+            "devicemodel" => {
+                let key = (c.namespace.clone(), c.name.clone());
+                if c.deleted {
+                    known.models.remove(&key);
+                    return Vec::new();
+                }
+                match serde_json::from_value::<DeviceModel>(c.object.clone()) {
+                    Ok(m) => {
+                        let users = known.users_of(&key);
+                        let mut effects = twins.model_synced(&users, &m);
+                        known.models.insert(key, m);
+                        // Devices that waited for their model are complete now.
+                        for id in users {
+                            if let Some(d) = known.devices.get(&id) {
+                                effects.extend(twins.device_synced(d, known.model_of(d), now));
+                            }
+                        }
+                        effects
+                    }
+                    Err(e) => {
+                        tracing::error!(model = %c.name, error = %e, "stored DeviceModel unreadable");
+                        Vec::new()
+                    }
+                }
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    async fn on_mqtt(&self, twins: &mut Twins, msg: Inbound) -> Vec<Effect> {
+        let now = now_ms();
+        match topics::classify(&msg.topic) {
+            topics::Inbound::TwinUpdate(id) => twins.mapper_twin_update(&id, &msg.payload, now),
+            topics::Inbound::TwinGet(id) => twins.mapper_twin_get(&id, &msg.payload, now),
+            topics::Inbound::StateUpdate(id) => twins.mapper_state_update(&id, &msg.payload, now),
+            topics::Inbound::MembershipGet(node) if node == self.node => {
+                twins.membership_get(&msg.payload, now)
+            }
+            topics::Inbound::Upload => {
+                // Up to the cloud as it is (latest per topic waits while offline).
+                let content = serde_json::from_slice(&msg.payload).unwrap_or_else(|_| {
+                    serde_json::Value::String(String::from_utf8_lossy(&msg.payload).into_owned())
+                });
+                let m = Message::new(
+                    "eventbus",
+                    "user",
+                    Operation::Upload,
+                    msg.topic.clone(),
+                    content,
+                );
+                vec![Effect::Report {
+                    key: format!("upload/{}", msg.topic),
+                    message: m,
+                }]
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    /// `user` group messages are published to the topic named in their resource; `twin`
+    /// membership messages are KubeEdge's way to tell its DeviceTwin — ours reads the store.
+    async fn on_cloud(&self, msg: Message) {
+        if msg.route.group == "user" {
+            let payload = match &msg.content {
+                serde_json::Value::String(s) => s.clone().into_bytes(),
+                other => serde_json::to_vec(other).unwrap_or_default(),
+            };
+            if let Err(e) = self
+                .bus
+                .publish(&msg.route.resource, payload, QoS::AtLeastOnce, false)
+                .await
+            {
+                tracing::warn!(topic = %msg.route.resource, error = %e, "cannot publish a cloud message");
+            }
+        } else {
+            tracing::debug!(group = %msg.route.group, resource = %msg.route.resource, "cloud twin message (devices come from the store)");
+        }
+    }
+
+    async fn carry_out(&self, twins: &Twins, effects: Vec<Effect>) {
+        if effects.is_empty() {
+            return;
+        }
+        let mut saves: Vec<String> = Vec::new();
+        let mut seen = HashSet::new();
+        let mut reports = Vec::new();
+        for e in effects {
+            match e {
+                Effect::Publish {
+                    topic,
+                    payload,
+                    retain,
+                } => {
+                    if let Err(e) = self
+                        .bus
+                        .publish(&topic, payload, QoS::AtLeastOnce, retain)
+                        .await
+                    {
+                        tracing::warn!(%topic, error = %e, "cannot publish");
+                    }
+                }
+                Effect::Save(id) | Effect::Forget(id) => {
+                    if seen.insert(id.clone()) {
+                        saves.push(id);
+                    }
+                }
+                Effect::Report { key, message } => reports.push((key, message)),
+            }
+        }
+        let batch: Vec<(String, Option<String>)> = saves
+            .into_iter()
+            .map(|id| {
+                let text = twins.get(&id).and_then(|t| serde_json::to_string(t).ok());
+                (id, text)
+            })
+            .collect();
+        if let Err(e) = self.twins.write(batch).await {
+            tracing::error!(error = %e, "cannot save device twins");
+        }
+        // Puts are queued in call order and committed together by the outbox's writer.
+        let puts = reports
+            .iter()
+            .map(|(key, message)| self.outbox.put(key, message.clone()));
+        for (r, (key, _)) in futures_util::future::join_all(puts)
+            .await
+            .into_iter()
+            .zip(&reports)
+        {
+            if let Err(e) = r {
+                tracing::error!(%key, error = %e, "cannot queue a device report for the cloud");
+            }
+        }
+    }
+}

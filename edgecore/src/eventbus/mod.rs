@@ -1,0 +1,317 @@
+//! EventBus: edgecore's MQTT side, where devices and mappers meet DeviceTwin.
+//!
+//! Like KubeEdge, the broker is either embedded (rumqttd, on loopback by default), an external
+//! one (e.g. mosquitto), or both (`mqttMode` 0/2/1). edgecore itself is always an ordinary MQTT
+//! client (rumqttc) of each broker in use, so the twin logic is the same whichever broker a mapper
+//! talks to, and a mapper on the external broker sees exactly what one on the embedded broker
+//! sees. rumqttd blocks and runs its own threads and runtimes: it gets a dedicated std thread and
+//! never touches our runtime.
+//!
+//! Client connections reconnect with back-off (capped at 5 s) and subscribe again after every
+//! connect (clean sessions: the broker keeps nothing for us). Twin traffic uses QoS 1.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use kedge_common::backoff::Backoff;
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// Largest MQTT packet either side accepts (twin documents of many properties fit easily).
+pub const MAX_PACKET_BYTES: usize = 1 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EventBusError {
+    #[error("{field}: `{value}` is not an MQTT server address (tcp://host:port)")]
+    BadAddress { field: &'static str, value: String },
+    #[error("the embedded MQTT broker cannot listen on {addr}: {reason}")]
+    Broker { addr: SocketAddr, reason: String },
+    #[error("publishing to {topic}: {reason}")]
+    Publish { topic: String, reason: String },
+}
+
+/// Which brokers to use (KubeEdge's `mqttMode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MqttMode {
+    /// 0: the embedded broker only.
+    Internal,
+    /// 1: the embedded broker and an external one.
+    Both,
+    /// 2: an external broker only.
+    External,
+}
+
+impl MqttMode {
+    pub fn from_config(mode: u8) -> MqttMode {
+        match mode {
+            1 => MqttMode::Both,
+            2 => MqttMode::External,
+            _ => MqttMode::Internal,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct EventBusSettings {
+    pub mode: MqttMode,
+    /// `tcp://host:port` of the embedded broker (it listens there).
+    pub internal: String,
+    /// `tcp://host:port` of the external broker.
+    pub external: String,
+    /// The MQTT client id prefix (the node name keeps ids unique on a shared broker).
+    pub client_id: String,
+    /// Topic filters to subscribe to on every broker.
+    pub subscriptions: Vec<String>,
+}
+
+/// A message from a broker.
+#[derive(Debug, Clone)]
+pub struct Inbound {
+    pub topic: String,
+    pub payload: Bytes,
+}
+
+/// Publishes to every broker in use.
+#[derive(Clone)]
+pub struct EventBus {
+    clients: Vec<AsyncClient>,
+}
+
+impl EventBus {
+    /// Publishes on every broker. `retain`: the broker keeps the last message of the topic for
+    /// subscribers that come later (how a mapper that was away gets a pending delta).
+    pub async fn publish(
+        &self,
+        topic: &str,
+        payload: Vec<u8>,
+        qos: QoS,
+        retain: bool,
+    ) -> Result<(), EventBusError> {
+        for c in &self.clients {
+            c.publish(topic, qos, retain, payload.clone())
+                .await
+                .map_err(|e| EventBusError::Publish {
+                    topic: topic.to_owned(),
+                    reason: e.to_string(),
+                })?;
+        }
+        Ok(())
+    }
+}
+
+/// Parses `tcp://host:port` (also `host:port`).
+pub fn parse_server(field: &'static str, value: &str) -> Result<(String, u16), EventBusError> {
+    let bad = || EventBusError::BadAddress {
+        field,
+        value: value.to_owned(),
+    };
+    let rest = value.strip_prefix("tcp://").unwrap_or(value);
+    let (host, port) = rest.rsplit_once(':').ok_or_else(bad)?;
+    let port: u16 = port.parse().map_err(|_| bad())?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() {
+        return Err(bad());
+    }
+    Ok((host.to_owned(), port))
+}
+
+/// Starts the embedded broker on its own thread. Returns once it accepts connections.
+pub fn start_embedded_broker(addr: SocketAddr) -> Result<(), EventBusError> {
+    // Fail early and clearly when the port is taken (rumqttd would only log it on its thread).
+    std::net::TcpListener::bind(addr).map_err(|e| EventBusError::Broker {
+        addr,
+        reason: e.to_string(),
+    })?;
+    let connections = rumqttd::ConnectionSettings {
+        connection_timeout_ms: 60_000,
+        max_payload_size: MAX_PACKET_BYTES,
+        max_inflight_count: 500,
+        auth: None,
+        external_auth: None,
+        dynamic_filters: true,
+    };
+    let mut v4 = HashMap::new();
+    v4.insert(
+        "v4".to_owned(),
+        rumqttd::ServerSettings {
+            name: "kedge-eventbus".to_owned(),
+            listen: addr,
+            tls: None,
+            next_connection_delay_ms: 1,
+            connections,
+        },
+    );
+    let config = rumqttd::Config {
+        id: 0,
+        router: rumqttd::RouterConfig {
+            max_connections: 1024,
+            max_outgoing_packet_count: 500,
+            // Per-topic-filter log: two 256 KiB segments bound the broker's memory.
+            max_segment_size: 256 * 1024,
+            max_segment_count: 2,
+            custom_segment: None,
+            initialized_filters: None,
+            shared_subscriptions_strategy: Default::default(),
+        },
+        v4: Some(v4),
+        ..Default::default()
+    };
+    std::thread::Builder::new()
+        .name("mqtt-broker".into())
+        .spawn(move || {
+            let mut broker = rumqttd::Broker::new(config);
+            if let Err(e) = broker.start() {
+                tracing::error!(error = %e, "embedded MQTT broker stopped");
+            }
+        })
+        .map_err(|e| EventBusError::Broker {
+            addr,
+            reason: e.to_string(),
+        })?;
+    // Wait until it listens (its thread binds asynchronously).
+    for _ in 0..200 {
+        if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(50)).is_ok() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Err(EventBusError::Broker {
+        addr,
+        reason: "it did not start listening within 2 s".into(),
+    })
+}
+
+/// Starts the brokers and clients the settings ask for. Inbound messages from every broker
+/// arrive on the returned receiver.
+pub async fn start(
+    settings: EventBusSettings,
+    shutdown: CancellationToken,
+) -> Result<(EventBus, mpsc::Receiver<Inbound>), EventBusError> {
+    let mut servers = Vec::new();
+    if settings.mode != MqttMode::External {
+        let (host, port) = parse_server("modules.eventBus.mqttServerInternal", &settings.internal)?;
+        let addr: SocketAddr =
+            format!("{host}:{port}")
+                .parse()
+                .map_err(|_| EventBusError::BadAddress {
+                    field: "modules.eventBus.mqttServerInternal",
+                    value: settings.internal.clone(),
+                })?;
+        tokio::task::spawn_blocking(move || start_embedded_broker(addr))
+            .await
+            .map_err(|e| EventBusError::Broker {
+                addr,
+                reason: e.to_string(),
+            })??;
+        tracing::info!(%addr, "embedded MQTT broker listening");
+        servers.push(("internal", host, port));
+    }
+    if settings.mode != MqttMode::Internal {
+        let (host, port) = parse_server("modules.eventBus.mqttServerExternal", &settings.external)?;
+        servers.push(("external", host, port));
+    }
+    let (tx, rx) = mpsc::channel(4096);
+    let mut clients = Vec::new();
+    for (which, host, port) in servers {
+        let mut opts = MqttOptions::new(format!("{}-{which}", settings.client_id), host, port);
+        opts.set_keep_alive(Duration::from_secs(30));
+        opts.set_max_packet_size(MAX_PACKET_BYTES, MAX_PACKET_BYTES);
+        opts.set_clean_session(true);
+        opts.set_inflight(200);
+        let (client, eventloop) = AsyncClient::new(opts, 1024);
+        tokio::spawn(drive(
+            which,
+            client.clone(),
+            eventloop,
+            settings.subscriptions.clone(),
+            tx.clone(),
+            shutdown.clone(),
+        ));
+        clients.push(client);
+    }
+    Ok((EventBus { clients }, rx))
+}
+
+/// Polls one broker connection: forwards publishes, subscribes after every connect, and waits
+/// with back-off after errors (the next poll reconnects).
+async fn drive(
+    which: &'static str,
+    client: AsyncClient,
+    mut eventloop: rumqttc::EventLoop,
+    subscriptions: Vec<String>,
+    tx: mpsc::Sender<Inbound>,
+    shutdown: CancellationToken,
+) {
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+    let mut connected = false;
+    loop {
+        let ev = tokio::select! {
+            _ = shutdown.cancelled() => {
+                let _ = client.try_disconnect();
+                return;
+            }
+            ev = eventloop.poll() => ev,
+        };
+        match ev {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                backoff.reset();
+                connected = true;
+                tracing::info!(broker = which, "connected to the MQTT broker");
+                for f in &subscriptions {
+                    // try_: the request queue is drained by this very loop.
+                    if let Err(e) = client.try_subscribe(f.clone(), QoS::AtLeastOnce) {
+                        tracing::warn!(broker = which, filter = %f, error = %e, "cannot subscribe");
+                    }
+                }
+            }
+            Ok(Event::Incoming(Packet::Publish(p))) => {
+                let msg = Inbound {
+                    topic: p.topic,
+                    payload: p.payload,
+                };
+                if tx.send(msg).await.is_err() {
+                    return;
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                if connected {
+                    tracing::warn!(broker = which, error = %e, "MQTT connection lost; reconnecting");
+                    connected = false;
+                } else {
+                    tracing::debug!(broker = which, error = %e, "MQTT connect failed; retrying");
+                }
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(backoff.next_delay()) => {}
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_addresses() {
+        assert_eq!(
+            parse_server("f", "tcp://127.0.0.1:1883").unwrap(),
+            ("127.0.0.1".to_owned(), 1883)
+        );
+        assert_eq!(
+            parse_server("f", "broker.local:8883").unwrap(),
+            ("broker.local".to_owned(), 8883)
+        );
+        let e = parse_server("modules.eventBus.mqttServerExternal", "tcp://nohost").unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("modules.eventBus.mqttServerExternal")
+        );
+        assert!(parse_server("f", "tcp://:1883").is_err());
+    }
+}
