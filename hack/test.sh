@@ -19,6 +19,8 @@ need_apt containerd runc containernetworking-plugins busybox-static iproute2
 # Image pulls with credentials are tested against a real registry (Debian's docker-registry with
 # htpasswd auth), the test images pushed into it with skopeo.
 need_apt docker-registry skopeo apache2-utils
+# The device tests run against an external MQTT broker too (started by the test on a free port).
+need_apt mosquitto
 command -v python3 >/dev/null 2>&1 || need_apt python3
 
 echo ">> cargo fmt --check"

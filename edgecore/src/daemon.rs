@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use edgecore::config::EdgeCoreConfig;
+use edgecore::devicetwin::DeviceTwinModule;
+use edgecore::devicetwin::store::TwinStore;
 use edgecore::edged::cri_config::NodeSettings;
 use edgecore::edged::manager::{Edged, EdgedSettings};
 use edgecore::edged::node_status::NodeFacts;
@@ -13,6 +15,7 @@ use edgecore::edged::runtime::{CriRuntime, Runtime};
 use edgecore::edged::tokens::TokenManager;
 use edgecore::edgehub::credentials::{self, CredentialPaths, NodeCredentials};
 use edgecore::edgehub::{CloudRequester, EdgeHub, EdgeHubSettings};
+use edgecore::eventbus::{self, EventBusSettings, MqttMode};
 use edgecore::metamanager::metaserver::{self, MetaServerSettings};
 use edgecore::metamanager::sqlite::{SqliteOutbox, SqliteStore};
 use kedge_common::wire::WireCodec;
@@ -59,8 +62,12 @@ pub async fn join(cfg: &EdgeCoreConfig, token: &str, server: &str) -> anyhow::Re
         .and_then(|pem| kedge_common::pki::pem_to_der(&pem, "CERTIFICATE").ok());
     if previous_ca.is_some_and(|old| old != creds.ca_der) {
         let db = &cfg.database.data_source;
-        for suffix in ["", "-wal", "-shm"] {
-            let mut p = db.clone().into_os_string();
+        let twin_db = edgecore::devicetwin::store::path_beside(db);
+        for (file, suffix) in [db, &twin_db]
+            .into_iter()
+            .flat_map(|f| ["", "-wal", "-shm"].map(|s| (f, s)))
+        {
+            let mut p = file.clone().into_os_string();
             p.push(suffix);
             match std::fs::remove_file(&p) {
                 Ok(()) => {}
@@ -148,7 +155,21 @@ pub async fn run(cfg: EdgeCoreConfig) -> anyhow::Result<()> {
         .await?;
         tracing::info!(%bound, "MetaServer listening (read-only Kubernetes API)");
     }
-    let hub = EdgeHub::new(settings, creds, Arc::new(store.clone()), outbox.clone());
+    let mut hub = EdgeHub::new(settings, creds, Arc::new(store.clone()), outbox.clone());
+    if cfg.modules.event_bus.enable && cfg.modules.device_twin.enable {
+        let (cloud_tx, cloud_rx) = tokio::sync::mpsc::channel(1024);
+        match start_devicetwin(&cfg, &node, store.clone(), outbox.clone(), shutdown.clone()).await {
+            Ok(module) => {
+                hub = hub
+                    .with_group("twin", cloud_tx.clone())
+                    .with_group("user", cloud_tx);
+                let (module, inbound) = module;
+                tokio::spawn(module.run(inbound, cloud_rx, shutdown.clone()));
+            }
+            // Pods do not depend on devices: run without them, loudly.
+            Err(e) => tracing::error!(error = format!("{e:#}"), "devices unavailable on this node"),
+        }
+    }
     if cfg.modules.edged.enable {
         tokio::spawn(run_edged(
             cfg.clone(),
@@ -168,6 +189,46 @@ pub async fn run(cfg: EdgeCoreConfig) -> anyhow::Result<()> {
     shutdown.cancel();
     let _ = hub_task.await;
     Ok(())
+}
+
+type TwinModule = (
+    DeviceTwinModule<SqliteOutbox>,
+    tokio::sync::mpsc::Receiver<edgecore::eventbus::Inbound>,
+);
+
+/// EventBus and DeviceTwin: the brokers, the twin database beside MetaManager's.
+async fn start_devicetwin(
+    cfg: &EdgeCoreConfig,
+    node: &str,
+    store: SqliteStore,
+    outbox: Arc<SqliteOutbox>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<TwinModule> {
+    let eb = &cfg.modules.event_bus;
+    let (bus, inbound) = eventbus::start(
+        EventBusSettings {
+            mode: MqttMode::from_config(eb.mqtt_mode),
+            internal: eb.mqtt_server_internal.clone(),
+            external: eb.mqtt_server_external.clone(),
+            client_id: format!("edgecore-{node}"),
+            subscriptions: edgecore::devicetwin::subscriptions(),
+        },
+        shutdown,
+    )
+    .await?;
+    let path = edgecore::devicetwin::store::path_beside(&cfg.database.data_source);
+    let twins = TwinStore::open(&path).await?;
+    tracing::info!(database = %path.display(), "DeviceTwin database open");
+    Ok((
+        DeviceTwinModule {
+            node: node.to_owned(),
+            store,
+            outbox,
+            twins,
+            bus,
+        },
+        inbound,
+    ))
 }
 
 /// Edged: waits for the container runtime (retrying; edgecore is useful without it), then runs

@@ -32,6 +32,8 @@ use twin::{Effect, Twins};
 
 /// Mapper messages handled before their effects are written out together.
 const BATCH: usize = 256;
+/// Outstanding deltas are published again this often (for mappers that were away).
+const DELTA_REPUBLISH: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The MQTT filters DeviceTwin and the upload bridge need.
 pub fn subscriptions() -> Vec<String> {
@@ -116,6 +118,8 @@ impl<O: Outbox> DeviceTwinModule<O> {
             devices: HashMap::new(),
             models: HashMap::new(),
         };
+        let mut republish = tokio::time::interval(DELTA_REPUBLISH);
+        republish.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         'follow: loop {
             let (rows, _, mut changes) = match self.store.follow(None).await {
                 Ok(f) => f,
@@ -179,6 +183,10 @@ impl<O: Outbox> DeviceTwinModule<O> {
                                 Err(_) => break,
                             }
                         }
+                        self.carry_out(&twins, effects).await;
+                    }
+                    _ = republish.tick() => {
+                        let effects = twins.republish_deltas(now_ms());
                         self.carry_out(&twins, effects).await;
                     }
                     msg = cloud.recv() => {

@@ -199,6 +199,23 @@ impl Twins {
         ));
     }
 
+    /// The deltas still outstanding, published again: a mapper that was away gets them even
+    /// from a broker that does not deliver retained messages on `$` topics (rumqttd 0.20 does
+    /// not match any `$…` topic against a filter for retained messages).
+    pub fn republish_deltas(&mut self, now_ms: i64) -> Vec<Effect> {
+        let mut out = Vec::new();
+        let ids: Vec<String> = self
+            .devices
+            .iter()
+            .filter(|(_, d)| d.delta_retained)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in ids {
+            self.publish_delta(&id, now_ms, &mut out);
+        }
+        out
+    }
+
     /// A Device (and its model) as the store holds it now.
     pub fn device_synced(
         &mut self,

@@ -148,6 +148,8 @@ pub struct EdgeHub<S: ObjectStore, O: Outbox> {
     link: watch::Sender<LinkState>,
     request_tx: mpsc::Sender<PendingRequest>,
     requests: std::sync::Mutex<Option<mpsc::Receiver<PendingRequest>>>,
+    /// Modules other than MetaManager, by message group (`twin`, `user` → DeviceTwin/EventBus).
+    groups: HashMap<String, mpsc::Sender<Message>>,
 }
 
 impl<S: ObjectStore, O: Outbox> EdgeHub<S, O> {
@@ -166,6 +168,7 @@ impl<S: ObjectStore, O: Outbox> EdgeHub<S, O> {
             link: watch::channel(LinkState::Disconnected).0,
             request_tx,
             requests: std::sync::Mutex::new(Some(requests)),
+            groups: HashMap::new(),
         }
     }
 
@@ -175,6 +178,12 @@ impl<S: ObjectStore, O: Outbox> EdgeHub<S, O> {
     }
 
     /// A handle for requests that wait for the cloud's answer.
+    /// Hands cloud messages of `group` to another module instead of MetaManager.
+    pub fn with_group(mut self, group: &str, tx: mpsc::Sender<Message>) -> Self {
+        self.groups.insert(group.to_owned(), tx);
+        self
+    }
+
     pub fn requester(&self) -> CloudRequester {
         CloudRequester {
             tx: self.request_tx.clone(),
@@ -486,6 +495,14 @@ impl<S: ObjectStore, O: Outbox> EdgeHub<S, O> {
                     tracing::warn!(%key, content = %msg.content, "cloud could not process a report; it stays queued and is sent again");
                     reports.retry_from(seq, Instant::now() + REPORT_RETRY_DELAY);
                 }
+            }
+            return Downstream::Done;
+        }
+        if let Some(module) = self.groups.get(&msg.route.group) {
+            // Not acknowledged: these messages are not keyed objects (KubeEdge does not answer
+            // them either).
+            if module.try_send(msg).is_err() {
+                tracing::warn!("a module's queue is full or closed; cloud message dropped");
             }
             return Downstream::Done;
         }

@@ -39,6 +39,8 @@ pub struct Setup {
     pub websocket_port: u16,
     pub https_port: u16,
     pub metaserver_port: u16,
+    /// The embedded MQTT broker's port.
+    pub mqtt_port: u16,
     pub cloudcore_config: PathBuf,
     pub edgecore_config: PathBuf,
 }
@@ -48,7 +50,7 @@ impl Setup {
     /// `dir`, on free loopback ports, with a 1 s heartbeat and Lease renewal.
     pub fn write(dir: &Path, kubeconfig: &Path, node: &str) -> anyhow::Result<Setup> {
         let port = crate::procfs::free_port;
-        let (ws, https, meta) = (port()?, port()?, port()?);
+        let (ws, https, meta, mqtt) = (port()?, port()?, port()?, port()?);
         let d = dir.display();
         let cloudcore_config = dir.join("cloudcore.yaml");
         std::fs::write(
@@ -62,7 +64,7 @@ impl Setup {
         std::fs::write(
             &edgecore_config,
             format!(
-                "database:\n  dataSource: {d}/edge/edgecore.db\nmodules:\n  edgeHub:\n    heartbeat: 1\n    httpServer: https://127.0.0.1:{https}\n    tlsCaFile: {d}/edge/ca.crt\n    tlsCertFile: {d}/edge/edge.crt\n    tlsPrivateKeyFile: {d}/edge/edge.key\n    websocket: {{server: 127.0.0.1:{ws}}}\n  edged:\n    hostnameOverride: {node}\n    tailoredKubeletConfig:\n      containerRuntimeEndpoint: unix://{d}/no-runtime.sock\n      podLogsDir: {d}/pods\n      rootDirectory: {d}/edged\n  metaManager:\n    metaServer: {{server: 127.0.0.1:{meta}}}\n",
+                "database:\n  dataSource: {d}/edge/edgecore.db\nmodules:\n  edgeHub:\n    heartbeat: 1\n    httpServer: https://127.0.0.1:{https}\n    tlsCaFile: {d}/edge/ca.crt\n    tlsCertFile: {d}/edge/edge.crt\n    tlsPrivateKeyFile: {d}/edge/edge.key\n    websocket: {{server: 127.0.0.1:{ws}}}\n  edged:\n    hostnameOverride: {node}\n    tailoredKubeletConfig:\n      containerRuntimeEndpoint: unix://{d}/no-runtime.sock\n      podLogsDir: {d}/pods\n      rootDirectory: {d}/edged\n  metaManager:\n    metaServer: {{server: 127.0.0.1:{meta}}}\n  eventBus:\n    mqttServerInternal: tcp://127.0.0.1:{mqtt}\n",
             ),
         )?;
         Ok(Setup {
@@ -71,6 +73,7 @@ impl Setup {
             websocket_port: ws,
             https_port: https,
             metaserver_port: meta,
+            mqtt_port: mqtt,
             cloudcore_config,
             edgecore_config,
         })
@@ -86,6 +89,20 @@ impl Setup {
                 "containerRuntimeEndpoint: unix://{}\n      cgroupRoot: {cgroup_root}\n",
                 socket.display()
             ),
+        );
+        std::fs::write(&self.edgecore_config, text)?;
+        Ok(())
+    }
+
+    /// Uses an external MQTT broker only (`mqttMode: 2`) instead of the embedded one.
+    pub fn use_external_broker(&self, port: u16) -> anyhow::Result<()> {
+        let text = std::fs::read_to_string(&self.edgecore_config)?;
+        let text = text.replace(
+            &format!(
+                "    mqttServerInternal: tcp://127.0.0.1:{}\n",
+                self.mqtt_port
+            ),
+            &format!("    mqttMode: 2\n    mqttServerExternal: tcp://127.0.0.1:{port}\n"),
         );
         std::fs::write(&self.edgecore_config, text)?;
         Ok(())

@@ -1,0 +1,338 @@
+//! Devices end to end with the shipped binaries: DeviceModel + Device applied in the (test) API
+//! server → cloudcore → edgecore's store → DeviceTwin → MQTT (embedded rumqttd, or external
+//! mosquitto) → a mapper made of a rumqttc client in the test; and reported values back into
+//! DeviceStatus, also across a cloud outage and a mapper that was away.
+#![allow(clippy::unwrap_used)]
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kedge_common::crd::{Device, DeviceModel, DeviceStatus, all_crds};
+use kedge_e2e::apiserver::TestApiServer;
+use kedge_e2e::daemons::Setup;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
+use serde_json::{Value, json};
+
+const NODE: &str = "edge-dev";
+const DEVICE: &str = "thermo-1";
+
+async fn wait_for<F, Fut>(what: &str, setup: &Setup, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !cond().await {
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for: {what}\n{}",
+            setup.log_tails(40)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A mapper: an MQTT client subscribed to the device's delta and result topics.
+struct Mapper {
+    client: AsyncClient,
+    events: EventLoop,
+}
+
+impl Mapper {
+    async fn connect(port: u16, id: &str) -> Mapper {
+        let mut opts = MqttOptions::new(id, "127.0.0.1", port);
+        opts.set_max_packet_size(1 << 20, 1 << 20);
+        let (client, mut events) = AsyncClient::new(opts, 100);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            match events.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => break,
+                Ok(_) => {}
+                Err(e) => {
+                    assert!(Instant::now() < deadline, "mapper cannot connect: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+        client
+            .subscribe(
+                format!("$hw/events/device/default/{DEVICE}/twin/update/+"),
+                QoS::AtLeastOnce,
+            )
+            .await
+            .unwrap();
+        client
+            .subscribe(
+                format!("$hw/events/device/default/{DEVICE}/twin/get/result"),
+                QoS::AtLeastOnce,
+            )
+            .await
+            .unwrap();
+        Mapper { client, events }
+    }
+
+    /// The next publish on a topic ending in `suffix` with a non-empty payload, within 30 s.
+    async fn next(&mut self, suffix: &str) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(!left.is_zero(), "no message on …{suffix}");
+            if let Ok(Ok(Event::Incoming(Packet::Publish(p)))) =
+                tokio::time::timeout(left, self.events.poll()).await
+                && p.topic.ends_with(suffix)
+                && !p.payload.is_empty()
+            {
+                return serde_json::from_slice(&p.payload).unwrap();
+            }
+        }
+    }
+
+    async fn publish(&mut self, topic: String, body: Vec<u8>) {
+        self.client
+            .publish(topic, QoS::AtLeastOnce, false, body)
+            .await
+            .unwrap();
+        // Drive the event loop until the broker has it (PubAck).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(!left.is_zero(), "publish not acknowledged");
+            if let Ok(Ok(Event::Incoming(Packet::PubAck(_)))) =
+                tokio::time::timeout(left, self.events.poll()).await
+            {
+                return;
+            }
+        }
+    }
+
+    async fn report(&mut self, props: Value) {
+        let twin: serde_json::Map<String, Value> = props
+            .as_object()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (k.clone(), json!({"actual": {"value": v}})))
+            .collect();
+        let body = json!({"event_id": "m", "timestamp": 0, "twin": twin});
+        self.publish(
+            format!("$hw/events/device/default/{DEVICE}/twin/update"),
+            serde_json::to_vec(&body).unwrap(),
+        )
+        .await;
+    }
+}
+
+async fn install_crds(client: &kube::Client) {
+    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for crd in all_crds() {
+        api.create(&PostParams::default(), &crd).await.unwrap();
+    }
+}
+
+fn model() -> DeviceModel {
+    serde_json::from_value(json!({
+        "apiVersion": "devices.kubeedge.io/v1beta1", "kind": "DeviceModel",
+        "metadata": {"name": "thermometer", "namespace": "default"},
+        "spec": {"protocol": "virtual", "properties": [
+            {"name": "temperature", "type": "DOUBLE", "accessMode": "ReadOnly", "unit": "C"},
+            {"name": "setpoint", "type": "INT", "accessMode": "ReadWrite", "minimum": "5", "maximum": "35"}]}
+    }))
+    .unwrap()
+}
+
+fn device(setpoint: &str) -> Device {
+    serde_json::from_value(json!({
+        "apiVersion": "devices.kubeedge.io/v1beta1", "kind": "Device",
+        "metadata": {"name": DEVICE, "namespace": "default"},
+        "spec": {"deviceModelRef": {"name": "thermometer"}, "nodeName": NODE, "properties": [
+            {"name": "temperature", "reportToCloud": true},
+            {"name": "setpoint", "desired": {"value": setpoint}, "reportToCloud": true}]}
+    }))
+    .unwrap()
+}
+
+async fn reported(api: &Api<DeviceStatus>, prop: &str) -> Option<String> {
+    let ds = api.get_opt(DEVICE).await.ok()??;
+    ds.status?
+        .twins
+        .into_iter()
+        .find(|t| t.property_name.as_deref() == Some(prop))?
+        .reported
+        .map(|r| r.value)
+}
+
+struct Mosquitto(Child);
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The whole round trip; `external`: use a mosquitto started here instead of the embedded broker.
+async fn round_trip(external: bool) {
+    kedge_common::tls::install_crypto_provider();
+    let server = TestApiServer::start().await.unwrap();
+    let client = server.client().unwrap();
+    server.create_namespace("kubeedge").await.unwrap();
+    install_crds(&client).await;
+    let dir = tempfile::tempdir().unwrap();
+    let setup = Setup::write(dir.path(), server.kubeconfig_path(), NODE).unwrap();
+    let (_mosquitto, port) = if external {
+        let port = kedge_e2e::procfs::free_port().unwrap();
+        let child = Command::new("/usr/sbin/mosquitto")
+            .args(["-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("mosquitto (apt-get install mosquitto)");
+        setup.use_external_broker(port).unwrap();
+        (Some(Mosquitto(child)), port)
+    } else {
+        (None, setup.mqtt_port)
+    };
+    let (mut cloud, _edge) = setup.start_both().await.unwrap();
+
+    let models: Api<DeviceModel> = Api::namespaced(client.clone(), "default");
+    let devices: Api<Device> = Api::namespaced(client.clone(), "default");
+    let statuses: Api<DeviceStatus> = Api::namespaced(client.clone(), "default");
+    models
+        .create(&PostParams::default(), &model())
+        .await
+        .unwrap();
+    devices
+        .create(&PostParams::default(), &device("20"))
+        .await
+        .unwrap();
+
+    // Membership reaches the edge; the mapper gets the desired value as a (retained) delta.
+    let mut mapper = Mapper::connect(port, "mapper-1").await;
+    let delta = tokio::time::timeout(Duration::from_secs(20), mapper.next("/twin/update/delta"))
+        .await
+        .unwrap_or_else(|_| panic!("no delta\n{}", setup.log_tails(60)));
+    assert_eq!(delta["delta"]["setpoint"], "20", "{delta}");
+
+    // Reported values reach DeviceStatus.
+    mapper
+        .report(json!({"temperature": "21.5", "setpoint": "20"}))
+        .await;
+    let result = mapper.next("/twin/update/result").await;
+    assert_eq!(result["code"], 200);
+    wait_for("reported temperature in DeviceStatus", &setup, || async {
+        reported(&statuses, "temperature").await.as_deref() == Some("21.5")
+    })
+    .await;
+    let ds = statuses.get(DEVICE).await.unwrap();
+    let owner = &ds.metadata.owner_references.as_ref().unwrap()[0];
+    assert_eq!(
+        (owner.kind.as_str(), owner.name.as_str()),
+        ("Device", DEVICE)
+    );
+
+    // An invalid value is refused with an error result and never reaches the cloud.
+    mapper.report(json!({"setpoint": "99"})).await;
+    let result = mapper.next("/twin/update/result").await;
+    assert_eq!(result["code"], 400, "{result}");
+
+    // Reports made while the cloud is down reach DeviceStatus after it returns.
+    cloud.kill();
+    mapper.report(json!({"temperature": "30"})).await;
+    mapper.report(json!({"temperature": "31"})).await;
+    assert_eq!(mapper.next("/twin/update/result").await["code"], 200);
+    cloud.start().unwrap();
+    wait_for(
+        "the latest offline report in DeviceStatus",
+        &setup,
+        || async { reported(&statuses, "temperature").await.as_deref() == Some("31") },
+    )
+    .await;
+
+    // A desired change while the mapper is away is delivered when it comes back.
+    drop(mapper);
+    let patch = json!({"spec": {"properties": [
+        {"name": "temperature", "reportToCloud": true},
+        {"name": "setpoint", "desired": {"value": "25"}, "reportToCloud": true}]}});
+    devices
+        .patch(DEVICE, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut mapper = Mapper::connect(port, "mapper-2").await;
+    let delta = mapper.next("/twin/update/delta").await;
+    assert_eq!(delta["delta"]["setpoint"], "25", "{delta}");
+    mapper.report(json!({"setpoint": "25"})).await;
+    wait_for("the new setpoint reported", &setup, || async {
+        reported(&statuses, "setpoint").await.as_deref() == Some("25")
+    })
+    .await;
+    let observed = statuses.get(DEVICE).await.unwrap().status.unwrap();
+    let sp = observed
+        .twins
+        .iter()
+        .find(|t| t.property_name.as_deref() == Some("setpoint"))
+        .unwrap();
+    assert_eq!(sp.observed_desired.as_ref().unwrap().value, "25");
+
+    // Garbage on the twin topics: errors only; edgecore stays up and the twin is unchanged.
+    for i in 0..500u32 {
+        let body: Vec<u8> = (0..(i % 97)).map(|j| (i * 31 + j * 7) as u8).collect();
+        mapper
+            .publish(
+                format!("$hw/events/device/default/{DEVICE}/twin/update"),
+                body,
+            )
+            .await;
+    }
+    mapper
+        .publish(
+            format!("$hw/events/device/default/{DEVICE}/twin/get"),
+            br#"{"event_id": "g"}"#.to_vec(),
+        )
+        .await;
+    let doc = mapper.next("/twin/get/result").await;
+    assert_eq!(doc["twin"]["setpoint"]["actual"]["value"], "25", "{doc}");
+    assert_eq!(doc["twin"]["temperature"]["actual"]["value"], "31", "{doc}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_twin_round_trip_with_the_embedded_broker() {
+    round_trip(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_twin_round_trip_with_external_mosquitto() {
+    round_trip(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalid_device_gets_a_warning_event_and_is_not_sent() {
+    kedge_common::tls::install_crypto_provider();
+    let server = TestApiServer::start().await.unwrap();
+    let client = server.client().unwrap();
+    server.create_namespace("kubeedge").await.unwrap();
+    install_crds(&client).await;
+    let dir = tempfile::tempdir().unwrap();
+    let setup = Setup::write(dir.path(), server.kubeconfig_path(), NODE).unwrap();
+    let (_cloud, _edge) = setup.start_both().await.unwrap();
+    let devices: Api<Device> = Api::namespaced(client.clone(), "default");
+    // No such model.
+    devices
+        .create(&PostParams::default(), &device("20"))
+        .await
+        .unwrap();
+    let events: Api<k8s_openapi::api::events::v1::Event> =
+        Api::namespaced(client.clone(), "default");
+    wait_for("an InvalidDevice event", &setup, || async {
+        events.list(&Default::default()).await.is_ok_and(|l| {
+            l.items.iter().any(|e| {
+                e.reason.as_deref() == Some("InvalidDevice")
+                    && e.note
+                        .as_deref()
+                        .is_some_and(|n| n.contains("does not exist"))
+            })
+        })
+    })
+    .await;
+}
