@@ -281,7 +281,7 @@ impl<O: Outbox> DeviceTwinModule<O> {
                 );
                 vec![Effect::Report {
                     key: format!("upload/{}", msg.topic),
-                    message: m,
+                    message: Box::new(m),
                 }]
             }
             _ => Vec::new(),
@@ -351,7 +351,7 @@ impl<O: Outbox> DeviceTwinModule<O> {
         // Puts are queued in call order and committed together by the outbox's writer.
         let puts = reports
             .iter()
-            .map(|(key, message)| self.outbox.put(key, message.clone()));
+            .map(|(key, message)| self.outbox.put(key, (**message).clone()));
         for (r, (key, _)) in futures_util::future::join_all(puts)
             .await
             .into_iter()

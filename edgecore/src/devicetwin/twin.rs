@@ -62,7 +62,7 @@ pub enum Effect {
     /// Queue in the durable outbox for the cloud (latest per key).
     Report {
         key: String,
-        message: Message,
+        message: Box<Message>,
     },
 }
 
@@ -420,13 +420,13 @@ impl Twins {
             };
             out.push(Effect::Report {
                 key: format!("twin/{id}/{prop}"),
-                message: Message::new(
+                message: Box::new(Message::new(
                     "twin",
                     kedge_common::message::group::RESOURCE,
                     Operation::Update,
                     devices::twin_report_resource(id),
                     serde_json::to_value(&report).unwrap_or_default(),
-                ),
+                )),
             });
         }
         out.push(Effect::Save(id.to_owned()));
@@ -505,13 +505,13 @@ impl Twins {
             Effect::Save(id.to_owned()),
             Effect::Report {
                 key: format!("state/{id}"),
-                message: Message::new(
+                message: Box::new(Message::new(
                     "twin",
                     kedge_common::message::group::RESOURCE,
                     Operation::Update,
                     devices::state_report_resource(id),
                     serde_json::to_value(&report).unwrap_or_default(),
-                ),
+                )),
             },
         ]
     }
@@ -687,5 +687,68 @@ mod tests {
         let r = t.device_removed("default/t1", 2);
         assert!(r.contains(&Effect::Forget("default/t1".into())));
         assert!(t.get("default/t1").is_none());
+    }
+
+    /// 10,000 random payloads on the twin topics: no panic, and the stored twin is unchanged
+    /// (every payload is malformed, names unknown properties, or carries values of the wrong
+    /// type or out of range).
+    #[test]
+    fn ten_thousand_random_payloads_change_nothing() {
+        let mut t = Twins::new("n1", BTreeMap::new());
+        t.device_synced(&device("20"), Some(&model()), 1000);
+        t.mapper_twin_update(
+            "default/t1",
+            br#"{"twin": {"setpoint": {"actual": {"value": "20"}}}}"#,
+            1500,
+        );
+        let before = t.get("default/t1").cloned();
+        let mut seed: u64 = 0x9E37_79B9_7F4A_7C15;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let garbage_values = [
+            "abc", "1e999", "", "NaN", "99", "-5", "20.5", "{}", "[1]", "\u{0}",
+        ];
+        for i in 0..10_000 {
+            let r = next();
+            let payload: Vec<u8> = match r % 4 {
+                // Raw bytes.
+                0 => (0..(r >> 8) % 200).map(|_| next() as u8).collect(),
+                // JSON of the wrong shape.
+                1 => {
+                    serde_json::to_vec(&json!({"twin": (r % 1000) as i64, "event_id": [r as i64]}))
+                        .unwrap_or_default()
+                }
+                // An unknown property.
+                2 => serde_json::to_vec(
+                    &json!({"twin": {format!("p{}", r % 97): {"actual": {"value": "1"}}}}),
+                )
+                .unwrap_or_default(),
+                // A known property with a value that does not fit.
+                _ => {
+                    let v = garbage_values[(r >> 16) as usize % garbage_values.len()];
+                    serde_json::to_vec(&json!({"twin": {"setpoint": {"actual": {"value": v}}}}))
+                        .unwrap_or_default()
+                }
+            };
+            let effects = match i % 3 {
+                0 => t.mapper_twin_update("default/t1", &payload, 2000),
+                1 => t.mapper_state_update("default/ghost", &payload, 2000),
+                _ => t.mapper_twin_get("default/t1", &payload, 2000),
+            };
+            for e in &effects {
+                assert!(
+                    !matches!(
+                        e,
+                        Effect::Save(_) | Effect::Report { .. } | Effect::Forget(_)
+                    ),
+                    "payload {i} changed state: {e:?}"
+                );
+            }
+        }
+        assert_eq!(t.get("default/t1").cloned(), before);
     }
 }

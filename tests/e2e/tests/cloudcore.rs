@@ -68,6 +68,7 @@ impl Harness {
             edge: EdgeControllerSettings {
                 node_update_frequency: Duration::from_millis(200),
                 lease_duration_seconds: 40,
+                devices: false,
             },
         };
         let running = cloudcore::server::start(self.client.clone(), self.pki.clone(), opts)
