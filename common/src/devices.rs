@@ -299,6 +299,12 @@ pub mod topics {
     pub const NODE_FILTER: &str = "$hw/events/node/+/membership/get";
     pub const UPLOAD_FILTER: &str = "$hw/events/upload/#";
 
+    pub fn twin_update(id: &str) -> String {
+        format!("$hw/events/device/{id}/twin/update")
+    }
+    pub fn state_update(id: &str) -> String {
+        format!("$hw/events/device/{id}/state/update")
+    }
     pub fn twin_update_delta(id: &str) -> String {
         format!("$hw/events/device/{id}/twin/update/delta")
     }

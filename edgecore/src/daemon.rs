@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use edgecore::config::EdgeCoreConfig;
-use edgecore::devicetwin::DeviceTwinModule;
 use edgecore::devicetwin::store::TwinStore;
+use edgecore::devicetwin::{DeviceTwinModule, DeviceView, Dmi, LocalReport};
 use edgecore::edged::cri_config::NodeSettings;
 use edgecore::edged::manager::{Edged, EdgedSettings};
 use edgecore::edged::node_status::NodeFacts;
@@ -163,8 +163,8 @@ pub async fn run(cfg: EdgeCoreConfig) -> anyhow::Result<()> {
                 hub = hub
                     .with_group("twin", cloud_tx.clone())
                     .with_group("user", cloud_tx);
-                let (module, inbound) = module;
-                tokio::spawn(module.run(inbound, cloud_rx, shutdown.clone()));
+                let (module, inbound, local) = module;
+                tokio::spawn(module.run(inbound, cloud_rx, local, shutdown.clone()));
             }
             // Pods do not depend on devices: run without them, loudly.
             Err(e) => tracing::error!(error = format!("{e:#}"), "devices unavailable on this node"),
@@ -194,6 +194,7 @@ pub async fn run(cfg: EdgeCoreConfig) -> anyhow::Result<()> {
 type TwinModule = (
     DeviceTwinModule<SqliteOutbox>,
     tokio::sync::mpsc::Receiver<edgecore::eventbus::Inbound>,
+    tokio::sync::mpsc::Receiver<LocalReport>,
 );
 
 /// EventBus and DeviceTwin: the brokers, the twin database beside MetaManager's.
@@ -213,9 +214,24 @@ async fn start_devicetwin(
             client_id: format!("edgecore-{node}"),
             subscriptions: edgecore::devicetwin::subscriptions(),
         },
-        shutdown,
+        shutdown.clone(),
     )
     .await?;
+    let view = Arc::new(RwLock::new(DeviceView::default()));
+    let (local_tx, local_rx) = tokio::sync::mpsc::channel(256);
+    let socket = cfg.modules.device_twin.dmi_sock_path.clone();
+    let dmi = if socket.as_os_str().is_empty() {
+        None
+    } else {
+        let dmi = Dmi::new(view.clone(), local_tx);
+        let server = dmi.clone();
+        tokio::spawn(async move {
+            if let Err(e) = server.serve(socket.clone(), shutdown).await {
+                tracing::error!(socket = %socket.display(), error = %e, "DMI server stopped; gRPC mappers cannot register (modules.deviceTwin.dmiSockPath)");
+            }
+        });
+        Some(dmi)
+    };
     let path = edgecore::devicetwin::store::path_beside(&cfg.database.data_source);
     let twins = TwinStore::open(&path).await?;
     tracing::info!(database = %path.display(), "DeviceTwin database open");
@@ -226,8 +242,11 @@ async fn start_devicetwin(
             outbox,
             twins,
             bus,
+            view,
+            dmi,
         },
         inbound,
+        local_rx,
     ))
 }
 

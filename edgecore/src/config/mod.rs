@@ -59,7 +59,7 @@ pub struct Modules {
     pub edged: EdgedConfig,
     pub meta_manager: MetaManagerConfig,
     pub event_bus: EventBusConfig,
-    pub device_twin: Toggle,
+    pub device_twin: DeviceTwinConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -229,6 +229,23 @@ impl Default for EventBusConfig {
             mqtt_server_external: "tcp://127.0.0.1:1883".to_owned(),
             mqtt_qos: 0,
             mqtt_retain: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+pub struct DeviceTwinConfig {
+    pub enable: bool,
+    /// The unix socket DMI mappers call (KubeEdge's default path); empty turns DMI off.
+    pub dmi_sock_path: PathBuf,
+}
+
+impl Default for DeviceTwinConfig {
+    fn default() -> Self {
+        DeviceTwinConfig {
+            enable: true,
+            dmi_sock_path: PathBuf::from("/etc/kubeedge/dmi.sock"),
         }
     }
 }

@@ -10,11 +10,12 @@
 //! The logic lives in [`twin`] (no I/O, time passed in); this module feeds it and carries out its
 //! effects: publishing, saving twins in batches ([`store`]), queueing reports.
 
+pub mod dmi;
 pub mod store;
 pub mod twin;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, RwLock};
 
 use kedge_common::crd::{Device, DeviceModel};
 use kedge_common::devices::{self, topics};
@@ -27,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 use crate::edgehub::outbox::Outbox;
 use crate::eventbus::{EventBus, Inbound};
 use crate::metamanager::sqlite::SqliteStore;
+pub use dmi::{DeviceView, Dmi, LocalReport};
 use store::TwinStore;
 use twin::{Effect, Twins};
 
@@ -54,14 +56,14 @@ fn now_ms() -> i64 {
 
 type NsName = (String, String);
 
-/// What DeviceTwin knows of the store's devices and models.
+/// What DeviceTwin knows of the store's devices and models (shared with DMI, which hands
+/// them to mappers).
 struct Known {
     node: String,
-    devices: HashMap<String, Device>,
-    models: HashMap<NsName, DeviceModel>,
+    view: Arc<RwLock<DeviceView>>,
 }
 
-impl Known {
+impl DeviceView {
     fn model_of(&self, d: &Device) -> Option<&DeviceModel> {
         let name = d.spec.device_model_ref.as_ref()?.name.clone()?;
         self.models
@@ -82,10 +84,22 @@ impl Known {
             .map(|(id, _)| id.clone())
             .collect()
     }
+}
 
+impl Known {
     fn is_ours(&self, d: &Device) -> bool {
         d.spec.node_name.as_deref().is_none_or(|n| n == self.node)
     }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, DeviceView> {
+        self.view.write().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Which device DMI mappers must hear about after a change.
+enum MapperNote {
+    Changed(String),
+    Removed(String),
 }
 
 pub struct DeviceTwinModule<O: Outbox> {
@@ -94,6 +108,10 @@ pub struct DeviceTwinModule<O: Outbox> {
     pub outbox: Arc<O>,
     pub twins: TwinStore,
     pub bus: EventBus,
+    /// The devices as DeviceTwin knows them (DMI reads them).
+    pub view: Arc<RwLock<DeviceView>>,
+    /// DMI, when mappers may use it.
+    pub dmi: Option<Dmi>,
 }
 
 impl<O: Outbox> DeviceTwinModule<O> {
@@ -103,6 +121,7 @@ impl<O: Outbox> DeviceTwinModule<O> {
         self,
         mut inbound: mpsc::Receiver<Inbound>,
         mut cloud: mpsc::Receiver<Message>,
+        mut local: mpsc::Receiver<LocalReport>,
         shutdown: CancellationToken,
     ) {
         let saved = match self.twins.load().await {
@@ -113,10 +132,9 @@ impl<O: Outbox> DeviceTwinModule<O> {
             }
         };
         let mut twins = Twins::new(&self.node, saved);
-        let mut known = Known {
+        let known = Known {
             node: self.node.clone(),
-            devices: HashMap::new(),
-            models: HashMap::new(),
+            view: self.view.clone(),
         };
         let mut republish = tokio::time::interval(DELTA_REPUBLISH);
         republish.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -132,43 +150,54 @@ impl<O: Outbox> DeviceTwinModule<O> {
                 }
             };
             // A (re)list: models first, then devices; twins of devices gone meanwhile go too.
-            known.devices.clear();
-            known.models.clear();
-            for r in rows.iter().filter(|r| r.kind == "devicemodel") {
-                if let Ok(m) = serde_json::from_value::<DeviceModel>(r.object.content.clone()) {
-                    known
-                        .models
-                        .insert((r.namespace.clone(), r.name.clone()), m);
-                }
-            }
             let mut effects = Vec::new();
-            let now = now_ms();
-            for r in rows.iter().filter(|r| r.kind == "device") {
-                match serde_json::from_value::<Device>(r.object.content.clone()) {
-                    Ok(d) if known.is_ours(&d) => {
-                        let id = devices::device_id(&r.namespace, &r.name);
-                        effects.extend(twins.device_synced(&d, known.model_of(&d), now));
-                        known.devices.insert(id, d);
-                    }
-                    Ok(_) => {}
-                    Err(e) => {
-                        tracing::error!(namespace = %r.namespace, name = %r.name, error = %e, "stored Device unreadable")
+            let mut notes = Vec::new();
+            {
+                let mut view = known.write();
+                view.devices.clear();
+                view.models.clear();
+                for r in rows.iter().filter(|r| r.kind == "devicemodel") {
+                    match serde_json::from_value::<DeviceModel>(r.object.content.clone()) {
+                        Ok(m) => {
+                            view.models.insert((r.namespace.clone(), r.name.clone()), m);
+                        }
+                        Err(e) => {
+                            tracing::error!(namespace = %r.namespace, name = %r.name, error = %e, "stored DeviceModel unreadable")
+                        }
                     }
                 }
-            }
-            for id in twins.ids() {
-                if !known.devices.contains_key(&id) {
-                    effects.extend(twins.device_removed(&id, now));
+                let now = now_ms();
+                for r in rows.iter().filter(|r| r.kind == "device") {
+                    match serde_json::from_value::<Device>(r.object.content.clone()) {
+                        Ok(d) if known.is_ours(&d) => {
+                            let id = devices::device_id(&r.namespace, &r.name);
+                            effects.extend(twins.device_synced(&d, view.model_of(&d), now));
+                            view.devices.insert(id.clone(), d);
+                            notes.push(MapperNote::Changed(id));
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            tracing::error!(namespace = %r.namespace, name = %r.name, error = %e, "stored Device unreadable")
+                        }
+                    }
+                }
+                for id in twins.ids() {
+                    if !view.devices.contains_key(&id) {
+                        effects.extend(twins.device_removed(&id, now));
+                        notes.push(MapperNote::Removed(id));
+                    }
                 }
             }
             self.carry_out(&twins, effects).await;
+            self.tell_mappers(notes);
             loop {
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
                     change = changes.recv() => match change {
                         Ok(c) => {
-                            let effects = self.on_change(&mut twins, &mut known, &c);
+                            let (effects, notes) = self.on_change(&mut twins, &known, &c);
                             self.carry_out(&twins, effects).await;
+                            self.tell_mappers(notes);
                         }
                         Err(RecvError::Lagged(_)) => continue 'follow,
                         Err(RecvError::Closed) => return,
@@ -184,6 +213,24 @@ impl<O: Outbox> DeviceTwinModule<O> {
                             }
                         }
                         self.carry_out(&twins, effects).await;
+                    }
+                    report = local.recv() => {
+                        let Some(report) = report else { continue };
+                        let result_topic = format!("{}/result", report.topic);
+                        let inbound = Inbound { topic: report.topic, payload: report.payload.into() };
+                        let effects = self.on_mqtt(&mut twins, inbound).await;
+                        let verdict = effects.iter().find_map(|e| match e {
+                            Effect::Publish { topic, payload, .. } if *topic == result_topic => {
+                                serde_json::from_slice::<devices::ResultMessage>(payload).ok()
+                            }
+                            _ => None,
+                        });
+                        self.carry_out(&twins, effects).await;
+                        let _ = report.reply.send(verdict.unwrap_or(devices::ResultMessage {
+                            code: 400,
+                            reason: "not a device report".into(),
+                            ..Default::default()
+                        }));
                     }
                     _ = republish.tick() => {
                         let effects = twins.republish_deltas(now_ms());
@@ -202,59 +249,79 @@ impl<O: Outbox> DeviceTwinModule<O> {
     fn on_change(
         &self,
         twins: &mut Twins,
-        known: &mut Known,
+        known: &Known,
         c: &crate::metamanager::sqlite::Change,
-    ) -> Vec<Effect> {
+    ) -> (Vec<Effect>, Vec<MapperNote>) {
         let now = now_ms();
+        let mut view = known.write();
         match c.kind.as_str() {
             "device" => {
                 let id = devices::device_id(&c.namespace, &c.name);
                 if c.deleted {
-                    known.devices.remove(&id);
-                    return twins.device_removed(&id, now);
+                    view.devices.remove(&id);
+                    return (
+                        twins.device_removed(&id, now),
+                        vec![MapperNote::Removed(id)],
+                    );
                 }
                 match serde_json::from_value::<Device>(c.object.clone()) {
                     Ok(d) if known.is_ours(&d) => {
-                        let effects = twins.device_synced(&d, known.model_of(&d), now);
-                        known.devices.insert(id, d);
-                        effects
+                        let effects = twins.device_synced(&d, view.model_of(&d), now);
+                        view.devices.insert(id.clone(), d);
+                        (effects, vec![MapperNote::Changed(id)])
                     }
                     Ok(_) => {
-                        known.devices.remove(&id);
-                        twins.device_removed(&id, now)
+                        view.devices.remove(&id);
+                        (
+                            twins.device_removed(&id, now),
+                            vec![MapperNote::Removed(id)],
+                        )
                     }
                     Err(e) => {
                         tracing::error!(device = %id, error = %e, "stored Device unreadable");
-                        Vec::new()
+                        (Vec::new(), Vec::new())
                     }
                 }
             }
             "devicemodel" => {
                 let key = (c.namespace.clone(), c.name.clone());
                 if c.deleted {
-                    known.models.remove(&key);
-                    return Vec::new();
+                    view.models.remove(&key);
+                    return (Vec::new(), Vec::new());
                 }
                 match serde_json::from_value::<DeviceModel>(c.object.clone()) {
                     Ok(m) => {
-                        let users = known.users_of(&key);
+                        let users = view.users_of(&key);
                         let mut effects = twins.model_synced(&users, &m);
-                        known.models.insert(key, m);
+                        view.models.insert(key, m);
                         // Devices that waited for their model are complete now.
-                        for id in users {
-                            if let Some(d) = known.devices.get(&id) {
-                                effects.extend(twins.device_synced(d, known.model_of(d), now));
+                        for id in &users {
+                            if let Some(d) = view.devices.get(id) {
+                                effects.extend(twins.device_synced(d, view.model_of(d), now));
                             }
                         }
-                        effects
+                        (
+                            effects,
+                            users.into_iter().map(MapperNote::Changed).collect(),
+                        )
                     }
                     Err(e) => {
                         tracing::error!(model = %c.name, error = %e, "stored DeviceModel unreadable");
-                        Vec::new()
+                        (Vec::new(), Vec::new())
                     }
                 }
             }
-            _ => Vec::new(),
+            _ => (Vec::new(), Vec::new()),
+        }
+    }
+
+    fn tell_mappers(&self, notes: Vec<MapperNote>) {
+        let Some(dmi) = &self.dmi else { return };
+        for n in notes {
+            match n {
+                MapperNote::Changed(id) => dmi.device_changed(&id),
+                MapperNote::Removed(id) => dmi.device_removed(&id),
+            }
         }
     }
 

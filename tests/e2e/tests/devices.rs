@@ -336,3 +336,267 @@ async fn an_invalid_device_gets_a_warning_event_and_is_not_sent() {
     })
     .await;
 }
+
+/// What a fake DMI mapper was told by edgecore.
+#[derive(Default)]
+struct MapperCalls {
+    registered: Vec<String>,
+    updated_desired: Vec<String>,
+    removed: Vec<String>,
+    models: Vec<String>,
+}
+
+#[derive(Clone, Default)]
+struct FakeMapper(std::sync::Arc<std::sync::Mutex<MapperCalls>>);
+
+fn desired_setpoint(d: &Option<pb::Device>) -> String {
+    d.as_ref()
+        .and_then(|d| d.spec.as_ref())
+        .and_then(|s| s.properties.iter().find(|p| p.name == "setpoint"))
+        .and_then(|p| p.desired.as_ref())
+        .map(|t| t.value.clone())
+        .unwrap_or_default()
+}
+
+use kedge_proto::dmi::v1beta1 as pb;
+
+#[tonic::async_trait]
+impl pb::device_mapper_service_server::DeviceMapperService for FakeMapper {
+    async fn register_device(
+        &self,
+        r: tonic::Request<pb::RegisterDeviceRequest>,
+    ) -> Result<tonic::Response<pb::RegisterDeviceResponse>, tonic::Status> {
+        let d = r.into_inner().device;
+        let name = d.as_ref().map(|d| d.name.clone()).unwrap_or_default();
+        self.0.lock().unwrap().registered.push(name.clone());
+        Ok(tonic::Response::new(pb::RegisterDeviceResponse {
+            device_name: name,
+            device_namespace: "default".into(),
+        }))
+    }
+    async fn remove_device(
+        &self,
+        r: tonic::Request<pb::RemoveDeviceRequest>,
+    ) -> Result<tonic::Response<pb::RemoveDeviceResponse>, tonic::Status> {
+        self.0
+            .lock()
+            .unwrap()
+            .removed
+            .push(r.into_inner().device_name);
+        Ok(tonic::Response::new(pb::RemoveDeviceResponse {}))
+    }
+    async fn update_device(
+        &self,
+        r: tonic::Request<pb::UpdateDeviceRequest>,
+    ) -> Result<tonic::Response<pb::UpdateDeviceResponse>, tonic::Status> {
+        let sp = desired_setpoint(&r.into_inner().device);
+        self.0.lock().unwrap().updated_desired.push(sp);
+        Ok(tonic::Response::new(pb::UpdateDeviceResponse {}))
+    }
+    async fn create_device_model(
+        &self,
+        r: tonic::Request<pb::CreateDeviceModelRequest>,
+    ) -> Result<tonic::Response<pb::CreateDeviceModelResponse>, tonic::Status> {
+        let m = r.into_inner().model.map(|m| m.name).unwrap_or_default();
+        self.0.lock().unwrap().models.push(m.clone());
+        Ok(tonic::Response::new(pb::CreateDeviceModelResponse {
+            device_model_name: m,
+            device_model_namespace: "default".into(),
+        }))
+    }
+    async fn remove_device_model(
+        &self,
+        _: tonic::Request<pb::RemoveDeviceModelRequest>,
+    ) -> Result<tonic::Response<pb::RemoveDeviceModelResponse>, tonic::Status> {
+        Ok(tonic::Response::new(pb::RemoveDeviceModelResponse {}))
+    }
+    async fn update_device_model(
+        &self,
+        _: tonic::Request<pb::UpdateDeviceModelRequest>,
+    ) -> Result<tonic::Response<pb::UpdateDeviceModelResponse>, tonic::Status> {
+        Ok(tonic::Response::new(pb::UpdateDeviceModelResponse {}))
+    }
+    async fn get_device(
+        &self,
+        _: tonic::Request<pb::GetDeviceRequest>,
+    ) -> Result<tonic::Response<pb::GetDeviceResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("not needed"))
+    }
+}
+
+async fn dmi_client(
+    socket: std::path::PathBuf,
+) -> pb::device_manager_service_client::DeviceManagerServiceClient<tonic::transport::Channel> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let path = socket.clone();
+        let channel = tonic::transport::Endpoint::from_static("http://dmi.local")
+            .connect_with_connector(tower::service_fn(move |_: http::Uri| {
+                let path = path.clone();
+                async move {
+                    let s = tokio::net::UnixStream::connect(path).await?;
+                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
+                }
+            }))
+            .await;
+        match channel {
+            Ok(c) => return pb::device_manager_service_client::DeviceManagerServiceClient::new(c),
+            Err(e) => {
+                assert!(Instant::now() < deadline, "DMI socket not served: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dmi_mapper_registers_reports_and_hears_about_device_changes() {
+    kedge_common::tls::install_crypto_provider();
+    let server = TestApiServer::start().await.unwrap();
+    let client = server.client().unwrap();
+    server.create_namespace("kubeedge").await.unwrap();
+    install_crds(&client).await;
+    let dir = tempfile::tempdir().unwrap();
+    let setup = Setup::write(dir.path(), server.kubeconfig_path(), NODE).unwrap();
+    let (_cloud, _edge) = setup.start_both().await.unwrap();
+    let models: Api<DeviceModel> = Api::namespaced(client.clone(), "default");
+    let devices: Api<Device> = Api::namespaced(client.clone(), "default");
+    let statuses: Api<DeviceStatus> = Api::namespaced(client.clone(), "default");
+    models
+        .create(&PostParams::default(), &model())
+        .await
+        .unwrap();
+    let mut dev = device("20");
+    dev.spec.protocol = Some(kedge_common::crd::ProtocolConfig {
+        protocol_name: Some("virtual".into()),
+        config_data: Some(serde_json::from_value(json!({"port": 502, "host": "sim"})).unwrap()),
+    });
+    devices.create(&PostParams::default(), &dev).await.unwrap();
+
+    // The fake mapper serves DeviceMapperService on its own socket.
+    let mapper_socket = dir.path().join("mapper.sock");
+    let calls = FakeMapper::default();
+    let listener = tokio::net::UnixListener::bind(&mapper_socket).unwrap();
+    let svc = pb::device_mapper_service_server::DeviceMapperServiceServer::new(calls.clone());
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(svc)
+            .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener)),
+    );
+
+    let mut dmi = dmi_client(dir.path().join("edge/dmi.sock")).await;
+    // Register until the device has reached the edge's store.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let registered = loop {
+        let r = dmi
+            .mapper_register(pb::MapperRegisterRequest {
+                with_data: true,
+                mapper: Some(pb::MapperInfo {
+                    name: "virtual-mapper".into(),
+                    protocol: "virtual".into(),
+                    address: mapper_socket.to_str().unwrap().as_bytes().to_vec(),
+                    ..Default::default()
+                }),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if !r.device_list.is_empty() {
+            break r;
+        }
+        assert!(Instant::now() < deadline, "{}", setup.log_tails(40));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(registered.device_list[0].name, DEVICE);
+    assert_eq!(registered.model_list[0].name, "thermometer");
+    assert_eq!(
+        desired_setpoint(&registered.device_list.first().cloned()),
+        "20"
+    );
+    let config = &registered.device_list[0]
+        .spec
+        .as_ref()
+        .unwrap()
+        .protocol
+        .as_ref()
+        .unwrap()
+        .config_data
+        .as_ref()
+        .unwrap()
+        .data;
+    assert!(config.contains_key("port") && config.contains_key("host"));
+
+    // Reports over gRPC take the MQTT path: validated, stored, in DeviceStatus.
+    let twin = |name: &str, value: &str| pb::Twin {
+        property_name: name.into(),
+        reported: Some(pb::TwinProperty {
+            value: value.into(),
+            metadata: Default::default(),
+        }),
+        observed_desired: None,
+    };
+    dmi.report_device_status(pb::ReportDeviceStatusRequest {
+        device_name: DEVICE.into(),
+        device_namespace: "default".into(),
+        reported_device: Some(pb::DeviceStatus {
+            twins: vec![twin("temperature", "19.25")],
+            ..Default::default()
+        }),
+    })
+    .await
+    .unwrap();
+    let bad = dmi
+        .report_device_status(pb::ReportDeviceStatusRequest {
+            device_name: DEVICE.into(),
+            device_namespace: "default".into(),
+            reported_device: Some(pb::DeviceStatus {
+                twins: vec![twin("setpoint", "1000")],
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), tonic::Code::InvalidArgument, "{bad}");
+    dmi.report_device_states(pb::ReportDeviceStatesRequest {
+        device_name: DEVICE.into(),
+        device_namespace: "default".into(),
+        state: "online".into(),
+    })
+    .await
+    .unwrap();
+    wait_for("the DMI report in DeviceStatus", &setup, || async {
+        let state = statuses
+            .get_opt(DEVICE)
+            .await
+            .ok()
+            .flatten()
+            .and_then(|s| s.status)
+            .and_then(|s| s.state);
+        reported(&statuses, "temperature").await.as_deref() == Some("19.25")
+            && state.as_deref() == Some("online")
+    })
+    .await;
+
+    // A desired change reaches the mapper as UpdateDevice; deleting the device, RemoveDevice.
+    let patch = json!({"spec": {"properties": [
+        {"name": "temperature", "reportToCloud": true},
+        {"name": "setpoint", "desired": {"value": "30"}, "reportToCloud": true}]}});
+    devices
+        .patch(DEVICE, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    wait_for("UpdateDevice with the new setpoint", &setup, || async {
+        calls
+            .0
+            .lock()
+            .unwrap()
+            .updated_desired
+            .contains(&"30".to_owned())
+    })
+    .await;
+    devices.delete(DEVICE, &Default::default()).await.unwrap();
+    wait_for("RemoveDevice", &setup, || async {
+        calls.0.lock().unwrap().removed.contains(&DEVICE.to_owned())
+    })
+    .await;
+}

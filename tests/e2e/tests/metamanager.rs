@@ -353,7 +353,7 @@ fn write_edge_config(dir: &Path, cloud: &TestCloud, node: &str) -> PathBuf {
     std::fs::write(
         &cfg,
         format!(
-            "database:\n  dataSource: {db}\nmodules:\n  edgeHub:\n    heartbeat: 1\n    tlsCaFile: {c}/ca.crt\n    tlsCertFile: {c}/edge.crt\n    tlsPrivateKeyFile: {c}/edge.key\n    websocket:\n      server: {ws}\n  edged:\n    hostnameOverride: {node}\n  metaManager:\n    metaServer:\n      server: 127.0.0.1:0\n  eventBus:\n    enable: false\n",
+            "database:\n  dataSource: {db}\nmodules:\n  edgeHub:\n    heartbeat: 1\n    tlsCaFile: {c}/ca.crt\n    tlsCertFile: {c}/edge.crt\n    tlsPrivateKeyFile: {c}/edge.key\n    websocket:\n      server: {ws}\n  edged:\n    hostnameOverride: {node}\n  metaManager:\n    metaServer:\n      server: 127.0.0.1:0\n  eventBus:\n    enable: false\n  deviceTwin:\n    dmiSockPath: \"\"\n",
             db = dir.join("edge.db").display(),
             c = certs.display(),
             ws = cloud.websocket_addr,
