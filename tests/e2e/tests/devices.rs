@@ -162,9 +162,10 @@ async fn reported(api: &Api<DeviceStatus>, prop: &str) -> Option<String> {
         .map(|r| r.value)
 }
 
-struct Mosquitto(Child);
+/// A child process killed when dropped (mosquitto, the example mapper).
+struct ChildGuard(Child);
 
-impl Drop for Mosquitto {
+impl Drop for ChildGuard {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
@@ -189,7 +190,7 @@ async fn round_trip(external: bool) {
             .spawn()
             .expect("mosquitto (apt-get install mosquitto)");
         setup.use_external_broker(port).unwrap();
-        (Some(Mosquitto(child)), port)
+        (Some(ChildGuard(child)), port)
     } else {
         (None, setup.mqtt_port)
     };
@@ -598,5 +599,51 @@ async fn a_dmi_mapper_registers_reports_and_hears_about_device_changes() {
     wait_for("RemoveDevice", &setup, || async {
         calls.0.lock().unwrap().removed.contains(&DEVICE.to_owned())
     })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_example_mapper_moves_a_twin_towards_its_setpoint() {
+    kedge_common::tls::install_crypto_provider();
+    let server = TestApiServer::start().await.unwrap();
+    let client = server.client().unwrap();
+    server.create_namespace("kubeedge").await.unwrap();
+    install_crds(&client).await;
+    let dir = tempfile::tempdir().unwrap();
+    let setup = Setup::write(dir.path(), server.kubeconfig_path(), NODE).unwrap();
+    let (_cloud, _edge) = setup.start_both().await.unwrap();
+    let models: Api<DeviceModel> = Api::namespaced(client.clone(), "default");
+    let devices: Api<Device> = Api::namespaced(client.clone(), "default");
+    let statuses: Api<DeviceStatus> = Api::namespaced(client.clone(), "default");
+    models
+        .create(&PostParams::default(), &model())
+        .await
+        .unwrap();
+    devices
+        .create(&PostParams::default(), &device("23"))
+        .await
+        .unwrap();
+    let mapper = Command::new(kedge_e2e::daemons::bin("thermometer-mapper").unwrap())
+        .args([
+            "--broker",
+            &format!("tcp://127.0.0.1:{}", setup.mqtt_port),
+            "--device",
+            &format!("default/{DEVICE}"),
+            "--interval-ms",
+            "100",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _mapper = ChildGuard(mapper);
+    wait_for(
+        "temperature 23.0 and setpoint 23 reported",
+        &setup,
+        || async {
+            reported(&statuses, "temperature").await.as_deref() == Some("23.0")
+                && reported(&statuses, "setpoint").await.as_deref() == Some("23")
+        },
+    )
     .await;
 }
