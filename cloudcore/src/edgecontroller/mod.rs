@@ -66,6 +66,9 @@ pub struct Stats {
     pub toleration_patches: AtomicU64,
     /// Devices refused as invalid (each new reason once).
     pub invalid_devices: AtomicU64,
+    /// Device reports applied / refused (from a node not hosting the device, or malformed).
+    pub device_reports_applied: AtomicU64,
+    pub device_reports_refused: AtomicU64,
 }
 
 #[derive(Debug, Clone)]

@@ -279,7 +279,13 @@ pub async fn handle_report(
         }
     };
     if let Some(report) = parse_report_resource(path.edge_str()) {
-        return device_report(&shared, device_status, node, report, &msg.content).await;
+        let outcome = device_report(&shared, device_status, node, report, &msg.content).await;
+        let counter = match outcome {
+            Some(_) => &stats.device_reports_applied,
+            None => &stats.device_reports_refused,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        return outcome.unwrap_or(Outcome::Done);
     }
     match path.resource_type() {
         Some("nodestatus") => node_status(&client, node, &msg.content).await,
@@ -473,14 +479,15 @@ fn containers_stopped(pod: &Pod) -> bool {
     any
 }
 
-/// A twin or state report for a device: applied only if `node` hosts the device now.
+/// A twin or state report for a device: applied only if `node` hosts the device now. `None`:
+/// refused for good.
 async fn device_report(
     shared: &Shared,
     writer: &mut StatusWriter,
     node: &str,
     report: DeviceReport<'_>,
     content: &Value,
-) -> Outcome {
+) -> Option<Outcome> {
     let (ns, name) = match report {
         DeviceReport::Twin { namespace, name } | DeviceReport::State { namespace, name } => {
             (namespace.to_owned(), name.to_owned())
@@ -499,7 +506,7 @@ async fn device_report(
             tracing::warn!(%node, namespace = %key.0, device = %key.1, host = ?other.map(|o| o.0),
                 "device report from a node that does not host the device; refused");
             writer.forget(&key);
-            return Outcome::Done;
+            return None;
         }
     };
     // KubeEdge's content is the bare object; a JSON string holding it is accepted too.
@@ -509,17 +516,17 @@ async fn device_report(
     };
     match report {
         DeviceReport::Twin { .. } => match serde_json::from_value::<TwinMessage>(content) {
-            Ok(m) => writer.twin_report(&key, &uid, &m).await,
+            Ok(m) => Some(writer.twin_report(&key, &uid, &m).await),
             Err(e) => {
                 tracing::warn!(%node, device = %key.1, error = %e, "malformed twin report; refused");
-                Outcome::Done
+                None
             }
         },
         DeviceReport::State { .. } => match serde_json::from_value::<StateMessage>(content) {
-            Ok(m) => writer.state_report(&key, &uid, &m).await,
+            Ok(m) => Some(writer.state_report(&key, &uid, &m).await),
             Err(e) => {
                 tracing::warn!(%node, device = %key.1, error = %e, "malformed state report; refused");
-                Outcome::Done
+                None
             }
         },
     }

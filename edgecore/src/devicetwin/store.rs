@@ -59,7 +59,9 @@ impl TwinStore {
             // Reported values change every second; a power cut may lose the last batch, which
             // the mapper reports again — unlike MetaManager's acked objects.
             .synchronous(SqliteSynchronous::Normal)
-            .busy_timeout(Duration::from_secs(10));
+            .busy_timeout(Duration::from_secs(10))
+            // One row per device: a small page cache is plenty (SQLite's default is 2 MiB).
+            .pragma("cache_size", "-256");
         let pool = SqlitePoolOptions::new()
             .max_connections(1)
             .connect_with(opts)

@@ -147,10 +147,12 @@ pub fn start_embedded_broker(addr: SocketAddr) -> Result<(), EventBusError> {
     let config = rumqttd::Config {
         id: 0,
         router: rumqttd::RouterConfig {
-            max_connections: 1024,
-            max_outgoing_packet_count: 500,
-            // Per-topic-filter log: two 256 KiB segments bound the broker's memory.
-            max_segment_size: 256 * 1024,
+            // An edge node's mappers, not a fleet: fewer slots, less preallocated state.
+            max_connections: 64,
+            max_outgoing_packet_count: 200,
+            // Per-topic-filter log: two 64 KiB segments bound the broker's memory (subscribers
+            // on loopback read far faster than that fills).
+            max_segment_size: 64 * 1024,
             max_segment_count: 2,
             custom_segment: None,
             initialized_filters: None,
@@ -213,15 +215,15 @@ pub async fn start(
         let (host, port) = parse_server("modules.eventBus.mqttServerExternal", &settings.external)?;
         servers.push(("external", host, port));
     }
-    let (tx, rx) = mpsc::channel(4096);
+    let (tx, rx) = mpsc::channel(1024);
     let mut clients = Vec::new();
     for (which, host, port) in servers {
         let mut opts = MqttOptions::new(format!("{}-{which}", settings.client_id), host, port);
         opts.set_keep_alive(Duration::from_secs(30));
         opts.set_max_packet_size(MAX_PACKET_BYTES, MAX_PACKET_BYTES);
         opts.set_clean_session(true);
-        opts.set_inflight(200);
-        let (client, eventloop) = AsyncClient::new(opts, 1024);
+        opts.set_inflight(100);
+        let (client, eventloop) = AsyncClient::new(opts, 256);
         tokio::spawn(drive(
             which,
             client.clone(),

@@ -17,6 +17,7 @@ use edgecore::edgehub::LinkState;
 use edgecore::edgehub::outbox::Outbox;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Secret};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kedge_common::{Message, Operation};
 use kedge_e2e::apiserver::TestApiServer;
 use kedge_e2e::edge::{RecordingStore, TestEdge, fast_settings};
@@ -31,11 +32,17 @@ struct Harness {
     pki: Arc<CloudPki>,
     cloud: Option<RunningCloudCore>,
     ws_addr: SocketAddr,
+    devices: bool,
     _dir: tempfile::TempDir,
 }
 
 impl Harness {
     async fn start() -> Harness {
+        Self::start_with(false).await
+    }
+
+    /// `devices`: the device CRDs are installed and cloudcore serves devices.
+    async fn start_with(devices: bool) -> Harness {
         kedge_common::tls::install_crypto_provider();
         let api = TestApiServer::start().await.unwrap();
         let client = api.client().unwrap();
@@ -43,12 +50,19 @@ impl Harness {
         let dir = tempfile::tempdir().unwrap();
         let pki =
             Arc::new(certs::load_or_create_in_dir(dir.path(), &["127.0.0.1".to_owned()]).unwrap());
+        if devices {
+            let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+            for crd in kedge_common::crd::all_crds() {
+                crds.create(&PostParams::default(), &crd).await.unwrap();
+            }
+        }
         let mut h = Harness {
             api,
             client,
             pki,
             cloud: None,
             ws_addr: "127.0.0.1:0".parse().unwrap(),
+            devices,
             _dir: dir,
         };
         h.start_cloudcore().await;
@@ -68,7 +82,7 @@ impl Harness {
             edge: EdgeControllerSettings {
                 node_update_frequency: Duration::from_millis(200),
                 lease_duration_seconds: 40,
-                devices: false,
+                devices: self.devices,
             },
         };
         let running = cloudcore::server::start(self.client.clone(), self.pki.clone(), opts)
@@ -895,4 +909,109 @@ async fn a_nodes_reports_are_applied_in_the_order_it_sent_them() {
         .unwrap()[0]
         .restart_count;
     assert_eq!(restarts, REPORTS);
+}
+
+fn twin_report(device: &str, temperature: &str) -> Message {
+    Message::new(
+        "twin",
+        "resource",
+        Operation::Update,
+        format!("device/default/{device}/twin/edge_updated"),
+        json!({"event_id": "e", "timestamp": 1, "twin": {"temperature": {
+            "actual": {"value": temperature, "metadata": {"timestamp": 1}},
+            "metadata": {"type": "double"}}}}),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_go_to_their_node_model_first_move_between_nodes_and_only_the_host_reports() {
+    use kedge_common::crd::{Device, DeviceModel, DeviceStatus};
+    let h = Harness::start_with(true).await;
+    let mut e1 = h.edge("edge-1");
+    let mut e2 = h.edge("edge-2");
+    assert!(e1.wait_for(LinkState::Connected, T).await);
+    assert!(e2.wait_for(LinkState::Connected, T).await);
+    h.wait_edge_node("edge-1").await;
+    h.wait_edge_node("edge-2").await;
+    let models: Api<DeviceModel> = Api::namespaced(h.client.clone(), "default");
+    let devices: Api<Device> = Api::namespaced(h.client.clone(), "default");
+    let statuses: Api<DeviceStatus> = Api::namespaced(h.client.clone(), "default");
+    models
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "m", "namespace": "default"},
+                "spec": {"properties": [{"name": "temperature", "type": "DOUBLE", "accessMode": "ReadOnly"}]}}))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    let device = |node: &str| -> Device {
+        serde_json::from_value(json!({"metadata": {"name": "d", "namespace": "default"},
+            "spec": {"deviceModelRef": {"name": "m"}, "nodeName": node, "properties": [{"name": "temperature"}]}}))
+        .unwrap()
+    };
+    devices
+        .create(&PostParams::default(), &device("edge-1"))
+        .await
+        .unwrap();
+    let (s1, s2) = (e1.store.clone(), e2.store.clone());
+    eventually_async("device and model on edge-1", || async {
+        s1.inner.get("default/device/d").is_some()
+            && s1.inner.get("default/devicemodel/m").is_some()
+    })
+    .await;
+    assert!(s2.inner.get("default/device/d").is_none());
+
+    // edge-2 forges a report for edge-1's device: refused; edge-1's report is written.
+    let stats = h.cloud().stats.clone();
+    e2.outbox
+        .put("twin/d", twin_report("d", "99.5"))
+        .await
+        .unwrap();
+    eventually_async("forged device report refused", || async {
+        stats.device_reports_refused.load(Ordering::Relaxed) > 0
+    })
+    .await;
+    e1.outbox
+        .put("twin/d", twin_report("d", "21.5"))
+        .await
+        .unwrap();
+    eventually_async("reported value in DeviceStatus", || async {
+        statuses
+            .get_opt("d")
+            .await
+            .unwrap()
+            .and_then(|s| s.status)
+            .is_some_and(|s| {
+                s.twins
+                    .iter()
+                    .any(|t| t.reported.as_ref().is_some_and(|r| r.value == "21.5"))
+            })
+    })
+    .await;
+    let ds = statuses.get("d").await.unwrap();
+    assert_eq!(ds.metadata.owner_references.unwrap()[0].kind, "Device");
+
+    // The device moves: gone from edge-1 (with its model), on edge-2; edge-1 may not report.
+    let patch = json!({"spec": {"nodeName": "edge-2"}});
+    devices
+        .patch("d", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    eventually_async("device moved to edge-2", || async {
+        s1.inner.get("default/device/d").is_none()
+            && s1.inner.get("default/devicemodel/m").is_none()
+            && s2.inner.get("default/device/d").is_some()
+            && s2.inner.get("default/devicemodel/m").is_some()
+    })
+    .await;
+    let refused = stats.device_reports_refused.load(Ordering::Relaxed);
+    e1.outbox
+        .put("twin/d", twin_report("d", "1.5"))
+        .await
+        .unwrap();
+    eventually_async("report of the old host refused", || async {
+        stats.device_reports_refused.load(Ordering::Relaxed) > refused
+    })
+    .await;
 }
