@@ -8,3 +8,4 @@ pub mod edged;
 pub mod edgehub;
 pub mod eventbus;
 pub mod metamanager;
+pub mod unix_grpc;

@@ -14,7 +14,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use hyper_util::rt::TokioIo;
 use kedge_common::crd::{Device, DeviceModel};
 use kedge_common::devices::{self, ResultMessage, topics};
 use kedge_proto::dmi::v1beta1 as pb;
@@ -24,7 +23,7 @@ use prost::Message as _;
 use serde_json::{Value, json};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 /// How long a call to a mapper may take.
@@ -181,17 +180,7 @@ pub fn device_to_pb(d: &Device) -> pb::Device {
 }
 
 async fn connect_mapper(socket: &Path) -> Result<DeviceMapperServiceClient<Channel>, String> {
-    let path = socket.to_owned();
-    // The URI is required by tonic but unused: the connector dials the socket.
-    let channel = Endpoint::from_static("http://mapper.local")
-        .timeout(MAPPER_TIMEOUT)
-        .connect_with_connector(tower::service_fn(move |_: http::Uri| {
-            let path = path.clone();
-            async move {
-                let stream = tokio::net::UnixStream::connect(path).await?;
-                Ok::<_, std::io::Error>(TokioIo::new(stream))
-            }
-        }))
+    let channel = crate::unix_grpc::channel(socket, Some(MAPPER_TIMEOUT))
         .await
         .map_err(|e| e.to_string())?;
     Ok(DeviceMapperServiceClient::new(channel))

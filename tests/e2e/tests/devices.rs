@@ -123,6 +123,32 @@ impl Mapper {
     }
 }
 
+/// The test API server with the device CRDs, and configs for one node (daemons not started).
+struct DeviceRig {
+    _server: TestApiServer,
+    client: kube::Client,
+    dir: tempfile::TempDir,
+    setup: Setup,
+}
+
+impl DeviceRig {
+    async fn new() -> DeviceRig {
+        kedge_common::tls::install_crypto_provider();
+        let server = TestApiServer::start().await.unwrap();
+        let client = server.client().unwrap();
+        server.create_namespace("kubeedge").await.unwrap();
+        install_crds(&client).await;
+        let dir = tempfile::tempdir().unwrap();
+        let setup = Setup::write(dir.path(), server.kubeconfig_path(), NODE).unwrap();
+        DeviceRig {
+            _server: server,
+            client,
+            dir,
+            setup,
+        }
+    }
+}
+
 async fn install_crds(client: &kube::Client) {
     let api: Api<CustomResourceDefinition> = Api::all(client.clone());
     for crd in all_crds() {
@@ -174,13 +200,8 @@ impl Drop for ChildGuard {
 
 /// The whole round trip; `external`: use a mosquitto started here instead of the embedded broker.
 async fn round_trip(external: bool) {
-    kedge_common::tls::install_crypto_provider();
-    let server = TestApiServer::start().await.unwrap();
-    let client = server.client().unwrap();
-    server.create_namespace("kubeedge").await.unwrap();
-    install_crds(&client).await;
-    let dir = tempfile::tempdir().unwrap();
-    let setup = Setup::write(dir.path(), server.kubeconfig_path(), NODE).unwrap();
+    let rig = DeviceRig::new().await;
+    let (client, setup) = (&rig.client, &rig.setup);
     let (_mosquitto, port) = if external {
         let port = kedge_e2e::procfs::free_port().unwrap();
         let child = Command::new("/usr/sbin/mosquitto")
@@ -221,7 +242,7 @@ async fn round_trip(external: bool) {
         .await;
     let result = mapper.next("/twin/update/result").await;
     assert_eq!(result["code"], 200);
-    wait_for("reported temperature in DeviceStatus", &setup, || async {
+    wait_for("reported temperature in DeviceStatus", setup, || async {
         reported(&statuses, "temperature").await.as_deref() == Some("21.5")
     })
     .await;
@@ -245,7 +266,7 @@ async fn round_trip(external: bool) {
     cloud.start().unwrap();
     wait_for(
         "the latest offline report in DeviceStatus",
-        &setup,
+        setup,
         || async { reported(&statuses, "temperature").await.as_deref() == Some("31") },
     )
     .await;
@@ -264,7 +285,7 @@ async fn round_trip(external: bool) {
     let delta = mapper.next("/twin/update/delta").await;
     assert_eq!(delta["delta"]["setpoint"], "25", "{delta}");
     mapper.report(json!({"setpoint": "25"})).await;
-    wait_for("the new setpoint reported", &setup, || async {
+    wait_for("the new setpoint reported", setup, || async {
         reported(&statuses, "setpoint").await.as_deref() == Some("25")
     })
     .await;
@@ -309,13 +330,8 @@ async fn device_twin_round_trip_with_external_mosquitto() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_invalid_device_gets_a_warning_event_and_is_not_sent() {
-    kedge_common::tls::install_crypto_provider();
-    let server = TestApiServer::start().await.unwrap();
-    let client = server.client().unwrap();
-    server.create_namespace("kubeedge").await.unwrap();
-    install_crds(&client).await;
-    let dir = tempfile::tempdir().unwrap();
-    let setup = Setup::write(dir.path(), server.kubeconfig_path(), NODE).unwrap();
+    let rig = DeviceRig::new().await;
+    let (client, setup) = (&rig.client, &rig.setup);
     let (_cloud, _edge) = setup.start_both().await.unwrap();
     let devices: Api<Device> = Api::namespaced(client.clone(), "default");
     // No such model.
@@ -325,7 +341,7 @@ async fn an_invalid_device_gets_a_warning_event_and_is_not_sent() {
         .unwrap();
     let events: Api<k8s_openapi::api::events::v1::Event> =
         Api::namespaced(client.clone(), "default");
-    wait_for("an InvalidDevice event", &setup, || async {
+    wait_for("an InvalidDevice event", setup, || async {
         events.list(&Default::default()).await.is_ok_and(|l| {
             l.items.iter().any(|e| {
                 e.reason.as_deref() == Some("InvalidDevice")
@@ -452,13 +468,8 @@ async fn dmi_client(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dmi_mapper_registers_reports_and_hears_about_device_changes() {
-    kedge_common::tls::install_crypto_provider();
-    let server = TestApiServer::start().await.unwrap();
-    let client = server.client().unwrap();
-    server.create_namespace("kubeedge").await.unwrap();
-    install_crds(&client).await;
-    let dir = tempfile::tempdir().unwrap();
-    let setup = Setup::write(dir.path(), server.kubeconfig_path(), NODE).unwrap();
+    let rig = DeviceRig::new().await;
+    let (client, setup) = (&rig.client, &rig.setup);
     let (_cloud, _edge) = setup.start_both().await.unwrap();
     let models: Api<DeviceModel> = Api::namespaced(client.clone(), "default");
     let devices: Api<Device> = Api::namespaced(client.clone(), "default");
@@ -475,7 +486,7 @@ async fn a_dmi_mapper_registers_reports_and_hears_about_device_changes() {
     devices.create(&PostParams::default(), &dev).await.unwrap();
 
     // The fake mapper serves DeviceMapperService on its own socket.
-    let mapper_socket = dir.path().join("mapper.sock");
+    let mapper_socket = rig.dir.path().join("mapper.sock");
     let calls = FakeMapper::default();
     let listener = tokio::net::UnixListener::bind(&mapper_socket).unwrap();
     let svc = pb::device_mapper_service_server::DeviceMapperServiceServer::new(calls.clone());
@@ -485,7 +496,7 @@ async fn a_dmi_mapper_registers_reports_and_hears_about_device_changes() {
             .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener)),
     );
 
-    let mut dmi = dmi_client(dir.path().join("edge/dmi.sock")).await;
+    let mut dmi = dmi_client(rig.dir.path().join("edge/dmi.sock")).await;
     // Register until the device has reached the edge's store.
     let deadline = Instant::now() + Duration::from_secs(30);
     let registered = loop {
@@ -565,7 +576,7 @@ async fn a_dmi_mapper_registers_reports_and_hears_about_device_changes() {
     })
     .await
     .unwrap();
-    wait_for("the DMI report in DeviceStatus", &setup, || async {
+    wait_for("the DMI report in DeviceStatus", setup, || async {
         let state = statuses
             .get_opt(DEVICE)
             .await
@@ -586,7 +597,7 @@ async fn a_dmi_mapper_registers_reports_and_hears_about_device_changes() {
         .patch(DEVICE, &PatchParams::default(), &Patch::Merge(&patch))
         .await
         .unwrap();
-    wait_for("UpdateDevice with the new setpoint", &setup, || async {
+    wait_for("UpdateDevice with the new setpoint", setup, || async {
         calls
             .0
             .lock()
@@ -596,7 +607,7 @@ async fn a_dmi_mapper_registers_reports_and_hears_about_device_changes() {
     })
     .await;
     devices.delete(DEVICE, &Default::default()).await.unwrap();
-    wait_for("RemoveDevice", &setup, || async {
+    wait_for("RemoveDevice", setup, || async {
         calls.0.lock().unwrap().removed.contains(&DEVICE.to_owned())
     })
     .await;
@@ -604,13 +615,8 @@ async fn a_dmi_mapper_registers_reports_and_hears_about_device_changes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_example_mapper_moves_a_twin_towards_its_setpoint() {
-    kedge_common::tls::install_crypto_provider();
-    let server = TestApiServer::start().await.unwrap();
-    let client = server.client().unwrap();
-    server.create_namespace("kubeedge").await.unwrap();
-    install_crds(&client).await;
-    let dir = tempfile::tempdir().unwrap();
-    let setup = Setup::write(dir.path(), server.kubeconfig_path(), NODE).unwrap();
+    let rig = DeviceRig::new().await;
+    let (client, setup) = (&rig.client, &rig.setup);
     let (_cloud, _edge) = setup.start_both().await.unwrap();
     let models: Api<DeviceModel> = Api::namespaced(client.clone(), "default");
     let devices: Api<Device> = Api::namespaced(client.clone(), "default");
@@ -639,7 +645,7 @@ async fn the_example_mapper_moves_a_twin_towards_its_setpoint() {
     let _mapper = ChildGuard(mapper);
     wait_for(
         "temperature 23.0 and setpoint 23 reported",
-        &setup,
+        setup,
         || async {
             reported(&statuses, "temperature").await.as_deref() == Some("23.0")
                 && reported(&statuses, "setpoint").await.as_deref() == Some("23")

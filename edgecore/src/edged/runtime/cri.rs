@@ -2,8 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use hyper_util::rt::TokioIo;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use super::api::image_service_client::ImageServiceClient;
 use super::api::runtime_service_client::RuntimeServiceClient;
@@ -32,25 +31,14 @@ impl CriRuntime {
             endpoint: socket.display().to_string(),
             reason,
         };
-        let path = socket.to_owned();
-        // The URI is required by tonic but unused: the connector dials the socket.
-        let channel = Endpoint::from_static("http://cri.local")
-            .connect_with_connector(tower::service_fn(move |_: http::Uri| {
-                let path = path.clone();
-                async move {
-                    let stream = tokio::net::UnixStream::connect(path).await?;
-                    Ok::<_, std::io::Error>(TokioIo::new(stream))
-                }
-            }))
-            .await
-            .map_err(|e| {
-                fail(format!(
-                    "{e}: {}",
-                    std::error::Error::source(&e)
-                        .map(ToString::to_string)
-                        .unwrap_or_default()
-                ))
-            })?;
+        let channel = crate::unix_grpc::channel(socket, None).await.map_err(|e| {
+            fail(format!(
+                "{e}: {}",
+                std::error::Error::source(&e)
+                    .map(ToString::to_string)
+                    .unwrap_or_default()
+            ))
+        })?;
         let rt = CriRuntime {
             socket: socket.to_owned(),
             runtime: RuntimeServiceClient::new(channel.clone()),
