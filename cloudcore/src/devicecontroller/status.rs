@@ -29,6 +29,17 @@ fn is_status(e: &kube::Error, code: u16) -> bool {
     matches!(e, kube::Error::Api(s) if s.code == code)
 }
 
+/// The outcome of a report's API calls, logged when they failed.
+fn finish(key: &NsName, result: Result<(), kube::Error>, what: &str) -> Outcome {
+    match result {
+        Ok(()) => Outcome::Done,
+        Err(e) => {
+            tracing::warn!(namespace = %key.0, device = %key.1, error = %e, "{what}");
+            outcome_of(&e)
+        }
+    }
+}
+
 fn outcome_of(e: &kube::Error) -> Outcome {
     if is_status(e, 404) || is_status(e, 422) {
         Outcome::Done
@@ -183,13 +194,7 @@ impl StatusWriter {
             Ok::<_, kube::Error>(())
         }
         .await;
-        match result {
-            Ok(()) => Outcome::Done,
-            Err(e) => {
-                tracing::warn!(namespace = %key.0, device = %key.1, error = %e, "cannot write reported twins");
-                outcome_of(&e)
-            }
-        }
+        finish(key, result, "cannot write reported twins")
     }
 
     /// Applies a state report (`online`, `offline`, …) and the last time the device was online.
@@ -214,13 +219,7 @@ impl StatusWriter {
             Ok::<_, kube::Error>(())
         }
         .await;
-        match result {
-            Ok(()) => Outcome::Done,
-            Err(e) => {
-                tracing::warn!(namespace = %key.0, device = %key.1, error = %e, "cannot write device state");
-                outcome_of(&e)
-            }
-        }
+        finish(key, result, "cannot write device state")
     }
 
     /// Forgets a device whose DeviceStatus may have gone with it.

@@ -87,6 +87,17 @@ fn result(topic: String, event_id: &str, now_ms: i64, code: u16, reason: String)
     )
 }
 
+/// The answer to a mapper naming a device this node does not host.
+fn not_here(topic: String, event_id: &str, now_ms: i64, id: &str) -> Effect {
+    result(
+        topic,
+        event_id,
+        now_ms,
+        404,
+        format!("device {id} is not on this node"),
+    )
+}
+
 fn value_of(s: &Stamped) -> TwinValue {
     TwinValue {
         value: Some(s.value.clone()),
@@ -365,13 +376,7 @@ impl Twins {
             }
         };
         let Some(d) = self.devices.get_mut(id) else {
-            return vec![result(
-                topic,
-                &msg.event_id,
-                now_ms,
-                404,
-                format!("device {id} is not on this node"),
-            )];
+            return vec![not_here(topic, &msg.event_id, now_ms, id)];
         };
         // Validate everything first: an update is applied whole or not at all.
         let mut updates = Vec::new();
@@ -447,13 +452,7 @@ impl Twins {
                 &json!({"event_id": event_id, "timestamp": now_ms, "code": 200, "twin": d.twin_map()}),
                 false,
             )],
-            None => vec![result(
-                topic,
-                &event_id,
-                now_ms,
-                404,
-                format!("device {id} is not on this node"),
-            )],
+            None => vec![not_here(topic, &event_id, now_ms, id)],
         }
     }
 
@@ -482,13 +481,7 @@ impl Twins {
             )];
         }
         let Some(d) = self.devices.get_mut(id) else {
-            return vec![result(
-                topic,
-                &msg.event_id,
-                now_ms,
-                404,
-                format!("device {id} is not on this node"),
-            )];
+            return vec![not_here(topic, &msg.event_id, now_ms, id)];
         };
         d.state = Some(msg.state.clone());
         if msg.state == "online" {
