@@ -44,6 +44,10 @@ struct Args {
     /// Seconds of steady load (every device reports once a second) before the RSS is taken.
     #[arg(long, default_value_t = 20)]
     steady_seconds: usize,
+    /// Use a mosquitto started here (`mqttMode: 2`) instead of the embedded broker, to tell
+    /// the broker's share of edgecore's memory from DeviceTwin's.
+    #[arg(long)]
+    external_broker: bool,
 }
 
 const NODE: &str = "edge-devices";
@@ -79,8 +83,12 @@ async fn start(
     server: &TestApiServer,
     dir: &std::path::Path,
     eventbus: bool,
+    external: Option<u16>,
 ) -> anyhow::Result<(Setup, Daemon, Daemon)> {
     let setup = Setup::write(dir, server.kubeconfig_path(), NODE)?;
+    if let Some(port) = external {
+        setup.use_external_broker(port)?;
+    }
     if !eventbus {
         let text = std::fs::read_to_string(&setup.edgecore_config)?;
         let text = text.replace(
@@ -118,14 +126,30 @@ async fn main() -> anyhow::Result<()> {
 
     // Baseline: the same node without EventBus and devices.
     let base_dir = tempfile::tempdir()?;
-    let (_s, mut c0, mut e0) = start(&server, base_dir.path(), false).await?;
+    let (_s, mut c0, mut e0) = start(&server, base_dir.path(), false, None).await?;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let rss_base = rss(&e0).await?;
     e0.kill();
     c0.kill();
 
     let dir = tempfile::tempdir()?;
-    let (setup, _cloud, edge) = start(&server, dir.path(), true).await?;
+    let mut mosquitto = None;
+    let external = if args.external_broker {
+        let port = kedge_e2e::procfs::free_port()?;
+        mosquitto = Some(
+            std::process::Command::new("/usr/sbin/mosquitto")
+                .args(["-p", &port.to_string()])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .context("mosquitto (apt-get install mosquitto)")?,
+        );
+        Some(port)
+    } else {
+        None
+    };
+    let (setup, _cloud, edge) = start(&server, dir.path(), true, external).await?;
+    let broker_port = external.unwrap_or(setup.mqtt_port);
     let models: Api<DeviceModel> = Api::namespaced(client.clone(), "default");
     let devices: Api<Device> = Api::namespaced(client.clone(), "default");
     let statuses: Api<DeviceStatus> = Api::namespaced(client.clone(), "default");
@@ -142,7 +166,7 @@ async fn main() -> anyhow::Result<()> {
         .await?;
 
     // The mapper: every publish it receives goes to `rx` with its arrival time.
-    let mut opts = MqttOptions::new("bench-mapper", "127.0.0.1", setup.mqtt_port);
+    let mut opts = MqttOptions::new("bench-mapper", "127.0.0.1", broker_port);
     opts.set_max_packet_size(1 << 20, 1 << 20);
     opts.set_inflight(1000);
     let (mqtt, mut events) = AsyncClient::new(opts, 10_000);
@@ -341,8 +365,13 @@ async fn main() -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let rss_dev = rss(&edge).await?;
     let mib = |kb: u64| kb as f64 / 1024.0;
+    let broker = if args.external_broker {
+        "an external broker"
+    } else {
+        "the embedded broker"
+    };
     println!(
-        "edgecore RSS: {:.1} MiB without EventBus; with the embedded broker and {} devices: {:.1} MiB (+{:.1}) after {} s of one report per device per second, {:.1} MiB (+{:.1}) after the {}-update burst",
+        "edgecore RSS: {:.1} MiB without EventBus; with {broker} and {} devices: {:.1} MiB (+{:.1}) after {} s of one report per device per second, {:.1} MiB (+{:.1}) after the {}-update burst",
         mib(rss_base),
         args.devices,
         mib(rss_steady),
@@ -356,6 +385,10 @@ async fn main() -> anyhow::Result<()> {
         // Keep the daemons for inspection (e.g. /proc/<pid>/smaps).
         println!("edgecore pid {:?}; holding {secs} s", edge.pid());
         tokio::time::sleep(Duration::from_secs(secs.parse().unwrap_or(60))).await;
+    }
+    if let Some(mut m) = mosquitto {
+        let _ = m.kill();
+        let _ = m.wait();
     }
     Ok(())
 }
