@@ -92,7 +92,9 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         None => {
             let cfg = load_config(&cli)?;
-            logging::init(cli.log_format, "info")?;
+            // The embedded broker logs every connection at info and builds a span per publish
+            // (formatting its payload): only its warnings, unless RUST_LOG asks for more.
+            logging::init(cli.log_format, "info,rumqttd=warn")?;
             tracing::info!(version = env!("CARGO_PKG_VERSION"), "starting edgecore");
             runtime()?.block_on(crate::daemon::run(cfg))?;
             Ok(ExitCode::SUCCESS)
