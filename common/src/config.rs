@@ -4,6 +4,15 @@ use std::path::{Path, PathBuf};
 
 use serde::de::DeserializeOwned;
 
+/// Splits `host:port` (the host may be a bracketed IPv6 address) from a server address whose
+/// scheme the caller has removed. `None` if either part is missing or the port is not a number.
+pub fn split_host_port(address: &str) -> Option<(String, u16)> {
+    let (host, port) = address.trim_end_matches('/').rsplit_once(':')?;
+    let port: u16 = port.parse().ok()?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    (!host.is_empty()).then(|| (host.to_owned(), port))
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]

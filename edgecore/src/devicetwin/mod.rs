@@ -19,6 +19,7 @@ use std::sync::{Arc, RwLock};
 
 use kedge_common::crd::{Device, DeviceModel};
 use kedge_common::devices::{self, topics};
+use kedge_common::message::now_millis;
 use kedge_common::{Message, Operation};
 use rumqttc::QoS;
 use tokio::sync::broadcast::error::RecvError;
@@ -34,8 +35,6 @@ use twin::{Effect, Twins};
 
 /// Mapper messages handled before their effects are written out together.
 const BATCH: usize = 256;
-/// Outstanding deltas are published again this often (for mappers that were away).
-const DELTA_REPUBLISH: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The MQTT filters DeviceTwin and the upload bridge need.
 pub fn subscriptions() -> Vec<String> {
@@ -45,13 +44,6 @@ pub fn subscriptions() -> Vec<String> {
         topics::NODE_FILTER.to_owned(),
         topics::UPLOAD_FILTER.to_owned(),
     ]
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 type NsName = (String, String);
@@ -136,10 +128,15 @@ impl<O: Outbox> DeviceTwinModule<O> {
             node: self.node.clone(),
             view: self.view.clone(),
         };
-        let mut republish = tokio::time::interval(DELTA_REPUBLISH);
-        republish.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         'follow: loop {
-            let (rows, _, mut changes) = match self.store.follow(None).await {
+            // Subscribed first, then read: no change between the two is missed. Only devices and
+            // models are read, not the node's pods and ConfigMaps.
+            let listed = async {
+                let (mut rows, _, changes) = self.store.follow(Some("devicemodel")).await?;
+                rows.extend(self.store.list(Some("device"), None).await?.0);
+                Ok::<_, crate::metamanager::store::StoreError>((rows, changes))
+            };
+            let (rows, mut changes) = match listed.await {
                 Ok(f) => f,
                 Err(e) => {
                     tracing::error!(error = %e, "cannot read devices from the local store; retrying");
@@ -166,7 +163,7 @@ impl<O: Outbox> DeviceTwinModule<O> {
                         }
                     }
                 }
-                let now = now_ms();
+                let now = now_millis();
                 for r in rows.iter().filter(|r| r.kind == "device") {
                     match serde_json::from_value::<Device>(r.object.content.clone()) {
                         Ok(d) if known.is_ours(&d) => {
@@ -232,10 +229,6 @@ impl<O: Outbox> DeviceTwinModule<O> {
                             ..Default::default()
                         }));
                     }
-                    _ = republish.tick() => {
-                        let effects = twins.republish_deltas(now_ms());
-                        self.carry_out(&twins, effects).await;
-                    }
                     msg = cloud.recv() => {
                         if let Some(msg) = msg {
                             self.on_cloud(msg).await;
@@ -252,7 +245,10 @@ impl<O: Outbox> DeviceTwinModule<O> {
         known: &Known,
         c: &crate::metamanager::sqlite::Change,
     ) -> (Vec<Effect>, Vec<MapperNote>) {
-        let now = now_ms();
+        let now = now_millis();
+        if c.kind != "device" && c.kind != "devicemodel" {
+            return (Vec::new(), Vec::new());
+        }
         let mut view = known.write();
         match c.kind.as_str() {
             "device" => {
@@ -326,7 +322,7 @@ impl<O: Outbox> DeviceTwinModule<O> {
     }
 
     async fn on_mqtt(&self, twins: &mut Twins, msg: Inbound) -> Vec<Effect> {
-        let now = now_ms();
+        let now = now_millis();
         match topics::classify(&msg.topic) {
             topics::Inbound::TwinUpdate(id) => twins.mapper_twin_update(&id, &msg.payload, now),
             topics::Inbound::TwinGet(id) => twins.mapper_twin_get(&id, &msg.payload, now),

@@ -5,8 +5,8 @@
 //! `spec.properties[].desired`, versioned by `cloud`) and the reported value (`actual`, from the
 //! mapper, versioned by `edge`), each with its timestamp. A delta — the desired values that differ
 //! from the reported ones — is published **retained**, so a mapper that was away when the desired
-//! value changed receives it when it subscribes again; once nothing differs the retained delta is
-//! cleared. Mapper payloads are validated against the DeviceModel before anything is stored:
+//! value changed receives it when it subscribes again (from the embedded broker too: see
+//! `third_party/rumqttd/PATCHED.md`); once nothing differs the retained delta is cleared. Mapper payloads are validated against the DeviceModel before anything is stored:
 //! a malformed or invalid update gets an error on `…/result` and changes nothing.
 
 use std::collections::BTreeMap;
@@ -208,23 +208,6 @@ impl Twins {
                     "twin": twin, "delta": delta}),
             true,
         ));
-    }
-
-    /// The deltas still outstanding, published again: a mapper that was away gets them even
-    /// from a broker that does not deliver retained messages on `$` topics (rumqttd 0.20 does
-    /// not match any `$…` topic against a filter for retained messages).
-    pub fn republish_deltas(&mut self, now_ms: i64) -> Vec<Effect> {
-        let mut out = Vec::new();
-        let ids: Vec<String> = self
-            .devices
-            .iter()
-            .filter(|(_, d)| d.delta_retained)
-            .map(|(id, _)| id.clone())
-            .collect();
-        for id in ids {
-            self.publish_delta(&id, now_ms, &mut out);
-        }
-        out
     }
 
     /// A Device (and its model) as the store holds it now.

@@ -155,14 +155,7 @@ fn write_private(path: &Path, contents: &[u8]) -> Result<(), CredentialError> {
 fn split_server(server: &str) -> Result<(String, u16), CredentialError> {
     let bad = || CredentialError::BadServer(server.to_owned());
     let rest = server.strip_prefix("https://").ok_or_else(bad)?;
-    let rest = rest.trim_end_matches('/');
-    let (host, port) = rest.rsplit_once(':').ok_or_else(bad)?;
-    let port: u16 = port.parse().map_err(|_| bad())?;
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    if host.is_empty() {
-        return Err(bad());
-    }
-    Ok((host.to_owned(), port))
+    kedge_common::config::split_host_port(rest).ok_or_else(bad)
 }
 
 /// One HTTPS request to the bootstrap endpoint; returns the body of a 2xx response.

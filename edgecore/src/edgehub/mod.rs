@@ -501,8 +501,9 @@ impl<S: ObjectStore, O: Outbox> EdgeHub<S, O> {
         if let Some(module) = self.groups.get(&msg.route.group) {
             // Not acknowledged: these messages are not keyed objects (KubeEdge does not answer
             // them either).
-            if module.try_send(msg).is_err() {
-                tracing::warn!("a module's queue is full or closed; cloud message dropped");
+            let (group, resource) = (msg.route.group.clone(), msg.route.resource.clone());
+            if let Err(e) = module.try_send(msg) {
+                tracing::warn!(%group, %resource, error = %e, "cloud message dropped: its module's queue is full or gone");
             }
             return Downstream::Done;
         }

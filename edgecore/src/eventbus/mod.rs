@@ -109,13 +109,7 @@ pub fn parse_server(field: &'static str, value: &str) -> Result<(String, u16), E
         value: value.to_owned(),
     };
     let rest = value.strip_prefix("tcp://").unwrap_or(value);
-    let (host, port) = rest.rsplit_once(':').ok_or_else(bad)?;
-    let port: u16 = port.parse().map_err(|_| bad())?;
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    if host.is_empty() {
-        return Err(bad());
-    }
-    Ok((host.to_owned(), port))
+    kedge_common::config::split_host_port(rest).ok_or_else(bad)
 }
 
 /// Starts the embedded broker on its own thread (the port is checked to be free first).
