@@ -6,5 +6,6 @@ pub mod config;
 pub mod devicecontroller;
 pub mod edgecontroller;
 pub mod kubeclient;
+pub mod node_refs;
 pub mod server;
 pub mod synccontroller;

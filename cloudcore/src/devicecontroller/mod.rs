@@ -17,12 +17,14 @@
 
 pub mod status;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 
 use kedge_common::Operation;
 use kedge_common::crd::{Device, DeviceModel};
 use kedge_common::devices::{MemberDevice, MembershipMessage, validate_desired};
 use kube::Resource;
+
+use crate::node_refs::NodeRefs;
 use serde_json::Value;
 
 pub const SOURCE: &str = "devicecontroller";
@@ -77,7 +79,7 @@ pub struct Devices {
     /// Devices currently on a node (valid, bound to an edge node).
     placed: HashMap<NsName, Placed>,
     /// Per model: the nodes holding it and by how many devices.
-    model_holders: HashMap<NsName, BTreeMap<String, usize>>,
+    model_holders: NodeRefs<NsName>,
     /// The last reason reported per invalid device (one Event per new reason).
     invalid: HashMap<NsName, String>,
 }
@@ -128,7 +130,7 @@ fn send<K: Resource + serde::Serialize>(
         uid: obj.meta().uid.clone().unwrap_or_default(),
         rv: obj.meta().resource_version.clone().unwrap_or_default(),
         op,
-        content: serde_json::to_value(obj).unwrap_or(Value::Null),
+        content: crate::edgecontroller::to_json(obj),
     }
 }
 
@@ -196,14 +198,7 @@ impl Devices {
     }
 
     fn hold_model(&mut self, node: &str, mk: &NsName, out: &mut Vec<Action>) {
-        let count = self
-            .model_holders
-            .entry(mk.clone())
-            .or_default()
-            .entry(node.to_owned())
-            .or_insert(0);
-        *count += 1;
-        if *count == 1
+        if self.model_holders.hold(mk, node)
             && let Some(m) = self.models.get(mk)
         {
             out.push(send(node, "devicemodel", m, Operation::Insert));
@@ -211,21 +206,10 @@ impl Devices {
     }
 
     fn release_model(&mut self, node: &str, mk: &NsName, out: &mut Vec<Action>) {
-        let Some(nodes) = self.model_holders.get_mut(mk) else {
-            return;
-        };
-        let Some(count) = nodes.get_mut(node) else {
-            return;
-        };
-        *count = count.saturating_sub(1);
-        if *count == 0 {
-            nodes.remove(node);
-            if nodes.is_empty() {
-                self.model_holders.remove(mk);
-            }
-            if let Some(m) = self.models.get(mk) {
-                out.push(send(node, "devicemodel", m, Operation::Delete));
-            }
+        if self.model_holders.release(mk, node)
+            && let Some(m) = self.models.get(mk)
+        {
+            out.push(send(node, "devicemodel", m, Operation::Delete));
         }
     }
 
@@ -301,10 +285,8 @@ impl Devices {
         let mut out = Vec::new();
         let key = ns_name(&m);
         self.models.insert(key.clone(), m.clone());
-        if let Some(nodes) = self.model_holders.get(&key) {
-            for node in nodes.keys() {
-                out.push(send(node, "devicemodel", &m, Operation::Update));
-            }
+        for node in self.model_holders.nodes(&key) {
+            out.push(send(&node, "devicemodel", &m, Operation::Update));
         }
         out.extend(self.recheck_users_of(&key, edge_nodes));
         out
@@ -368,9 +350,8 @@ impl Devices {
     pub fn wanted_by(&self, node: &str) -> (Vec<&DeviceModel>, Vec<&Device>) {
         let mut models: Vec<(&NsName, &DeviceModel)> = self
             .model_holders
-            .iter()
-            .filter(|(_, nodes)| nodes.contains_key(node))
-            .filter_map(|(k, _)| self.models.get(k).map(|m| (k, m)))
+            .held_by(node)
+            .filter_map(|k| self.models.get(k).map(|m| (k, m)))
             .collect();
         models.sort_by(|a, b| a.0.cmp(b.0));
         let mut devices: Vec<(&NsName, &Device)> = self
@@ -408,9 +389,7 @@ impl Devices {
                         == Some(uid)
             }
             "devicemodel" => {
-                self.model_holders
-                    .get(key)
-                    .is_some_and(|n| n.contains_key(node))
+                self.model_holders.holds(key, node)
                     && self.models.get(key).and_then(|m| m.metadata.uid.as_deref()) == Some(uid)
             }
             _ => true,

@@ -7,11 +7,11 @@ use std::sync::atomic::Ordering;
 
 use kedge_common::crd::{Device, DeviceModel};
 use kedge_common::{Message, Operation};
+use kube::Resource;
 use kube::runtime::events::{Event, EventType};
 use kube::runtime::watcher;
-use kube::{Resource, ResourceExt};
 
-use super::{Loop, NsName, ns_name, obj_key};
+use super::{Loop, NsName, ns_name, obj_key, rv_of, to_json};
 use crate::devicecontroller::{self, Action};
 
 /// Whether the cluster serves `devices.kubeedge.io/v1beta1` (the CRDs are installed).
@@ -160,10 +160,14 @@ impl Loop {
                     self.stats.invalid_devices.fetch_add(1, Ordering::Relaxed);
                     let recorder = self.events.clone();
                     tokio::spawn(async move {
-                        let mut reference = Device::new(&name, Default::default());
-                        reference.metadata.namespace = Some(namespace.clone());
-                        reference.metadata.uid = Some(uid);
-                        let reference = reference.object_ref(&());
+                        let reference = k8s_openapi::api::core::v1::ObjectReference {
+                            api_version: Some(Device::api_version(&()).into_owned()),
+                            kind: Some(Device::kind(&()).into_owned()),
+                            namespace: Some(namespace.clone()),
+                            name: Some(name.clone()),
+                            uid: Some(uid),
+                            ..Default::default()
+                        };
                         let ev = Event {
                             type_: EventType::Warning,
                             reason: "InvalidDevice".into(),
@@ -220,35 +224,26 @@ impl Loop {
         &self,
         node: &str,
     ) -> Vec<(crate::cloudhub::ObjectKey, String, serde_json::Value)> {
+        fn entry<K: Resource + serde::Serialize>(
+            kind: &str,
+            o: &K,
+        ) -> (crate::cloudhub::ObjectKey, String, serde_json::Value) {
+            let key = obj_key(
+                kind,
+                o.meta().namespace.as_deref(),
+                o.meta().name.as_deref().unwrap_or_default(),
+                o.meta().uid.as_deref().unwrap_or_default(),
+            );
+            (key, rv_of(o), to_json(o))
+        }
         let Some(devices) = self.devices.as_ref() else {
             return Vec::new();
         };
         let (models, devs) = devices.wanted_by(node);
-        let mut out = Vec::new();
-        for m in models {
-            out.push((
-                obj_key(
-                    "devicemodel",
-                    m.namespace().as_deref(),
-                    &m.name_any(),
-                    m.metadata.uid.as_deref().unwrap_or_default(),
-                ),
-                m.metadata.resource_version.clone().unwrap_or_default(),
-                serde_json::to_value(m).unwrap_or_default(),
-            ));
-        }
-        for d in devs {
-            out.push((
-                obj_key(
-                    "device",
-                    d.namespace().as_deref(),
-                    &d.name_any(),
-                    d.metadata.uid.as_deref().unwrap_or_default(),
-                ),
-                d.metadata.resource_version.clone().unwrap_or_default(),
-                serde_json::to_value(d).unwrap_or_default(),
-            ));
-        }
-        out
+        models
+            .into_iter()
+            .map(|m| entry("devicemodel", m))
+            .chain(devs.into_iter().map(|d| entry("device", d)))
+            .collect()
     }
 }

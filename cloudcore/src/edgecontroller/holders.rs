@@ -42,32 +42,14 @@ impl Loop {
 
     /// A node now needs `r` once more; sends it when it is new to the node.
     pub(super) fn hold(&mut self, node: &str, r: &ObjectRef) {
-        let count = self
-            .holders
-            .entry(r.clone())
-            .or_default()
-            .entry(node.to_owned())
-            .or_insert(0);
-        *count += 1;
-        if *count == 1 {
+        if self.holders.hold(r, node) {
             self.send_ref(node, r, Operation::Insert);
         }
     }
 
     /// A node needs `r` once less; deletes it from the node when no pod there uses it.
     pub(super) fn release(&mut self, node: &str, r: &ObjectRef) {
-        let Some(nodes) = self.holders.get_mut(r) else {
-            return;
-        };
-        let Some(count) = nodes.get_mut(node) else {
-            return;
-        };
-        *count = count.saturating_sub(1);
-        if *count == 0 {
-            nodes.remove(node);
-            if nodes.is_empty() {
-                self.holders.remove(r);
-            }
+        if self.holders.release(r, node) {
             self.send_ref_delete(node, r);
         }
     }
@@ -156,11 +138,7 @@ impl Loop {
             name: key.1.clone(),
         };
         <Self as RefCache<K>>::put(self, key, obj);
-        let nodes: Vec<String> = self
-            .holders
-            .get(&r)
-            .map(|m| m.keys().cloned().collect())
-            .unwrap_or_default();
+        let nodes = self.holders.nodes(&r);
         for node in nodes {
             self.send_ref(&node, &r, Operation::Update);
         }
@@ -172,11 +150,7 @@ impl Loop {
             namespace: key.0.clone(),
             name: key.1.clone(),
         };
-        let nodes: Vec<String> = self
-            .holders
-            .get(&r)
-            .map(|m| m.keys().cloned().collect())
-            .unwrap_or_default();
+        let nodes = self.holders.nodes(&r);
         for node in &nodes {
             self.send_ref_delete(node, &r);
         }

@@ -40,6 +40,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cloudhub::{CloudHubHandle, ObjectKey, Pushed, Upstream};
 use crate::devicecontroller;
+use crate::node_refs::NodeRefs;
 use crate::synccontroller::SyncState;
 use devices::devices_served;
 use kedge_common::crd::{Device, DeviceModel};
@@ -171,7 +172,7 @@ struct Loop {
     configmaps: HashMap<NsName, ConfigMap>,
     secrets: HashMap<NsName, Secret>,
     /// For each referenced object: which nodes need it, and by how many pods.
-    holders: HashMap<ObjectRef, BTreeMap<String, usize>>,
+    holders: NodeRefs<ObjectRef>,
     relists: [Relist; 4],
     orphans_checked: bool,
     /// Pod events that arrived before ConfigMaps and Secrets were first listed.
@@ -323,7 +324,7 @@ impl EdgeController {
             pods: HashMap::new(),
             configmaps: HashMap::new(),
             secrets: HashMap::new(),
-            holders: HashMap::new(),
+            holders: NodeRefs::default(),
             relists: Default::default(),
             orphans_checked: false,
             held_pods: Vec::new(),
@@ -395,7 +396,7 @@ fn rv_of<K: Resource>(obj: &K) -> String {
     obj.meta().resource_version.clone().unwrap_or_default()
 }
 
-fn to_json<T: Serialize>(obj: &T) -> Value {
+pub(crate) fn to_json<T: Serialize>(obj: &T) -> Value {
     serde_json::to_value(obj).unwrap_or(Value::Null)
 }
 

@@ -77,7 +77,7 @@ impl Loop {
                             namespace: o.namespace.clone().unwrap_or_default(),
                             name: o.name.clone(),
                         };
-                        let held = self.holders.get(&r).is_some_and(|m| m.contains_key(&node));
+                        let held = self.holders.holds(&r, &node);
                         let key = (r.namespace.clone(), r.name.clone());
                         let uid_now = match kind {
                             RefKind::ConfigMap => self
@@ -132,12 +132,7 @@ impl Loop {
     /// new kind cloudcore sends to nodes must be added here.
     fn wanted_by(&self, node: &str) -> Vec<Wanted<'_>> {
         let mut out = Vec::new();
-        let mut refs: Vec<&ObjectRef> = self
-            .holders
-            .iter()
-            .filter(|(_, nodes)| nodes.contains_key(node))
-            .map(|(r, _)| r)
-            .collect();
+        let mut refs: Vec<&ObjectRef> = self.holders.held_by(node).collect();
         refs.sort();
         for r in refs {
             let key = (r.namespace.clone(), r.name.clone());
