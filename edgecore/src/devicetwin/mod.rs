@@ -201,11 +201,11 @@ impl<O: Outbox> DeviceTwinModule<O> {
                     },
                     msg = inbound.recv() => {
                         let Some(msg) = msg else { return };
-                        let mut effects = self.on_mqtt(&mut twins, msg).await;
+                        let mut effects = self.on_mqtt(&mut twins, msg);
                         // Whatever else is waiting joins this batch (one transaction, one flush).
                         for _ in 0..BATCH {
                             match inbound.try_recv() {
-                                Ok(m) => effects.extend(self.on_mqtt(&mut twins, m).await),
+                                Ok(m) => effects.extend(self.on_mqtt(&mut twins, m)),
                                 Err(_) => break,
                             }
                         }
@@ -215,7 +215,7 @@ impl<O: Outbox> DeviceTwinModule<O> {
                         let Some(report) = report else { continue };
                         let result_topic = format!("{}/result", report.topic);
                         let inbound = Inbound { topic: report.topic, payload: report.payload.into() };
-                        let effects = self.on_mqtt(&mut twins, inbound).await;
+                        let effects = self.on_mqtt(&mut twins, inbound);
                         let verdict = effects.iter().find_map(|e| match e {
                             Effect::Publish { topic, payload, .. } if *topic == result_topic => {
                                 serde_json::from_slice::<devices::ResultMessage>(payload).ok()
@@ -321,7 +321,7 @@ impl<O: Outbox> DeviceTwinModule<O> {
         }
     }
 
-    async fn on_mqtt(&self, twins: &mut Twins, msg: Inbound) -> Vec<Effect> {
+    fn on_mqtt(&self, twins: &mut Twins, msg: Inbound) -> Vec<Effect> {
         let now = now_millis();
         match topics::classify(&msg.topic) {
             topics::Inbound::TwinUpdate(id) => twins.mapper_twin_update(&id, &msg.payload, now),
