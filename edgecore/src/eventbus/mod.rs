@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use kedge_common::backoff::Backoff;
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, SubscribeFilter};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -248,11 +248,20 @@ async fn drive(
                 backoff.reset();
                 connected = true;
                 tracing::info!(broker = which, "connected to the MQTT broker");
-                for f in &subscriptions {
-                    // try_: the request queue is drained by this very loop.
-                    if let Err(e) = client.try_subscribe(f.clone(), QoS::AtLeastOnce) {
-                        tracing::warn!(broker = which, filter = %f, error = %e, "cannot subscribe");
-                    }
+                // Publishes made while disconnected may fill the request queue, which only this
+                // loop drains: the subscription waits for room in a task of its own (a `try_`
+                // here once lost every subscription when devices arrived before the broker).
+                let filters: Vec<_> = subscriptions
+                    .iter()
+                    .map(|f| SubscribeFilter::new(f.clone(), QoS::AtLeastOnce))
+                    .collect();
+                if !filters.is_empty() {
+                    let client = client.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = client.subscribe_many(filters).await {
+                            tracing::warn!(broker = which, error = %e, "cannot subscribe");
+                        }
+                    });
                 }
             }
             Ok(Event::Incoming(Packet::Publish(p))) => {
@@ -301,5 +310,80 @@ mod tests {
                 .contains("modules.eventBus.mqttServerExternal")
         );
         assert!(parse_server("f", "tcp://:1883").is_err());
+    }
+
+    /// Publishes made before the broker is up fill the client's request queue; the
+    /// subscriptions made on connect must still happen (they were once dropped as "queue full").
+    #[tokio::test]
+    async fn subscribes_even_when_publishes_queued_up_while_the_broker_was_away() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let shutdown = CancellationToken::new();
+        let settings = EventBusSettings {
+            mode: MqttMode::External,
+            internal: String::new(),
+            external: format!("tcp://127.0.0.1:{port}"),
+            client_id: "queued".into(),
+            subscriptions: vec!["kedge/test/in".into()],
+        };
+        let (bus, mut rx) = start(settings, shutdown.clone()).await.unwrap();
+        let publisher = tokio::spawn(async move {
+            for i in 0..600 {
+                bus.publish("kedge/test/out", vec![i as u8], QoS::AtLeastOnce, false)
+                    .await
+                    .unwrap();
+            }
+        });
+        // Long enough for the queue to fill up while nothing listens.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            !publisher.is_finished(),
+            "the request queue never filled up"
+        );
+        start_embedded_broker(format!("127.0.0.1:{port}").parse().unwrap()).unwrap();
+
+        let mut opts = MqttOptions::new("queued-test-peer", "127.0.0.1", port);
+        opts.set_clean_session(true);
+        let (peer, mut peer_loop) = AsyncClient::new(opts, 16);
+        tokio::spawn(async move {
+            loop {
+                if peer_loop.poll().await.is_err() {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        });
+        let got = tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                peer.publish("kedge/test/in", QoS::AtLeastOnce, false, "hi")
+                    .await
+                    .unwrap();
+                let wait = tokio::time::sleep(Duration::from_millis(200));
+                tokio::pin!(wait);
+                loop {
+                    tokio::select! {
+                        m = rx.recv() => {
+                            let m = m.expect("event bus stopped");
+                            if m.topic == "kedge/test/in" {
+                                return;
+                            }
+                        }
+                        _ = &mut wait => break,
+                    }
+                }
+            }
+        })
+        .await;
+        assert!(
+            got.is_ok(),
+            "the subscription made on connect never took effect"
+        );
+        tokio::time::timeout(Duration::from_secs(20), publisher)
+            .await
+            .expect("queued publishes never drained")
+            .unwrap();
+        shutdown.cancel();
     }
 }
