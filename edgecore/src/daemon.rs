@@ -182,6 +182,7 @@ pub async fn run(cfg: EdgeCoreConfig) -> anyhow::Result<()> {
         ));
     }
     let hub_task = tokio::spawn(hub.run(shutdown.clone()));
+    tokio::spawn(edgecore::memory::trim_periodically(shutdown.clone()));
     tracing::info!(%node, cloud = %hub_cfg.websocket.server, "edgecore running");
 
     kedge_common::process::shutdown_signal().await;

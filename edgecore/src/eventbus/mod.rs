@@ -209,7 +209,11 @@ pub async fn start(
         opts.set_max_packet_size(MAX_PACKET_BYTES, MAX_PACKET_BYTES);
         opts.set_clean_session(true);
         opts.set_inflight(100);
-        let (client, eventloop) = AsyncClient::new(opts, 256);
+        let (client, mut eventloop) = AsyncClient::new(opts, 256);
+        // Small packets, latency matters (a twin report is a few hundred bytes).
+        let mut network = eventloop.network_options();
+        network.set_tcp_nodelay(true);
+        eventloop.set_network_options(network);
         tokio::spawn(drive(
             which,
             client.clone(),

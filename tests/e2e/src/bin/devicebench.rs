@@ -170,6 +170,10 @@ async fn main() -> anyhow::Result<()> {
     opts.set_max_packet_size(1 << 20, 1 << 20);
     opts.set_inflight(1000);
     let (mqtt, mut events) = AsyncClient::new(opts, 10_000);
+    // As a mapper should: small packets, no Nagle delay.
+    let mut network = events.network_options();
+    network.set_tcp_nodelay(true);
+    events.set_network_options(network);
     let (tx, mut rx) = mpsc::unbounded_channel::<(String, Value, Instant)>();
     tokio::spawn(async move {
         loop {

@@ -393,7 +393,12 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
         loop {
             // Await new network connection.
             let (stream, addr) = match listener.accept().await {
-                Ok((s, r)) => (s, r),
+                // kedge: MQTT packets are small; without TCP_NODELAY a reply can wait ~40 ms for
+                // the peer's delayed ACK.
+                Ok((s, r)) => {
+                    let _ = s.set_nodelay(true);
+                    (s, r)
+                }
                 Err(e) => {
                     error!(error=?e, "Unable to accept socket.");
                     continue;
