@@ -362,7 +362,6 @@ impl<O: Outbox> DeviceTwinModule<O> {
             if let Err(e) = self
                 .bus
                 .publish(&msg.route.resource, payload, QoS::AtLeastOnce, false)
-                .await
             {
                 tracing::warn!(topic = %msg.route.resource, error = %e, "cannot publish a cloud message");
             }
@@ -385,11 +384,7 @@ impl<O: Outbox> DeviceTwinModule<O> {
                     payload,
                     retain,
                 } => {
-                    if let Err(e) = self
-                        .bus
-                        .publish(&topic, payload, QoS::AtLeastOnce, retain)
-                        .await
-                    {
+                    if let Err(e) = self.bus.publish(&topic, payload, QoS::AtLeastOnce, retain) {
                         tracing::warn!(%topic, error = %e, "cannot publish");
                     }
                 }

@@ -75,30 +75,63 @@ pub struct Inbound {
 }
 
 /// Publishes to every broker in use.
+///
+/// Publishing only queues: one task per EventBus hands the messages to the MQTT clients in
+/// order. The clients' request queues are drained by the same loops that deliver inbound
+/// messages to DeviceTwin, so a DeviceTwin that waited for room there while its inbound channel
+/// was full would wait forever (a 10,000-update burst once stalled edgecore's MQTT client until
+/// the broker dropped it for missing keepalives).
 #[derive(Clone)]
 pub struct EventBus {
-    clients: Vec<AsyncClient>,
+    outgoing: mpsc::UnboundedSender<Outgoing>,
+}
+
+struct Outgoing {
+    topic: String,
+    payload: Vec<u8>,
+    qos: QoS,
+    retain: bool,
 }
 
 impl EventBus {
-    /// Publishes on every broker. `retain`: the broker keeps the last message of the topic for
-    /// subscribers that come later (how a mapper that was away gets a pending delta).
-    pub async fn publish(
+    fn new(clients: Vec<AsyncClient>) -> EventBus {
+        let (outgoing, mut rx) = mpsc::unbounded_channel::<Outgoing>();
+        tokio::spawn(async move {
+            while let Some(m) = rx.recv().await {
+                for c in &clients {
+                    if let Err(e) = c
+                        .publish(m.topic.clone(), m.qos, m.retain, m.payload.clone())
+                        .await
+                    {
+                        tracing::warn!(topic = %m.topic, error = %e, "cannot publish");
+                    }
+                }
+            }
+        });
+        EventBus { outgoing }
+    }
+
+    /// Publishes on every broker (queued, in order). `retain`: the broker keeps the last
+    /// message of the topic for subscribers that come later (how a mapper that was away gets a
+    /// pending delta).
+    pub fn publish(
         &self,
         topic: &str,
         payload: Vec<u8>,
         qos: QoS,
         retain: bool,
     ) -> Result<(), EventBusError> {
-        for c in &self.clients {
-            c.publish(topic, qos, retain, payload.clone())
-                .await
-                .map_err(|e| EventBusError::Publish {
-                    topic: topic.to_owned(),
-                    reason: e.to_string(),
-                })?;
-        }
-        Ok(())
+        self.outgoing
+            .send(Outgoing {
+                topic: topic.to_owned(),
+                payload,
+                qos,
+                retain,
+            })
+            .map_err(|_| EventBusError::Publish {
+                topic: topic.to_owned(),
+                reason: "the event bus has stopped".into(),
+            })
     }
 }
 
@@ -224,7 +257,7 @@ pub async fn start(
         ));
         clients.push(client);
     }
-    Ok((EventBus { clients }, rx))
+    Ok((EventBus::new(clients), rx))
 }
 
 /// Polls one broker connection: forwards publishes, subscribes after every connect, and waits
@@ -337,16 +370,11 @@ mod tests {
         let publisher = tokio::spawn(async move {
             for i in 0..600 {
                 bus.publish("kedge/test/out", vec![i as u8], QoS::AtLeastOnce, false)
-                    .await
                     .unwrap();
             }
         });
         // Long enough for the queue to fill up while nothing listens.
         tokio::time::sleep(Duration::from_millis(300)).await;
-        assert!(
-            !publisher.is_finished(),
-            "the request queue never filled up"
-        );
         start_embedded_broker(format!("127.0.0.1:{port}").parse().unwrap()).unwrap();
 
         let mut opts = MqttOptions::new("queued-test-peer", "127.0.0.1", port);
@@ -384,10 +412,73 @@ mod tests {
             got.is_ok(),
             "the subscription made on connect never took effect"
         );
-        tokio::time::timeout(Duration::from_secs(20), publisher)
-            .await
-            .expect("queued publishes never drained")
-            .unwrap();
+        publisher.await.unwrap();
+        shutdown.cancel();
+    }
+
+    /// DeviceTwin publishes while it has not yet read what arrived: with the inbound channel
+    /// full, publishing must not wait for the MQTT client (whose loop waits for DeviceTwin).
+    #[tokio::test]
+    async fn publishing_never_waits_for_the_inbound_side() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let shutdown = CancellationToken::new();
+        let settings = EventBusSettings {
+            mode: MqttMode::Internal,
+            internal: format!("tcp://127.0.0.1:{port}"),
+            external: String::new(),
+            client_id: "busy".into(),
+            subscriptions: vec!["kedge/flood".into()],
+        };
+        let (bus, mut rx) = start(settings, shutdown.clone()).await.unwrap();
+        let mut opts = MqttOptions::new("flooder", "127.0.0.1", port);
+        opts.set_inflight(1000);
+        let (peer, mut peer_loop) = AsyncClient::new(opts, 4000);
+        tokio::spawn(async move {
+            loop {
+                if peer_loop.poll().await.is_err() {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        });
+        // The first message through shows the subscription is in place.
+        let first = tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                peer.publish("kedge/flood", QoS::AtLeastOnce, false, "start")
+                    .await
+                    .unwrap();
+                if let Ok(Some(_)) =
+                    tokio::time::timeout(Duration::from_millis(200), rx.recv()).await
+                {
+                    return;
+                }
+            }
+        })
+        .await;
+        assert!(first.is_ok(), "never subscribed");
+        // Fill the inbound channel (1,024) and more, then publish a lot before reading any.
+        for i in 0..3000 {
+            peer.publish("kedge/flood", QoS::AtLeastOnce, false, i.to_string())
+                .await
+                .unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        for i in 0..2000 {
+            bus.publish("kedge/out", vec![i as u8], QoS::AtLeastOnce, false)
+                .unwrap();
+        }
+        let mut last = String::new();
+        let drained = tokio::time::timeout(Duration::from_secs(30), async {
+            while last != "2999" {
+                let m = rx.recv().await.expect("event bus stopped");
+                last = String::from_utf8_lossy(&m.payload).into_owned();
+            }
+        })
+        .await;
+        assert!(drained.is_ok(), "inbound stalled at {last}");
         shutdown.cancel();
     }
 }
