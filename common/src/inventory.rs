@@ -30,6 +30,12 @@ use crate::message::{Message, Operation, group, module};
 /// WebSocket handshake header: in the request, the edge offers an inventory; in the response, the
 /// cloud accepts it.
 pub const HEADER: &str = "kedge-inventory";
+
+/// Upgrade header our edgecore always sends: this session speaks kedge's conversation (durable
+/// reports with acks, pushed references). Without it the peer is taken for a KubeEdge edgecore,
+/// which asks for what it needs and waits for replies.
+pub const PROTOCOL_HEADER: &str = "kedge-protocol";
+pub const PROTOCOL_VERSION: &str = "1";
 /// The inventory format version carried in [`HEADER`].
 pub const VERSION: &str = "1";
 /// The message operation of an inventory chunk.

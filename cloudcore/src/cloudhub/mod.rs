@@ -42,8 +42,14 @@ pub use queue::{Acked, InventoryApplied, ObjectKey, Pushed, QueueError, QueueLim
 /// What the hub hands to the controllers, in order, per node.
 #[derive(Debug)]
 pub enum Upstream {
-    /// A node's session started; `inventory`: its edge will send an inventory.
-    Connected { node: String, inventory: bool },
+    /// A node's session started; `inventory`: its edge will send an inventory; `kubeedge`: the
+    /// edge is a KubeEdge edgecore (no `kedge-protocol` header), which registers its Node, renews
+    /// its Lease and asks for what it needs itself.
+    Connected {
+        node: String,
+        inventory: bool,
+        kubeedge: bool,
+    },
     /// The node's inventory: every live object it holds (key -> resourceVersion), already
     /// applied to its queue.
     Inventory {
@@ -412,6 +418,8 @@ async fn handle_connection(
     let expected = cert_node.clone();
     let offers_inventory = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let offered = offers_inventory.clone();
+    let speaks_kedge = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let kedge_peer = speaks_kedge.clone();
     // The callback's signature is tungstenite's; its error type is an HTTP response.
     #[allow(clippy::result_large_err)]
     let callback = move |req: &Request, mut resp: Response| -> Result<Response, ErrorResponse> {
@@ -441,6 +449,9 @@ async fn handle_connection(
                 "node limit reached",
             ));
         }
+        if req.headers().get(inventory::PROTOCOL_HEADER).is_some() {
+            kedge_peer.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
         if req
             .headers()
             .get(inventory::HEADER)
@@ -467,7 +478,8 @@ async fn handle_connection(
     .map_err(|e| format!("WebSocket handshake for {cert_node} refused: {e}"))?;
 
     let inventory = offers_inventory.load(std::sync::atomic::Ordering::Relaxed);
-    run_session(hub, cert_node, ws, inventory, shutdown).await
+    let kubeedge = !speaks_kedge.load(std::sync::atomic::Ordering::Relaxed);
+    run_session(hub, cert_node, ws, inventory, kubeedge, shutdown).await
 }
 
 async fn run_session<S>(
@@ -475,6 +487,7 @@ async fn run_session<S>(
     node: String,
     ws: tokio_tungstenite::WebSocketStream<S>,
     inventory: bool,
+    kubeedge: bool,
     shutdown: CancellationToken,
 ) -> Result<(), String>
 where
@@ -504,9 +517,10 @@ where
         .send(Upstream::Connected {
             node: node.clone(),
             inventory,
+            kubeedge,
         })
         .await;
-    tracing::info!(%node, session = session_id, inventory, "edge node connected");
+    tracing::info!(%node, session = session_id, inventory, kubeedge, "edge node connected");
 
     let mut session = Session {
         id: session_id,

@@ -17,6 +17,7 @@
 pub mod autonomy;
 mod devices;
 mod holders;
+pub mod kubeedge;
 pub mod refs;
 mod resync;
 mod tokens;
@@ -150,6 +151,8 @@ pub struct Shared {
     pub pod_owner: Mutex<HashMap<NsName, (String, String)>>,
     /// Devices placed on edge nodes: (namespace, name) → (node, uid).
     pub device_owner: Mutex<HashMap<NsName, (String, String)>>,
+    /// Connected nodes that are KubeEdge edgecores (they renew their own Lease).
+    pub kubeedge: Mutex<HashSet<String>>,
 }
 
 pub struct EdgeController {
@@ -211,6 +214,7 @@ impl EdgeController {
                 connected: Mutex::new(HashSet::new()),
                 pod_owner: Mutex::new(HashMap::new()),
                 device_owner: Mutex::new(HashMap::new()),
+                kubeedge: Mutex::new(HashSet::new()),
             }),
         }
     }
@@ -448,7 +452,12 @@ impl Loop {
         );
         let name = key.name.clone();
         tracing::debug!(%node, %resource, %op, %rv, "to node");
-        let msg = Message::new(SOURCE, "resource", op, resource, content).with_resource_version(rv);
+        // KubeEdge sends Devices and DeviceModels from its devicecontroller.
+        let source = match key.kind.as_str() {
+            "device" | "devicemodel" => crate::devicecontroller::SOURCE,
+            _ => SOURCE,
+        };
+        let msg = Message::new(source, "resource", op, resource, content).with_resource_version(rv);
         match self.hub.enqueue(Some(key), msg) {
             Ok(Pushed::Queued) => {
                 self.stats.queued.fetch_add(1, Ordering::Relaxed);
@@ -712,7 +721,11 @@ impl Loop {
 
     fn on_hub(&mut self, ev: Upstream) {
         match ev {
-            Upstream::Connected { node, inventory } => {
+            Upstream::Connected {
+                node,
+                inventory,
+                kubeedge,
+            } => {
                 self.shared
                     .connected
                     .lock()
@@ -726,7 +739,19 @@ impl Loop {
                     self.inventory_nodes.remove(&node);
                     self.pending_inventories.remove(&node);
                 }
-                tokio::spawn(upstream::ensure_node(self.client.clone(), node));
+                let mut kubeedge_nodes = self
+                    .shared
+                    .kubeedge
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
+                if kubeedge {
+                    // It inserts its Node (with status) and renews its Lease itself; a Node
+                    // made here first would be a status-less one it could see and reject pods by.
+                    kubeedge_nodes.insert(node);
+                } else {
+                    kubeedge_nodes.remove(&node);
+                    tokio::spawn(upstream::ensure_node(self.client.clone(), node));
+                }
             }
             Upstream::Disconnected { node } => {
                 self.shared
@@ -747,6 +772,10 @@ impl Loop {
                     self.pending_inventories.insert(node, held);
                 }
             }
+            Upstream::Message { node, message, ack } if kubeedge::is_object_query(&message) => {
+                drop(ack);
+                self.object_query(node, *message);
+            }
             Upstream::Message { node, message, ack } if tokens::is_token_query(&message) => {
                 drop(ack);
                 self.token_query(node, *message);
@@ -757,6 +786,7 @@ impl Loop {
                 let worker = self.report_workers.entry(node.clone()).or_insert_with(|| {
                     upstream::spawn_report_worker(
                         self.client.clone(),
+                        self.hub.clone(),
                         self.shared.clone(),
                         self.stats.clone(),
                         node.clone(),
@@ -766,6 +796,7 @@ impl Loop {
                     // The worker is gone (it never stops on its own): start another.
                     let worker = upstream::spawn_report_worker(
                         self.client.clone(),
+                        self.hub.clone(),
                         self.shared.clone(),
                         self.stats.clone(),
                         node.clone(),

@@ -131,7 +131,8 @@ pub async fn issue(
             issued.metadata.managed_fields = None;
             tracing::info!(%node, %namespace, %service_account, "service account token issued");
             match serde_json::to_value(&issued) {
-                Ok(v) => query.response(kedge_common::message::module::EDGE_CONTROLLER, v),
+                // KubeEdge's reply: edgecontroller/resource/response with the bare object.
+                Ok(v) => super::kubeedge::reply(&query, v, String::new()),
                 Err(e) => refusal(&query, format!("cannot encode the token: {e}")),
             }
         }

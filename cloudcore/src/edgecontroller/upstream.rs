@@ -21,8 +21,8 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::{EDGE_ROLE_LABEL, EdgeControllerSettings, Shared, Stats};
-use crate::cloudhub::ReportAck;
+use super::{EDGE_ROLE_LABEL, EdgeControllerSettings, Shared, Stats, kubeedge, tokens};
+use crate::cloudhub::{CloudHubHandle, ReportAck};
 use crate::devicecontroller::status::StatusWriter;
 use kedge_common::devices::{DeviceReport, StateMessage, TwinMessage, parse_report_resource};
 
@@ -178,13 +178,17 @@ pub async fn renew_leases(
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let nodes: Vec<String> = shared
-            .connected
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .cloned()
-            .collect();
+        let nodes: Vec<String> = {
+            let own_lease = shared.kubeedge.lock().unwrap_or_else(|p| p.into_inner());
+            shared
+                .connected
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .filter(|n| !own_lease.contains(*n))
+                .cloned()
+                .collect()
+        };
         futures_util::stream::iter(nodes)
             .for_each_concurrent(32, |node| {
                 let client = client.clone();
@@ -232,6 +236,7 @@ pub type ReportSender = mpsc::UnboundedSender<(Box<Message>, ReportAck)>;
 /// report's ack with its outcome. It stops when the sender is dropped.
 pub fn spawn_report_worker(
     client: kube::Client,
+    hub: CloudHubHandle,
     shared: Arc<Shared>,
     stats: Arc<Stats>,
     node: String,
@@ -242,6 +247,7 @@ pub fn spawn_report_worker(
         while let Some((message, ack)) = rx.recv().await {
             let outcome = handle_report(
                 client.clone(),
+                &hub,
                 shared.clone(),
                 stats.clone(),
                 &mut device_status,
@@ -261,6 +267,7 @@ pub fn spawn_report_worker(
 /// Handles one report from a node (the resource is already tagged with that node).
 pub async fn handle_report(
     client: kube::Client,
+    hub: &CloudHubHandle,
     shared: Arc<Shared>,
     stats: Arc<Stats>,
     device_status: &mut StatusWriter,
@@ -278,6 +285,22 @@ pub async fn handle_report(
             return Outcome::Done;
         }
     };
+    if let Some(request) = kubeedge::classify(&msg, &path) {
+        // A KubeEdge edge waits for the answer (it never sets `sync`).
+        let (content, rv) = match request {
+            Ok(request) => kubeedge::answer(&client, &shared, node, &path, request).await,
+            Err(why) => {
+                tracing::warn!(%node, resource = %path, %why, "malformed request");
+                (
+                    json!({"Object": null, "Err": {"ErrStatus": {"metadata": {}, "status": "Failure",
+                    "message": why, "reason": "BadRequest", "code": 400}}}),
+                    String::new(),
+                )
+            }
+        };
+        tokens::send(hub, node, kubeedge::reply(&msg, content, rv));
+        return Outcome::Done;
+    }
     if let Some(report) = parse_report_resource(path.edge_str()) {
         let outcome = device_report(&shared, device_status, node, report, &msg.content).await;
         let counter = match outcome {
@@ -285,6 +308,17 @@ pub async fn handle_report(
             None => &stats.device_reports_refused,
         };
         counter.fetch_add(1, Ordering::Relaxed);
+        if !msg.header.sync {
+            // KubeEdge's edge waits for `devicecontroller/twin/response twin "OK"` (our edge
+            // gets CloudHub's ack instead).
+            let mut ok = msg.response(
+                kedge_common::message::module::DEVICE_CONTROLLER,
+                json!("OK"),
+            );
+            ok.route.group = "twin".into();
+            ok.route.resource = format!("node/{node}/twin");
+            tokens::send(hub, node, ok);
+        }
         return outcome.unwrap_or(Outcome::Done);
     }
     match path.resource_type() {

@@ -277,6 +277,13 @@ impl<S: ObjectStore, O: Outbox> EdgeHub<S, O> {
                     HeaderValue::from_str(v).map_err(|e| fail(e.to_string()))?,
                 );
             }
+            // KubeEdge's cloudhub reads no frame from a connection without `ConnectionUse: msg`;
+            // ours learns from `kedge-protocol` that this edge speaks kedge's conversation.
+            headers.insert("connectionuse", HeaderValue::from_static("msg"));
+            headers.insert(
+                inventory::PROTOCOL_HEADER,
+                HeaderValue::from_static(inventory::PROTOCOL_VERSION),
+            );
             if s.inventory {
                 headers.insert(
                     inventory::HEADER,

@@ -133,7 +133,8 @@ pub fn issue_node_credentials(
 
 pub type RawWs = WebSocketStream<tokio_rustls::client::TlsStream<TcpStream>>;
 
-/// Connects a bare WebSocket client presenting `creds`, asking for `url_node`'s events path.
+/// Connects a bare WebSocket client presenting `creds`, asking for `url_node`'s events path,
+/// as our edgecore (`kedge-protocol` header).
 pub async fn raw_connect(
     addr: SocketAddr,
     creds: &NodeCredentials,
@@ -143,7 +144,32 @@ pub async fn raw_connect(
     let tls = tokio_rustls::TlsConnector::from(creds.client_config()?)
         .connect(rustls::pki_types::ServerName::try_from("127.0.0.1")?, tcp)
         .await?;
-    let req = format!("wss://{addr}/{PROJECT}/{url_node}/events").into_client_request()?;
+    let mut req = format!("wss://{addr}/{PROJECT}/{url_node}/events").into_client_request()?;
+    // Speaks as our edgecore does (see `kubeedge_connect` for KubeEdge's).
+    req.headers_mut().insert(
+        kedge_common::inventory::PROTOCOL_HEADER,
+        kedge_common::inventory::PROTOCOL_VERSION.parse()?,
+    );
+    let (ws, _) = tokio_tungstenite::client_async(req, tls).await?;
+    Ok(ws)
+}
+
+/// Connects as KubeEdge v1.23's edgecore does (`../shared/interop/kubeedge-v1.23.1/upgrade.md`):
+/// the `Connectionuse`, `Node_id` and `Project_id` headers and no kedge headers.
+pub async fn kubeedge_connect(
+    addr: SocketAddr,
+    creds: &NodeCredentials,
+    node: &str,
+) -> anyhow::Result<RawWs> {
+    let tcp = TcpStream::connect(addr).await?;
+    let tls = tokio_rustls::TlsConnector::from(creds.client_config()?)
+        .connect(rustls::pki_types::ServerName::try_from("127.0.0.1")?, tcp)
+        .await?;
+    let mut req = format!("wss://{addr}/{PROJECT}/{node}/events").into_client_request()?;
+    let h = req.headers_mut();
+    h.insert("Connectionuse", "msg".parse()?);
+    h.insert("Node_id", node.parse()?);
+    h.insert("Project_id", PROJECT.parse()?);
     let (ws, _) = tokio_tungstenite::client_async(req, tls).await?;
     Ok(ws)
 }
