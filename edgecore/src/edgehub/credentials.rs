@@ -39,6 +39,8 @@ pub enum CredentialError {
     Tls(#[from] TlsError),
     #[error("bootstrap server `{0}` is not an https://host:port URL")]
     BadServer(String),
+    #[error("certificate request: {0}")]
+    Csr(String),
     #[error("cannot reach {server}: {reason}")]
     Unreachable { server: String, reason: String },
     #[error("{server}{path} answered {status}: {body}")]
@@ -223,6 +225,12 @@ pub async fn bootstrap_request(
         .map_err(|_| unreachable(format!("no answer within {timeout:?}")))?
 }
 
+/// The CSR as raw DER, the form KubeEdge's cloudcore parses (ours takes DER and PEM).
+fn csr_der(csr_pem: &str) -> Result<Vec<u8>, CredentialError> {
+    pki::pem_to_der(csr_pem, "CERTIFICATE REQUEST")
+        .map_err(|e| CredentialError::Csr(format!("our own CSR does not decode: {e}")))
+}
+
 /// Joins the cluster: fetches the CA (checking it against the token's hash), sends a CSR
 /// authenticated by the token, and returns the node's new identity.
 pub async fn join(
@@ -254,7 +262,7 @@ pub async fn join(
             ("NodeName", node.to_owned()),
             ("ExtKeyUsages", "[2]".to_owned()),
         ],
-        csr_pem.into_bytes(),
+        csr_der(&csr_pem)?,
         timeout,
     )
     .await?;
@@ -281,7 +289,7 @@ pub async fn rotate(
             ("NodeName", node.to_owned()),
             ("ExtKeyUsages", "[2]".to_owned()),
         ],
-        csr_pem.into_bytes(),
+        csr_der(&csr_pem)?,
         timeout,
     )
     .await?;
@@ -295,6 +303,15 @@ pub async fn rotate(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_csr_goes_out_as_der_as_kubeedge_s_cloud_expects() {
+        let (_, pem) = pki::node_csr("edge-1").unwrap();
+        let der = csr_der(&pem).unwrap();
+        assert_eq!(der[0], 0x30, "an ASN.1 SEQUENCE");
+        assert_eq!(der, pki::pem_to_der(&pem, "CERTIFICATE REQUEST").unwrap());
+        assert!(csr_der("not a csr").is_err());
+    }
 
     fn creds_valid_for(validity: Duration) -> NodeCredentials {
         let ca = pki::CertificateAuthority::generate("test", Duration::from_secs(86_400)).unwrap();
