@@ -167,8 +167,22 @@ async fn real_kubectl_reads_and_watches_the_metaserver() {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        let mut lines = BufReader::new(watch.stdout.take().unwrap()).lines();
-        assert_eq!(lines.next().unwrap().unwrap(), "v1");
+        // Lines arrive on a channel, so a watch that stays silent fails the test after a
+        // timeout instead of blocking it forever.
+        let stdout = watch.stdout.take().unwrap();
+        let (line_tx, lines) = std::sync::mpsc::channel::<String>();
+        std::thread::spawn(move || {
+            for l in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if line_tx.send(l).is_err() {
+                    return;
+                }
+            }
+        });
+        let first = lines.recv_timeout(Duration::from_secs(30));
+        if first.as_deref() != Ok("v1") {
+            let _ = watch.kill();
+            panic!("kubectl get -w printed {first:?} first, not v1");
+        }
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -182,14 +196,14 @@ async fn real_kubectl_reads_and_watches_the_metaserver() {
         .unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
         let mut saw = false;
-        while Instant::now() < deadline {
-            match lines.next() {
-                Some(Ok(l)) if l == "v2" => {
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match lines.recv_timeout(left) {
+                Ok(l) if l == "v2" => {
                     saw = true;
                     break;
                 }
-                Some(Ok(_)) => {}
-                _ => break,
+                Ok(_) => {}
+                Err(_) => break,
             }
         }
         let _ = watch.kill();
