@@ -451,6 +451,13 @@ async fn handle_connection(
         }
         if req.headers().get(inventory::PROTOCOL_HEADER).is_some() {
             kedge_peer.store(true, std::sync::atomic::Ordering::Relaxed);
+            // So our edge knows it talks to our cloud, not KubeEdge's.
+            resp.headers_mut().insert(
+                inventory::PROTOCOL_HEADER,
+                tokio_tungstenite::tungstenite::http::HeaderValue::from_static(
+                    inventory::PROTOCOL_VERSION,
+                ),
+            );
         }
         if req
             .headers()

@@ -297,6 +297,13 @@ impl<S: ObjectStore, O: Outbox> EdgeHub<S, O> {
             )
             .await
             .map_err(|e| fail(format!("WebSocket: {e}")))?;
+            if resp.headers().get(inventory::PROTOCOL_HEADER).is_none() {
+                // KubeEdge's cloudcore: it pushes what it has, but it expects the edge to
+                // register its Node, renew its Lease and ask for ConfigMaps, Secrets and tokens,
+                // which this edgecore does not do yet (docs/kubeedge-protocol.md).
+                tracing::warn!(server = %s.server, "the cloud is not a kedge cloudcore (no kedge-protocol header): \
+                    with KubeEdge's cloudcore the Node is not registered and pods get no ConfigMaps or Secrets");
+            }
             // A cloud that does not answer the offer (KubeEdge's) gets no inventory.
             let accepted = s.inventory
                 && resp

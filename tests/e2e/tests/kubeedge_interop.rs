@@ -208,16 +208,14 @@ where
     }
 }
 
-#[tokio::test]
-async fn a_kubeedge_edgecore_gets_kubeedge_s_replies_from_our_cloudcore() {
-    kedge_common::tls::install_crypto_provider();
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(
-            std::env::var("TEST_LOG").unwrap_or("warn,cloudcore=info".into()),
-        ))
-        .with_test_writer()
-        .try_init();
-    let cap = capture();
+/// The test API server with the device CRDs, and our cloudcore on it.
+async fn start_cloud() -> (
+    TestApiServer,
+    kube::Client,
+    Arc<certs::CloudPki>,
+    cloudcore::server::RunningCloudCore,
+    tempfile::TempDir,
+) {
     let api = TestApiServer::start().await.unwrap();
     let client = api.client().unwrap();
     api.create_namespace("kubeedge").await.unwrap();
@@ -246,6 +244,20 @@ async fn a_kubeedge_edgecore_gets_kubeedge_s_replies_from_our_cloudcore() {
     let cloud = cloudcore::server::start(client.clone(), pki.clone(), opts)
         .await
         .unwrap();
+    (api, client, pki, cloud, dir)
+}
+
+#[tokio::test]
+async fn a_kubeedge_edgecore_gets_kubeedge_s_replies_from_our_cloudcore() {
+    kedge_common::tls::install_crypto_provider();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(
+            std::env::var("TEST_LOG").unwrap_or("warn,cloudcore=info".into()),
+        ))
+        .with_test_writer()
+        .try_init();
+    let cap = capture();
+    let (_api, client, pki, cloud, _dir) = start_cloud().await;
     let creds = kedge_e2e::cloud::issue_node_credentials(&pki.ca, NODE).unwrap();
     let ws = kedge_e2e::cloud::kubeedge_connect(cloud.websocket_addr, &creds, NODE)
         .await
@@ -498,6 +510,48 @@ async fn a_kubeedge_edgecore_gets_kubeedge_s_replies_from_our_cloudcore() {
         assert_eq!(
             gone["route"][k], cap[179]["route"][k],
             "pod delete push route.{k}"
+        );
+    }
+    cloud.stop().await;
+}
+
+/// Each side learns from the upgrade which conversation to hold: our cloud answers our edge's
+/// `kedge-protocol` header, and a KubeEdge edge (which sends none) gets none back.
+#[tokio::test]
+async fn the_kedge_protocol_header_is_answered_only_for_our_edge() {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    kedge_common::tls::install_crypto_provider();
+    let (_api, _client, pki, cloud, _dir) = start_cloud().await;
+    let creds = kedge_e2e::cloud::issue_node_credentials(&pki.ca, NODE).unwrap();
+    for ours in [true, false] {
+        let tcp = tokio::net::TcpStream::connect(cloud.websocket_addr)
+            .await
+            .unwrap();
+        let tls = tokio_rustls::TlsConnector::from(creds.client_config().unwrap())
+            .connect(
+                rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap(),
+                tcp,
+            )
+            .await
+            .unwrap();
+        let url = format!(
+            "wss://{}/{}/{NODE}/events",
+            cloud.websocket_addr,
+            kedge_e2e::cloud::PROJECT
+        );
+        let mut req = url.into_client_request().unwrap();
+        if ours {
+            req.headers_mut().insert(
+                kedge_common::inventory::PROTOCOL_HEADER,
+                kedge_common::inventory::PROTOCOL_VERSION.parse().unwrap(),
+            );
+        }
+        let (_ws, resp) = tokio_tungstenite::client_async(req, tls).await.unwrap();
+        assert_eq!(
+            resp.headers()
+                .get(kedge_common::inventory::PROTOCOL_HEADER)
+                .is_some(),
+            ours
         );
     }
     cloud.stop().await;
