@@ -176,8 +176,11 @@ pub async fn run(cfg: EdgeCoreConfig) -> anyhow::Result<()> {
             node.clone(),
             store,
             outbox,
-            hub.requester(),
-            hub.link_state(),
+            CloudLink {
+                requester: hub.requester(),
+                link: hub.link_state(),
+                cloud: hub.cloud_kind(),
+            },
             shutdown.clone(),
         ));
     }
@@ -253,15 +256,26 @@ async fn start_devicetwin(
 
 /// Edged: waits for the container runtime (retrying; edgecore is useful without it), then runs
 /// pods from the local store.
+/// What edged needs of the cloud link.
+struct CloudLink {
+    requester: CloudRequester,
+    link: tokio::sync::watch::Receiver<edgecore::edgehub::LinkState>,
+    cloud: tokio::sync::watch::Receiver<edgecore::edgehub::CloudKind>,
+}
+
 async fn run_edged(
     cfg: EdgeCoreConfig,
     node: String,
     store: SqliteStore,
     outbox: Arc<SqliteOutbox>,
-    requester: CloudRequester,
-    link: tokio::sync::watch::Receiver<edgecore::edgehub::LinkState>,
+    cloud_link: CloudLink,
     shutdown: CancellationToken,
 ) {
+    let CloudLink {
+        requester,
+        link,
+        cloud,
+    } = cloud_link;
     let k = &cfg.modules.edged.tailored_kubelet_config;
     let endpoint = k.container_runtime_endpoint.clone();
     let socket = std::path::PathBuf::from(endpoint.trim_start_matches("unix://"));
@@ -290,11 +304,24 @@ async fn run_edged(
     tracing::info!(runtime = %runtime_name, version = %runtime_version, %endpoint, "edged connected to the container runtime");
     let host_ip = edgecore::edged::node::host_ip();
     let facts = NodeFacts::gather(&node, &host_ip, &runtime_name, &runtime_version);
+    // With KubeEdge's cloudcore the edge registers its Node and renews its Lease itself.
+    tokio::spawn(edgecore::edged::kubeedge_node::run(
+        facts.clone(),
+        requester.clone(),
+        link.clone(),
+        cloud.clone(),
+        edgecore::edged::kubeedge_node::Timing {
+            status_every: Duration::from_secs(k.node_status_update_frequency.max(1)),
+            ..Default::default()
+        },
+        shutdown.clone(),
+    ));
     tokio::spawn(edgecore::edged::node_status::report(
         facts,
         outbox.clone(),
         Duration::from_secs(k.node_status_update_frequency.max(1)),
         link,
+        cloud,
         shutdown.clone(),
     ));
     let settings = EdgedSettings {

@@ -178,6 +178,7 @@ pub async fn report<O: Outbox>(
     outbox: Arc<O>,
     every: Duration,
     mut link: tokio::sync::watch::Receiver<crate::edgehub::LinkState>,
+    cloud: tokio::sync::watch::Receiver<crate::edgehub::CloudKind>,
     shutdown: CancellationToken,
 ) {
     let mut previous: Option<NodeStatus> = None;
@@ -197,6 +198,10 @@ pub async fn report<O: Outbox>(
                 }
                 tick.reset();
             }
+        }
+        if *cloud.borrow() == crate::edgehub::CloudKind::KubeEdge {
+            // KubeEdge's cloud takes no status reports: `kubeedge_node` patches the Node.
+            continue;
         }
         let now = Time(k8s_openapi::jiff::Timestamp::now());
         let mut status = node_status(&facts, &now);

@@ -50,6 +50,16 @@ pub enum LinkState {
     Disconnected,
 }
 
+/// Which cloudcore the link talks to, learnt at each connect (docs/kubeedge-protocol.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloudKind {
+    /// Ours: it answered the `kedge-protocol` header.
+    Kedge,
+    /// KubeEdge's (or anything else that did not answer it): the edge registers its Node and
+    /// renews its Lease itself.
+    KubeEdge,
+}
+
 #[derive(Debug, Clone)]
 pub struct EdgeHubSettings {
     /// `host:port` of cloudcore's WebSocket listener.
@@ -65,6 +75,9 @@ pub struct EdgeHubSettings {
     /// Offer the cloud an inventory at the start of each session (off only to behave like a
     /// KubeEdge edge in tests).
     pub inventory: bool,
+    /// Announce kedge's conversation (`kedge-protocol` header). `false` makes this edge look
+    /// like a KubeEdge edgecore to our cloud (the KubeEdge side of interop tests).
+    pub announce_protocol: bool,
 }
 
 impl EdgeHubSettings {
@@ -80,6 +93,7 @@ impl EdgeHubSettings {
             backoff_initial: Duration::from_millis(200),
             backoff_max: Duration::from_secs(2),
             inventory: true,
+            announce_protocol: true,
         }
     }
 }
@@ -146,6 +160,7 @@ pub struct EdgeHub<S: ObjectStore, O: Outbox> {
     store: Arc<S>,
     outbox: Arc<O>,
     link: watch::Sender<LinkState>,
+    cloud: watch::Sender<CloudKind>,
     request_tx: mpsc::Sender<PendingRequest>,
     requests: std::sync::Mutex<Option<mpsc::Receiver<PendingRequest>>>,
     /// Modules other than MetaManager, by message group (`twin`, `user` → DeviceTwin/EventBus).
@@ -166,6 +181,7 @@ impl<S: ObjectStore, O: Outbox> EdgeHub<S, O> {
             store,
             outbox,
             link: watch::channel(LinkState::Disconnected).0,
+            cloud: watch::channel(CloudKind::Kedge).0,
             request_tx,
             requests: std::sync::Mutex::new(Some(requests)),
             groups: HashMap::new(),
@@ -177,13 +193,19 @@ impl<S: ObjectStore, O: Outbox> EdgeHub<S, O> {
         self.link.subscribe()
     }
 
-    /// A handle for requests that wait for the cloud's answer.
+    /// Which cloudcore the current (or last) connection talks to; set before the link state
+    /// turns `Connected`.
+    pub fn cloud_kind(&self) -> watch::Receiver<CloudKind> {
+        self.cloud.subscribe()
+    }
+
     /// Hands cloud messages of `group` to another module instead of MetaManager.
     pub fn with_group(mut self, group: &str, tx: mpsc::Sender<Message>) -> Self {
         self.groups.insert(group.to_owned(), tx);
         self
     }
 
+    /// A handle for requests that wait for the cloud's answer.
     pub fn requester(&self) -> CloudRequester {
         CloudRequester {
             tx: self.request_tx.clone(),
@@ -205,8 +227,9 @@ impl<S: ObjectStore, O: Outbox> EdgeHub<S, O> {
         let mut backoff = Backoff::new(self.settings.backoff_initial, self.settings.backoff_max);
         while !shutdown.is_cancelled() {
             match self.connect().await {
-                Ok((ws, inventory)) => {
+                Ok((ws, inventory, kind)) => {
                     backoff.reset();
+                    self.cloud.send_replace(kind);
                     self.link.send_replace(LinkState::Connected);
                     tracing::info!(server = %self.settings.server, node = %self.settings.node, inventory, "connected to the cloud");
                     let result = self.session(ws, inventory, &mut requests, &shutdown).await;
@@ -232,6 +255,7 @@ impl<S: ObjectStore, O: Outbox> EdgeHub<S, O> {
         (
             tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<TcpStream>>,
             bool,
+            CloudKind,
         ),
         LinkError,
     > {
@@ -280,10 +304,12 @@ impl<S: ObjectStore, O: Outbox> EdgeHub<S, O> {
             // KubeEdge's cloudhub reads no frame from a connection without `ConnectionUse: msg`;
             // ours learns from `kedge-protocol` that this edge speaks kedge's conversation.
             headers.insert("connectionuse", HeaderValue::from_static("msg"));
-            headers.insert(
-                inventory::PROTOCOL_HEADER,
-                HeaderValue::from_static(inventory::PROTOCOL_VERSION),
-            );
+            if s.announce_protocol {
+                headers.insert(
+                    inventory::PROTOCOL_HEADER,
+                    HeaderValue::from_static(inventory::PROTOCOL_VERSION),
+                );
+            }
             if s.inventory {
                 headers.insert(
                     inventory::HEADER,
@@ -297,20 +323,23 @@ impl<S: ObjectStore, O: Outbox> EdgeHub<S, O> {
             )
             .await
             .map_err(|e| fail(format!("WebSocket: {e}")))?;
-            if resp.headers().get(inventory::PROTOCOL_HEADER).is_none() {
+            let kind = if resp.headers().get(inventory::PROTOCOL_HEADER).is_some() {
+                CloudKind::Kedge
+            } else {
                 // KubeEdge's cloudcore: it pushes what it has, but it expects the edge to
-                // register its Node, renew its Lease and ask for ConfigMaps, Secrets and tokens,
-                // which this edgecore does not do yet (docs/kubeedge-protocol.md).
+                // register its Node and renew its Lease (done: edged::kubeedge_node) and to ask
+                // for ConfigMaps, Secrets and tokens (not yet: docs/kubeedge-protocol.md).
                 tracing::warn!(server = %s.server, "the cloud is not a kedge cloudcore (no kedge-protocol header): \
-                    with KubeEdge's cloudcore the Node is not registered and pods get no ConfigMaps or Secrets");
-            }
+                    registering the Node the KubeEdge way; pods get no ConfigMaps or Secrets from it yet");
+                CloudKind::KubeEdge
+            };
             // A cloud that does not answer the offer (KubeEdge's) gets no inventory.
             let accepted = s.inventory
                 && resp
                     .headers()
                     .get(inventory::HEADER)
                     .is_some_and(|v| v.as_bytes() == inventory::VERSION.as_bytes());
-            Ok((ws, accepted))
+            Ok((ws, accepted, kind))
         };
         tokio::time::timeout(s.handshake_timeout, handshake)
             .await

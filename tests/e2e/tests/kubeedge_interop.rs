@@ -556,3 +556,86 @@ async fn the_kedge_protocol_header_is_answered_only_for_our_edge() {
     }
     cloud.stop().await;
 }
+
+/// Our edgecore facing a cloud that does not answer `kedge-protocol` (KubeEdge's) registers its
+/// Node with its status and keeps its Lease alive itself, through KubeEdge's requests. Our own
+/// cloudcore answers them as KubeEdge's does, so it stands in for KubeEdge's here: the edge is
+/// told not to announce itself, and the cloud takes it for a KubeEdge edgecore.
+#[tokio::test]
+async fn our_edge_registers_its_node_and_renews_its_lease_the_kubeedge_way() {
+    use edgecore::edged::kubeedge_node::{self, Timing};
+    use edgecore::edged::node_status::NodeFacts;
+    use edgecore::edgehub::{CloudKind, EdgeHub};
+    use k8s_openapi::api::coordination::v1::Lease;
+    kedge_common::tls::install_crypto_provider();
+    let (_api, client, pki, cloud, _dir) = start_cloud().await;
+    let node = "edge-kubeedge-way";
+    let creds = kedge_e2e::cloud::issue_node_credentials(&pki.ca, node).unwrap();
+    let mut settings = kedge_e2e::edge::fast_settings(cloud.websocket_addr, node);
+    settings.announce_protocol = false;
+    settings.inventory = false;
+    let hub = EdgeHub::new(
+        settings,
+        Arc::new(std::sync::RwLock::new(creds)),
+        Arc::new(kedge_e2e::edge::RecordingStore::default()),
+        Arc::new(edgecore::edgehub::outbox::MemoryOutbox::new()),
+    );
+    let (requester, link, kind) = (hub.requester(), hub.link_state(), hub.cloud_kind());
+    let stop = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(hub.run(stop.clone()));
+    let facts = NodeFacts::gather(node, "192.0.2.10", "containerd", "1.6.20");
+    let timing = Timing {
+        status_every: Duration::from_millis(200),
+        lease_every: Duration::from_millis(200),
+        lease_seconds: 40,
+    };
+    tokio::spawn(kubeedge_node::run(
+        facts,
+        requester,
+        link,
+        kind.clone(),
+        timing,
+        stop.clone(),
+    ));
+
+    let nodes: Api<Node> = Api::all(client.clone());
+    eventually("the Node registered with its status, Ready", || async {
+        nodes.get_opt(node).await.unwrap().is_some_and(|n| {
+            let s = n.status.unwrap_or_default();
+            s.capacity
+                .unwrap_or_default()
+                .get("pods")
+                .is_some_and(|q| q.0 == "110")
+                && s.conditions
+                    .unwrap_or_default()
+                    .iter()
+                    .any(|c| c.type_ == "Ready" && c.status == "True")
+        })
+    })
+    .await;
+    assert_eq!(*kind.borrow(), CloudKind::KubeEdge);
+    let leases: Api<Lease> = Api::namespaced(client.clone(), "kube-node-lease");
+    let renewed = || async {
+        leases
+            .get_opt(node)
+            .await
+            .unwrap()
+            .and_then(|l| l.spec)
+            .and_then(|s| s.renew_time)
+    };
+    eventually("a Lease created by the edge", || async {
+        renewed().await.is_some()
+    })
+    .await;
+    let first = renewed().await;
+    eventually("the Lease renewed by the edge", || async {
+        renewed().await != first
+    })
+    .await;
+    let lease = leases.get(node).await.unwrap();
+    assert_eq!(lease.spec.unwrap().holder_identity.as_deref(), Some(node));
+    let owner = lease.metadata.owner_references.unwrap_or_default();
+    assert_eq!(owner.first().map(|o| o.kind.as_str()), Some("Node"));
+    stop.cancel();
+    cloud.stop().await;
+}
