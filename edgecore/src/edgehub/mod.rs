@@ -232,7 +232,9 @@ impl<S: ObjectStore, O: Outbox> EdgeHub<S, O> {
                     self.cloud.send_replace(kind);
                     self.link.send_replace(LinkState::Connected);
                     tracing::info!(server = %self.settings.server, node = %self.settings.node, inventory, "connected to the cloud");
-                    let result = self.session(ws, inventory, &mut requests, &shutdown).await;
+                    let result = self
+                        .session(ws, inventory, kind, &mut requests, &shutdown)
+                        .await;
                     self.link.send_replace(LinkState::Disconnected);
                     match result {
                         Ok(()) => tracing::info!("cloud link closed"),
@@ -350,6 +352,7 @@ impl<S: ObjectStore, O: Outbox> EdgeHub<S, O> {
         &self,
         ws: tokio_tungstenite::WebSocketStream<T>,
         send_inventory: bool,
+        cloud: CloudKind,
         requests: &mut mpsc::Receiver<PendingRequest>,
         shutdown: &CancellationToken,
     ) -> Result<(), LinkError>
@@ -402,8 +405,16 @@ impl<S: ObjectStore, O: Outbox> EdgeHub<S, O> {
             };
             if !pending.is_empty() {
                 for entry in pending {
-                    let mut msg = entry.message;
-                    msg.header.sync = true;
+                    let msg = match cloud {
+                        CloudKind::Kedge => {
+                            let mut msg = entry.message;
+                            msg.header.sync = true;
+                            msg
+                        }
+                        // KubeEdge's cloud answers every request it handles; that answer is
+                        // the report's ack.
+                        CloudKind::KubeEdge => as_kubeedge_report(entry.message),
+                    };
                     let frame = match codec.encode(&msg) {
                         Ok(f) => f,
                         Err(e) => {
@@ -579,6 +590,33 @@ const REPORT_RETRY_DELAY: Duration = Duration::from_secs(5);
 /// A report unanswered this long is sent again (its ack may have been lost).
 const REPORT_ACK_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// A report in the form KubeEdge's cloudcore takes: pod status as `edged/meta/patch
+/// <ns>/podpatch/<pod>` with `{"metadata": {"uid"}, "status"}` as a JSON string (its reply acks
+/// the report: same msg_id). Other reports (device twins) are KubeEdge's already.
+pub fn as_kubeedge_report(msg: Message) -> Message {
+    let path = kedge_common::ResourcePath::parse_edge(&msg.route.resource);
+    let Ok(path) = path else { return msg };
+    if path.resource_type() != Some("podstatus") {
+        return msg;
+    }
+    let ns = path.namespace().unwrap_or("default");
+    let name = path.name().unwrap_or_default();
+    let patch = serde_json::json!({
+        "metadata": {"uid": msg.content.get("uid").cloned().unwrap_or_default()},
+        "status": msg.content.get("status").cloned().unwrap_or_default(),
+    });
+    let mut out = Message::new(
+        "edged",
+        "meta",
+        Operation::Patch,
+        format!("{ns}/podpatch/{name}"),
+        serde_json::Value::String(patch.to_string()),
+    );
+    out.header.id = msg.header.id;
+    out.header.timestamp = msg.header.timestamp;
+    out
+}
+
 /// A session's bookkeeping of outbox reports: what was sent, what awaits an ack, what to resend.
 #[derive(Default)]
 struct Reports {
@@ -653,6 +691,54 @@ fn error_reply(msg: &Message, why: String) -> Message {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Our pod status report, turned into what KubeEdge's edge sends (line 41 of the capture).
+    #[test]
+    fn pod_status_goes_to_kubeedge_s_cloud_as_a_podpatch() {
+        let report = Message::new(
+            "edged",
+            "resource",
+            Operation::Update,
+            "default/podstatus/kcap-pod",
+            serde_json::json!({"uid": "u-1", "name": "kcap-pod", "status": {"phase": "Running"}}),
+        );
+        let id = report.header.id.clone();
+        let out = as_kubeedge_report(report);
+        assert_eq!(
+            out.header.id, id,
+            "the cloud's reply must ack the outbox entry"
+        );
+        assert!(!out.header.sync);
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../tests/e2e/testdata/kubeedge-v1.23.1/session.jsonl"
+        );
+        let text = std::fs::read_to_string(path).unwrap();
+        let theirs: serde_json::Value =
+            serde_json::from_str(text.lines().nth(40).unwrap()).unwrap();
+        let theirs = &theirs["payload"];
+        let ours = serde_json::to_value(&out).unwrap();
+        for k in ["source", "group", "operation", "resource"] {
+            assert_eq!(ours["route"][k], theirs["route"][k], "route.{k}");
+        }
+        let parse = |v: &serde_json::Value| -> serde_json::Value {
+            serde_json::from_str(v.as_str().unwrap()).unwrap()
+        };
+        let (a, b) = (parse(&ours["content"]), parse(&theirs["content"]));
+        assert_eq!(a["metadata"]["uid"], "u-1");
+        assert!(b["metadata"]["uid"].is_string());
+        assert_eq!(a["status"]["phase"], "Running");
+        assert!(b["status"].is_object());
+        // Device twin reports are KubeEdge's already.
+        let twin = Message::new(
+            "twin",
+            "resource",
+            Operation::Update,
+            "device/default/d/twin/edge_updated",
+            serde_json::json!({}),
+        );
+        assert_eq!(as_kubeedge_report(twin.clone()), twin);
+    }
 
     #[test]
     fn unanswered_or_refused_reports_are_scheduled_again() {

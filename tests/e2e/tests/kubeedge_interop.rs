@@ -574,11 +574,13 @@ async fn our_edge_registers_its_node_and_renews_its_lease_the_kubeedge_way() {
     let mut settings = kedge_e2e::edge::fast_settings(cloud.websocket_addr, node);
     settings.announce_protocol = false;
     settings.inventory = false;
+    let store = Arc::new(kedge_e2e::edge::RecordingStore::default());
+    let outbox = Arc::new(edgecore::edgehub::outbox::MemoryOutbox::new());
     let hub = EdgeHub::new(
         settings,
         Arc::new(std::sync::RwLock::new(creds)),
-        Arc::new(kedge_e2e::edge::RecordingStore::default()),
-        Arc::new(edgecore::edgehub::outbox::MemoryOutbox::new()),
+        store.clone(),
+        outbox.clone(),
     );
     let (requester, link, kind) = (hub.requester(), hub.link_state(), hub.cloud_kind());
     let stop = tokio_util::sync::CancellationToken::new();
@@ -636,6 +638,32 @@ async fn our_edge_registers_its_node_and_renews_its_lease_the_kubeedge_way() {
     assert_eq!(lease.spec.unwrap().holder_identity.as_deref(), Some(node));
     let owner = lease.metadata.owner_references.unwrap_or_default();
     assert_eq!(owner.first().map(|o| o.kind.as_str()), Some("Node"));
+
+    // A pod's status from the durable outbox reaches the API as KubeEdge's podpatch, and the
+    // cloud's answer acknowledges it.
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let pod: Pod = serde_json::from_value(json!({"metadata": {"name": "p"},
+        "spec": {"nodeName": node, "containers": [{"name": "c", "image": "x"}]}}))
+    .unwrap();
+    let pod = pods.create(&PostParams::default(), &pod).await.unwrap();
+    eventually("the pod reached the edge", || async {
+        store.first_arrival("default/pod/p").is_some()
+    })
+    .await;
+    let status: k8s_openapi::api::core::v1::PodStatus =
+        serde_json::from_value(json!({"phase": "Running", "podIP": "10.88.0.7"})).unwrap();
+    edgecore::edged::worker::report(&*outbox, &pod, &status).await;
+    eventually("pod status in the API", || async {
+        pods.get("p")
+            .await
+            .unwrap()
+            .status
+            .and_then(|s| s.pod_ip)
+            .as_deref()
+            == Some("10.88.0.7")
+    })
+    .await;
+    eventually("the report acknowledged", || async { outbox.is_empty() }).await;
     stop.cancel();
     cloud.stop().await;
 }
