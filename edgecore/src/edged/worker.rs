@@ -162,6 +162,34 @@ fn carry_transition_times(previous: Option<&PodStatus>, status: &mut PodStatus) 
     }
 }
 
+/// KubeEdge's request to finish a pod's deletion once its containers are gone
+/// (`edged/meta/delete <ns>/pod/<name>`, grace period 0, this pod's UID as precondition).
+pub fn deletion_request(pod: &Pod) -> Message {
+    let ns = pod.metadata.namespace.clone().unwrap_or_default();
+    let name = pod.metadata.name.clone().unwrap_or_default();
+    Message::new(
+        "edged",
+        "meta",
+        Operation::Delete,
+        format!("{ns}/pod/{name}"),
+        json!({"gracePeriodSeconds": 0, "preconditions": {"uid": pod.metadata.uid}}),
+    )
+}
+
+/// Asks the cloud, through the outbox (so it survives being offline), to delete the stopped
+/// pod's object: KubeEdge's cloud waits for this; ours would also finish the deletion from the
+/// final status and answers this one idempotently.
+pub async fn finish_deletion<O: Outbox>(outbox: &O, pod: &Pod) {
+    let ns = pod.metadata.namespace.clone().unwrap_or_default();
+    let name = pod.metadata.name.clone().unwrap_or_default();
+    if let Err(e) = outbox
+        .put(&format!("poddelete/{ns}/{name}"), deletion_request(pod))
+        .await
+    {
+        tracing::error!(pod = %format!("{ns}/{name}"), error = %e, "cannot queue the pod's deletion");
+    }
+}
+
 /// Queues a pod's status for the cloud (the outbox keeps only the latest per pod).
 pub async fn report<O: Outbox>(outbox: &O, pod: &Pod, status: &PodStatus) {
     let ns = pod.metadata.namespace.clone().unwrap_or_default();
@@ -451,7 +479,38 @@ impl<R: Runtime, O: Outbox> Worker<R, O> {
         if let Ok(stopped) = stopped {
             let status = sync::final_status(&pod, &stopped, &self.ctx.settings.host_ip, now_time());
             report(&*self.ctx.outbox, &pod, &status).await;
+            finish_deletion(&*self.ctx.outbox, &pod).await;
             tracing::info!(%uid, grace, "pod stopped and removed; final status reported");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The deletion request is what KubeEdge's edge sends (line 176 of the capture).
+    #[test]
+    fn the_deletion_request_is_kubeedge_s() {
+        let pod: Pod = serde_json::from_value(json!({
+            "metadata": {"name": "kcap-pod", "namespace": "default", "uid": "u-1"}
+        }))
+        .unwrap();
+        let ours = serde_json::to_value(deletion_request(&pod)).unwrap();
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../tests/e2e/testdata/kubeedge-v1.23.1/session.jsonl"
+        );
+        let text = std::fs::read_to_string(path).unwrap();
+        let line: serde_json::Value = serde_json::from_str(text.lines().nth(175).unwrap()).unwrap();
+        let theirs = &line["payload"];
+        for k in ["source", "group", "operation", "resource"] {
+            assert_eq!(ours["route"][k], theirs["route"][k], "route.{k}");
+        }
+        assert_eq!(
+            ours["content"]["gracePeriodSeconds"],
+            theirs["content"]["gracePeriodSeconds"]
+        );
+        assert_eq!(ours["content"]["preconditions"]["uid"], "u-1");
     }
 }

@@ -664,6 +664,18 @@ async fn our_edge_registers_its_node_and_renews_its_lease_the_kubeedge_way() {
     })
     .await;
     eventually("the report acknowledged", || async { outbox.is_empty() }).await;
+
+    // The user deletes the pod; once its containers are gone the edge finishes the deletion
+    // with KubeEdge's `delete pod` (through the outbox).
+    pods.delete("p", &DeleteParams::default()).await.unwrap();
+    let terminating = pods.get("p").await.unwrap();
+    assert!(terminating.metadata.deletion_timestamp.is_some());
+    edgecore::edged::worker::finish_deletion(&*outbox, &terminating).await;
+    eventually("the pod gone from the API", || async {
+        pods.get_opt("p").await.unwrap().is_none()
+    })
+    .await;
+    eventually("the deletion acknowledged", || async { outbox.is_empty() }).await;
     stop.cancel();
     cloud.stop().await;
 }
