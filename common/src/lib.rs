@@ -13,6 +13,7 @@ pub mod logging;
 pub mod message;
 pub mod pki;
 pub mod process;
+pub mod refs;
 pub mod resource;
 pub mod selectors;
 pub mod tls;

@@ -316,6 +316,15 @@ async fn run_edged(
         },
         shutdown.clone(),
     ));
+    // KubeEdge's cloudcore pushes no ConfigMap or Secret a pod needs until the edge asks.
+    tokio::spawn(edgecore::edged::kubeedge_objects::run(
+        store.clone(),
+        requester.clone(),
+        link.clone(),
+        cloud.clone(),
+        Duration::from_secs(2),
+        shutdown.clone(),
+    ));
     tokio::spawn(edgecore::edged::node_status::report(
         facts,
         outbox.clone(),

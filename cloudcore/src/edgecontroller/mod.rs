@@ -18,7 +18,7 @@ pub mod autonomy;
 mod devices;
 mod holders;
 pub mod kubeedge;
-pub mod refs;
+pub use kedge_common::refs;
 mod resync;
 mod tokens;
 pub mod upstream;

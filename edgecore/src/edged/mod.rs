@@ -28,6 +28,7 @@ pub mod backoff;
 pub mod cri_config;
 pub mod env;
 pub mod kubeedge_node;
+pub mod kubeedge_objects;
 pub mod manager;
 pub mod node;
 pub mod node_status;

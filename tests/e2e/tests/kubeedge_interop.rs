@@ -679,3 +679,115 @@ async fn our_edge_registers_its_node_and_renews_its_lease_the_kubeedge_way() {
     stop.cancel();
     cloud.stop().await;
 }
+
+/// A store that drops pushed ConfigMaps and Secrets, as if the cloud were KubeEdge's (which
+/// pushes none until asked).
+#[derive(Clone)]
+struct WithoutPushedRefs(edgecore::metamanager::sqlite::SqliteStore);
+
+impl edgecore::metamanager::store::ObjectStore for WithoutPushedRefs {
+    fn apply(
+        &self,
+        msg: &kedge_common::Message,
+    ) -> impl std::future::Future<
+        Output = Result<
+            edgecore::metamanager::store::Applied,
+            edgecore::metamanager::store::StoreError,
+        >,
+    >
+    + Send
+    + 'static
+    + use<> {
+        let kind = kedge_common::ResourcePath::parse_edge(&msg.route.resource)
+            .ok()
+            .and_then(|p| p.resource_type().map(str::to_owned));
+        let fut: std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send>> =
+            if matches!(kind.as_deref(), Some("configmap" | "secret")) {
+                Box::pin(async { Ok(edgecore::metamanager::store::Applied::Stale) })
+            } else {
+                Box::pin(self.0.apply(msg))
+            };
+        fut
+    }
+
+    fn inventory(
+        &self,
+    ) -> impl std::future::Future<
+        Output = Result<
+            Vec<kedge_common::inventory::InventoryItem>,
+            edgecore::metamanager::store::StoreError,
+        >,
+    >
+    + Send
+    + 'static
+    + use<> {
+        self.0.inventory()
+    }
+}
+
+/// With a cloud that pushes no ConfigMaps (KubeEdge's), our edge asks for the ones its pods use.
+#[tokio::test]
+async fn our_edge_asks_kubeedge_s_cloud_for_the_configmaps_its_pods_use() {
+    use edgecore::edgehub::EdgeHub;
+    use edgecore::metamanager::sqlite::SqliteStore;
+    kedge_common::tls::install_crypto_provider();
+    let (_api, client, pki, cloud, dir) = start_cloud().await;
+    let node = "edge-fetches";
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
+    let cm = serde_json::from_value(json!({"metadata": {"name": "app-cm"}, "data": {"k": "v1"}}))
+        .unwrap();
+    cms.create(&PostParams::default(), &cm).await.unwrap();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let pod: Pod = serde_json::from_value(json!({"metadata": {"name": "app"},
+        "spec": {"nodeName": node, "containers": [{"name": "c", "image": "x"}],
+            "volumes": [{"name": "cm", "configMap": {"name": "app-cm"}}]}}))
+    .unwrap();
+    pods.create(&PostParams::default(), &pod).await.unwrap();
+
+    let store = SqliteStore::open(&dir.path().join("edge.db"))
+        .await
+        .unwrap();
+    let creds = kedge_e2e::cloud::issue_node_credentials(&pki.ca, node).unwrap();
+    let mut settings = kedge_e2e::edge::fast_settings(cloud.websocket_addr, node);
+    settings.announce_protocol = false;
+    settings.inventory = false;
+    let hub = EdgeHub::new(
+        settings,
+        Arc::new(std::sync::RwLock::new(creds)),
+        Arc::new(WithoutPushedRefs(store.clone())),
+        Arc::new(edgecore::edgehub::outbox::MemoryOutbox::new()),
+    );
+    let stop = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(edgecore::edged::kubeedge_objects::run(
+        store.clone(),
+        hub.requester(),
+        hub.link_state(),
+        hub.cloud_kind(),
+        Duration::from_millis(200),
+        stop.clone(),
+    ));
+    // The edge registers its Node (KubeEdge's cloud makes none), so the cloud sends its pods.
+    tokio::spawn(edgecore::edged::kubeedge_node::run(
+        edgecore::edged::node_status::NodeFacts::gather(node, "192.0.2.10", "containerd", "1.6.20"),
+        hub.requester(),
+        hub.link_state(),
+        hub.cloud_kind(),
+        edgecore::edged::kubeedge_node::Timing::default(),
+        stop.clone(),
+    ));
+    tokio::spawn(hub.run(stop.clone()));
+    eventually("the pod on the edge", || async {
+        store.get("pod", "default", "app").await.unwrap().is_some()
+    })
+    .await;
+    eventually("the ConfigMap fetched into the edge's store", || async {
+        store
+            .get("configmap", "default", "app-cm")
+            .await
+            .unwrap()
+            .is_some_and(|o| o.content["data"]["k"] == "v1")
+    })
+    .await;
+    stop.cancel();
+    cloud.stop().await;
+}
