@@ -349,15 +349,34 @@ mod tests {
         assert!(parse_server("f", "tcp://:1883").is_err());
     }
 
+    fn free_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    }
+
+    /// Another MQTT client of the broker on `port`, polled in the background.
+    fn peer(name: &str, port: u16, inflight: u16, cap: usize) -> AsyncClient {
+        let mut opts = MqttOptions::new(name, "127.0.0.1", port);
+        opts.set_inflight(inflight);
+        let (peer, mut peer_loop) = AsyncClient::new(opts, cap);
+        tokio::spawn(async move {
+            loop {
+                if peer_loop.poll().await.is_err() {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        });
+        peer
+    }
+
     /// Publishes made before the broker is up fill the client's request queue; the
     /// subscriptions made on connect must still happen (they were once dropped as "queue full").
     #[tokio::test]
     async fn subscribes_even_when_publishes_queued_up_while_the_broker_was_away() {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = free_port();
         let shutdown = CancellationToken::new();
         let settings = EventBusSettings {
             mode: MqttMode::External,
@@ -377,16 +396,7 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(300)).await;
         start_embedded_broker(format!("127.0.0.1:{port}").parse().unwrap()).unwrap();
 
-        let mut opts = MqttOptions::new("queued-test-peer", "127.0.0.1", port);
-        opts.set_clean_session(true);
-        let (peer, mut peer_loop) = AsyncClient::new(opts, 16);
-        tokio::spawn(async move {
-            loop {
-                if peer_loop.poll().await.is_err() {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            }
-        });
+        let peer = peer("queued-test-peer", port, 100, 16);
         let got = tokio::time::timeout(Duration::from_secs(20), async {
             loop {
                 peer.publish("kedge/test/in", QoS::AtLeastOnce, false, "hi")
@@ -420,11 +430,7 @@ mod tests {
     /// full, publishing must not wait for the MQTT client (whose loop waits for DeviceTwin).
     #[tokio::test]
     async fn publishing_never_waits_for_the_inbound_side() {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = free_port();
         let shutdown = CancellationToken::new();
         let settings = EventBusSettings {
             mode: MqttMode::Internal,
@@ -434,16 +440,7 @@ mod tests {
             subscriptions: vec!["kedge/flood".into()],
         };
         let (bus, mut rx) = start(settings, shutdown.clone()).await.unwrap();
-        let mut opts = MqttOptions::new("flooder", "127.0.0.1", port);
-        opts.set_inflight(1000);
-        let (peer, mut peer_loop) = AsyncClient::new(opts, 4000);
-        tokio::spawn(async move {
-            loop {
-                if peer_loop.poll().await.is_err() {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            }
-        });
+        let peer = peer("flooder", port, 1000, 4000);
         // The first message through shows the subscription is in place.
         let first = tokio::time::timeout(Duration::from_secs(20), async {
             loop {

@@ -140,10 +140,7 @@ pub async fn raw_connect(
     creds: &NodeCredentials,
     url_node: &str,
 ) -> anyhow::Result<RawWs> {
-    let tcp = TcpStream::connect(addr).await?;
-    let tls = tokio_rustls::TlsConnector::from(creds.client_config()?)
-        .connect(rustls::pki_types::ServerName::try_from("127.0.0.1")?, tcp)
-        .await?;
+    let tls = tls_connect(addr, creds).await?;
     let mut req = format!("wss://{addr}/{PROJECT}/{url_node}/events").into_client_request()?;
     // Speaks as our edgecore does (see `kubeedge_connect` for KubeEdge's).
     req.headers_mut().insert(
@@ -161,10 +158,7 @@ pub async fn kubeedge_connect(
     creds: &NodeCredentials,
     node: &str,
 ) -> anyhow::Result<RawWs> {
-    let tcp = TcpStream::connect(addr).await?;
-    let tls = tokio_rustls::TlsConnector::from(creds.client_config()?)
-        .connect(rustls::pki_types::ServerName::try_from("127.0.0.1")?, tcp)
-        .await?;
+    let tls = tls_connect(addr, creds).await?;
     let mut req = format!("wss://{addr}/{PROJECT}/{node}/events").into_client_request()?;
     let h = req.headers_mut();
     h.insert("Connectionuse", "msg".parse()?);
@@ -172,4 +166,15 @@ pub async fn kubeedge_connect(
     h.insert("Project_id", PROJECT.parse()?);
     let (ws, _) = tokio_tungstenite::client_async(req, tls).await?;
     Ok(ws)
+}
+
+/// TLS to cloudcore at `addr`, presenting the node's certificate.
+pub async fn tls_connect(
+    addr: SocketAddr,
+    creds: &NodeCredentials,
+) -> anyhow::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let tcp = TcpStream::connect(addr).await?;
+    Ok(tokio_rustls::TlsConnector::from(creds.client_config()?)
+        .connect(rustls::pki_types::ServerName::try_from("127.0.0.1")?, tcp)
+        .await?)
 }

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use cloudcore::cloudhub::certs::{self, CloudPki};
 use cloudcore::cloudhub::{CloudHubOptions, HubSettings};
@@ -132,16 +132,12 @@ impl Harness {
     }
 }
 
-async fn eventually_async<F, Fut>(what: &str, mut cond: F)
+async fn eventually_async<F, Fut>(what: &str, cond: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let deadline = Instant::now() + T;
-    while !cond().await {
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    kedge_e2e::wait_until(what, T, cond).await
 }
 
 fn pod(name: &str, node: &str, extra_spec: serde_json::Value) -> Pod {

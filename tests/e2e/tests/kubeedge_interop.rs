@@ -196,16 +196,12 @@ fn substitute(v: &Value, pairs: &[(&str, &str)]) -> Value {
     serde_json::from_str(&s).unwrap()
 }
 
-async fn eventually<F, Fut>(what: &str, mut cond: F)
+async fn eventually<F, Fut>(what: &str, cond: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let deadline = Instant::now() + T;
-    while !cond().await {
-        assert!(Instant::now() < deadline, "timed out: {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    kedge_e2e::wait_until(what, T, cond).await
 }
 
 /// The test API server with the device CRDs, and our cloudcore on it.
@@ -524,14 +520,7 @@ async fn the_kedge_protocol_header_is_answered_only_for_our_edge() {
     let (_api, _client, pki, cloud, _dir) = start_cloud().await;
     let creds = kedge_e2e::cloud::issue_node_credentials(&pki.ca, NODE).unwrap();
     for ours in [true, false] {
-        let tcp = tokio::net::TcpStream::connect(cloud.websocket_addr)
-            .await
-            .unwrap();
-        let tls = tokio_rustls::TlsConnector::from(creds.client_config().unwrap())
-            .connect(
-                rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap(),
-                tcp,
-            )
+        let tls = kedge_e2e::cloud::tls_connect(cloud.websocket_addr, &creds)
             .await
             .unwrap();
         let url = format!(
