@@ -236,11 +236,12 @@ impl Message {
         resp
     }
 
-    /// The edge's heartbeat: `{source: edgehub, group: resource, resource: node, operation:
-    /// keepalive, content: "ping"}`.
+    /// The edge's heartbeat, as KubeEdge v1.23's edge sends it (the captured session):
+    /// `{source: websocket, group: resource, resource: node, operation: keepalive, content:
+    /// "ping"}`.
     pub fn keepalive() -> Message {
         Message::new(
-            module::EDGE_HUB,
+            "websocket",
             group::RESOURCE,
             Operation::Keepalive,
             "node",
@@ -371,7 +372,7 @@ mod tests {
 
     #[test]
     fn keepalive_fixture_round_trips_and_matches_ours() {
-        let ka = r#"{"header":{"msg_id":"k1","timestamp":1732330000300},"route":{"source":"edgehub","group":"resource","operation":"keepalive","resource":"node"},"content":"ping"}"#;
+        let ka = r#"{"header":{"msg_id":"k1","timestamp":1732330000300},"route":{"source":"websocket","group":"resource","operation":"keepalive","resource":"node"},"content":"ping"}"#;
         let msg = parse(ka).unwrap();
         assert_eq!(msg.to_json(), ka);
         let mut ours = Message::keepalive();
