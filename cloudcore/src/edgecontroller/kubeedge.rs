@@ -126,15 +126,50 @@ fn kube_err(e: &kube::Error) -> Value {
     }
 }
 
-/// `{"Object": …, "Err": …}` and the object's resourceVersion.
-fn object_or_err<T: Serialize + kube::ResourceExt>(r: &Result<T, kube::Error>) -> (Value, String) {
-    match r {
-        Ok(o) => {
-            let rv = o.resource_version().unwrap_or_default();
-            let v = serde_json::to_value(o).unwrap_or(Value::Null);
-            (json!({"Object": v, "Err": null}), rv)
+/// What a request got: the reply's content and resourceVersion header, and whether it failed
+/// for a reason that may pass later (the API server unreachable or failing), so that a report
+/// our own edge queued durably is sent again instead of being dropped.
+#[derive(Debug)]
+pub struct Answered {
+    pub content: Value,
+    pub resource_version: String,
+    pub transient: bool,
+}
+
+impl Answered {
+    fn final_(content: Value) -> Answered {
+        Answered {
+            content,
+            resource_version: String::new(),
+            transient: false,
         }
-        Err(e) => (json!({"Object": null, "Err": kube_err(e)}), String::new()),
+    }
+
+    /// Without the `resourceversion` header (KubeEdge sets it only on patch replies).
+    fn without_rv(mut self) -> Answered {
+        self.resource_version.clear();
+        self
+    }
+}
+
+/// Anything but a 4xx answer of the API server may pass on a later attempt.
+fn transient(e: &kube::Error) -> bool {
+    !matches!(e, kube::Error::Api(s) if (400..500).contains(&s.code))
+}
+
+/// `{"Object": …, "Err": …}` and the object's resourceVersion.
+fn object_or_err<T: Serialize + kube::ResourceExt>(r: &Result<T, kube::Error>) -> Answered {
+    match r {
+        Ok(o) => Answered {
+            content: json!({"Object": super::to_json(o), "Err": null}),
+            resource_version: o.resource_version().unwrap_or_default(),
+            transient: false,
+        },
+        Err(e) => Answered {
+            content: json!({"Object": null, "Err": kube_err(e)}),
+            resource_version: String::new(),
+            transient: transient(e),
+        },
     }
 }
 
@@ -146,8 +181,50 @@ pub fn reply(req: &Message, content: Value, resource_version: String) -> Message
     m
 }
 
-fn forbidden(node: &str, what: &str) -> Value {
-    json!({"Object": null, "Err": err_status(403, "Forbidden", &format!("node {node} may not {what}"))})
+fn forbidden(node: &str, what: &str) -> Answered {
+    Answered::final_(
+        json!({"Object": null, "Err": err_status(403, "Forbidden", &format!("node {node} may not {what}"))}),
+    )
+}
+
+fn bad_request(why: &str) -> Answered {
+    Answered::final_(json!({"Object": null, "Err": err_status(400, "BadRequest", why)}))
+}
+
+/// Carries out a request (`classify` recognised it) and answers it. A KubeEdge edge gets the
+/// reply it waits for; our own edge sends such requests (the pod delete) from its durable outbox
+/// with `sync`, and CloudHub acks those from the returned outcome instead.
+pub async fn handle(
+    client: &kube::Client,
+    hub: &crate::cloudhub::CloudHubHandle,
+    shared: &Shared,
+    node: &str,
+    path: &ResourcePath,
+    msg: &Message,
+    request: Result<Request, String>,
+) -> super::upstream::Outcome {
+    let answered = match request {
+        Ok(request) => answer(client, shared, node, path, request).await,
+        Err(why) => {
+            tracing::warn!(%node, resource = %path, %why, "malformed request");
+            bad_request(&why)
+        }
+    };
+    if answered.transient {
+        tracing::warn!(%node, resource = %path, answer = %answered.content, "request failed; may pass later");
+    }
+    if !msg.header.sync {
+        super::tokens::send(
+            hub,
+            node,
+            reply(msg, answered.content, answered.resource_version),
+        );
+    }
+    if answered.transient {
+        super::upstream::Outcome::RetryLater
+    } else {
+        super::upstream::Outcome::Done
+    }
 }
 
 /// Strips what a client may not choose when creating an object.
@@ -166,27 +243,26 @@ fn for_create(mut v: Value) -> Value {
     v
 }
 
-/// Carries out one request of `node` and returns the reply's content and resourceVersion.
-pub async fn answer(
+/// Carries out one request of `node`.
+async fn answer(
     client: &kube::Client,
     shared: &Shared,
     node: &str,
     path: &ResourcePath,
     request: Request,
-) -> (Value, String) {
+) -> Answered {
     let nodes: Api<Node> = Api::all(client.clone());
     let leases: Api<Lease> = Api::namespaced(client.clone(), LEASE_NAMESPACE);
     let own = path.name() == Some(node);
     match request {
         Request::NodeInsert(_) | Request::NodePatch(_) if !own => {
-            (forbidden(node, "write another Node"), String::new())
+            forbidden(node, "write another Node")
         }
         Request::LeaseQuery | Request::LeaseInsert(_) | Request::LeaseUpdate(_) if !own => {
-            (forbidden(node, "use another node's Lease"), String::new())
+            forbidden(node, "use another node's Lease")
         }
         Request::NodeInsert(content) => {
-            let r = insert_node(&nodes, node, content).await;
-            (object_or_err(&r).0, String::new())
+            object_or_err(&insert_node(&nodes, node, content).await).without_rv()
         }
         Request::NodePatch(patch) => {
             let r = nodes
@@ -194,20 +270,20 @@ pub async fn answer(
                 .await;
             object_or_err(&r)
         }
-        Request::LeaseQuery => (object_or_err(&leases.get(node).await).0, String::new()),
+        Request::LeaseQuery => object_or_err(&leases.get(node).await).without_rv(),
         Request::LeaseInsert(content) => {
             let r = match serde_json::from_value::<Lease>(for_create(content)) {
                 Ok(l) => leases.create(&PostParams::default(), &l).await,
-                Err(e) => Err(kube::Error::SerdeError(e)),
+                Err(e) => return bad_request(&format!("not a Lease: {e}")),
             };
-            (object_or_err(&r).0, String::new())
+            object_or_err(&r).without_rv()
         }
         Request::LeaseUpdate(content) => {
             let r = match serde_json::from_value::<Lease>(content) {
                 Ok(l) => leases.replace(node, &PostParams::default(), &l).await,
-                Err(e) => Err(kube::Error::SerdeError(e)),
+                Err(e) => return bad_request(&format!("not a Lease: {e}")),
             };
-            (object_or_err(&r).0, String::new())
+            object_or_err(&r).without_rv()
         }
         Request::PodPatch {
             namespace,
@@ -215,10 +291,7 @@ pub async fn answer(
             patch,
         } => {
             let Some(uid) = pod_of(shared, node, &namespace, &name) else {
-                return (
-                    forbidden(node, &format!("patch pod {namespace}/{name}")),
-                    String::new(),
-                );
+                return forbidden(node, &format!("patch pod {namespace}/{name}"));
             };
             // Only the status, and only for the pod incarnation this node runs.
             let patch = json!({"metadata": {"uid": uid}, "status": patch.get("status").cloned().unwrap_or(json!({}))});
@@ -234,10 +307,9 @@ pub async fn answer(
             options,
         } => {
             let Some(uid) = pod_of(shared, node, &namespace, &name) else {
-                return (
-                    json!(format!("node {node} may not delete pod {namespace}/{name}")),
-                    String::new(),
-                );
+                return Answered::final_(json!(format!(
+                    "node {node} may not delete pod {namespace}/{name}"
+                )));
             };
             let api: Api<Pod> = Api::namespaced(client.clone(), &namespace);
             let dp = DeleteParams {
@@ -254,9 +326,12 @@ pub async fn answer(
                 ..DeleteParams::default()
             };
             match api.delete(&name, &dp).await {
-                Ok(_) => (json!("OK"), String::new()),
-                Err(kube::Error::Api(s)) if s.code == 404 => (json!("OK"), String::new()),
-                Err(e) => (json!(e.to_string()), String::new()),
+                Ok(_) => Answered::final_(json!("OK")),
+                Err(kube::Error::Api(s)) if s.code == 404 => Answered::final_(json!("OK")),
+                Err(e) => Answered {
+                    transient: transient(&e),
+                    ..Answered::final_(json!(e.to_string()))
+                },
             }
         }
     }
@@ -357,18 +432,18 @@ impl super::Loop {
                 super::refs::RefKind::ConfigMap => self
                     .configmaps
                     .get(&nk)
-                    .map(|o| (serde_json::to_value(o), o.metadata.resource_version.clone())),
+                    .map(|o| (super::to_json(o), super::rv_of(o))),
                 super::refs::RefKind::Secret => self
                     .secrets
                     .get(&nk)
-                    .map(|o| (serde_json::to_value(o), o.metadata.resource_version.clone())),
+                    .map(|o| (super::to_json(o), super::rv_of(o))),
             }
         } else {
             None
         };
         let answer = match found {
-            Some((Ok(v), rv)) => reply(&query, v, rv.unwrap_or_default()),
-            _ => {
+            Some((v, rv)) => reply(&query, v, rv),
+            None => {
                 tracing::warn!(%node, resource = %path, "query for an object no pod of this node uses; refused");
                 super::tokens::refusal(
                     &query,
@@ -448,8 +523,10 @@ mod tests {
                 .with_code(404)
                 .boxed(),
         );
-        let (v, rv) = object_or_err::<Lease>(&Err(e));
-        assert_eq!(rv, "");
+        let a = object_or_err::<Lease>(&Err(e));
+        assert_eq!(a.resource_version, "");
+        assert!(!a.transient, "a 404 will not pass later");
+        let v = a.content;
         assert_eq!(v["Object"], Value::Null);
         assert_eq!(v["Err"]["ErrStatus"]["reason"], "NotFound");
         assert_eq!(v["Err"]["ErrStatus"]["code"], 404);

@@ -286,20 +286,7 @@ pub async fn handle_report(
         }
     };
     if let Some(request) = kubeedge::classify(&msg, &path) {
-        // A KubeEdge edge waits for the answer (it never sets `sync`).
-        let (content, rv) = match request {
-            Ok(request) => kubeedge::answer(&client, &shared, node, &path, request).await,
-            Err(why) => {
-                tracing::warn!(%node, resource = %path, %why, "malformed request");
-                (
-                    json!({"Object": null, "Err": {"ErrStatus": {"metadata": {}, "status": "Failure",
-                    "message": why, "reason": "BadRequest", "code": 400}}}),
-                    String::new(),
-                )
-            }
-        };
-        tokens::send(hub, node, kubeedge::reply(&msg, content, rv));
-        return Outcome::Done;
+        return kubeedge::handle(&client, hub, &shared, node, &path, &msg, request).await;
     }
     if let Some(report) = parse_report_resource(path.edge_str()) {
         let outcome = device_report(&shared, device_status, node, report, &msg.content).await;
