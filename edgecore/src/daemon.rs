@@ -254,8 +254,6 @@ async fn start_devicetwin(
     ))
 }
 
-/// Edged: waits for the container runtime (retrying; edgecore is useful without it), then runs
-/// pods from the local store.
 /// What edged needs of the cloud link.
 struct CloudLink {
     requester: CloudRequester,
@@ -263,6 +261,8 @@ struct CloudLink {
     cloud: tokio::sync::watch::Receiver<edgecore::edgehub::CloudKind>,
 }
 
+/// Edged: waits for the container runtime (retrying; edgecore is useful without it), then runs
+/// pods from the local store.
 async fn run_edged(
     cfg: EdgeCoreConfig,
     node: String,

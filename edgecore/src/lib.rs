@@ -8,6 +8,8 @@ pub mod devicetwin;
 pub mod edged;
 pub mod edgehub;
 pub mod eventbus;
+#[cfg(test)]
+mod kubeedge_capture;
 pub mod memory;
 pub mod metamanager;
 pub mod unix_grpc;

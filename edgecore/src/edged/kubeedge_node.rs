@@ -265,6 +265,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kubeedge_capture::{assert_same_route, captured};
 
     #[test]
     fn replies_unwrap_like_kubeedge_s() {
@@ -289,17 +290,6 @@ mod tests {
         let mut refused = req.response("edgecontroller", json!("no"));
         refused.route.operation = Operation::Error;
         assert!(unwrap_reply(&refused).is_err());
-    }
-
-    /// The capture of a real KubeEdge v1.23.1 session (tests/e2e/testdata).
-    fn captured(line: usize) -> Value {
-        let path = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../tests/e2e/testdata/kubeedge-v1.23.1/session.jsonl"
-        );
-        let text = std::fs::read_to_string(path).unwrap();
-        let l = text.lines().nth(line - 1).unwrap();
-        serde_json::from_str::<Value>(l).unwrap()["payload"].clone()
     }
 
     fn keys(v: &Value) -> Vec<String> {
@@ -341,9 +331,7 @@ mod tests {
         for (line, m) in ours {
             let theirs = captured(line);
             let v = serde_json::to_value(&m).unwrap();
-            for k in ["source", "group", "operation", "resource"] {
-                assert_eq!(v["route"][k], theirs["route"][k], "line {line}: route.{k}");
-            }
+            assert_same_route(&v, line);
             let (a, b) = (&v["content"], &theirs["content"]);
             assert_eq!(
                 std::mem::discriminant(a),

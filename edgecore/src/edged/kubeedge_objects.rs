@@ -148,16 +148,8 @@ mod tests {
             name: "kcap-cm".into(),
         };
         let ours = serde_json::to_value(query(&r)).unwrap();
-        let path = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../tests/e2e/testdata/kubeedge-v1.23.1/session.jsonl"
-        );
-        let text = std::fs::read_to_string(path).unwrap();
-        let line: Value = serde_json::from_str(text.lines().nth(44).unwrap()).unwrap();
-        let theirs = &line["payload"];
-        for k in ["source", "group", "operation", "resource"] {
-            assert_eq!(ours["route"][k], theirs["route"][k], "route.{k}");
-        }
+        crate::kubeedge_capture::assert_same_route(&ours, 45);
+        let theirs = crate::kubeedge_capture::captured(45);
         assert_eq!(ours["content"], theirs["content"]);
     }
 }

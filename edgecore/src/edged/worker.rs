@@ -497,16 +497,8 @@ mod tests {
         }))
         .unwrap();
         let ours = serde_json::to_value(deletion_request(&pod)).unwrap();
-        let path = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../tests/e2e/testdata/kubeedge-v1.23.1/session.jsonl"
-        );
-        let text = std::fs::read_to_string(path).unwrap();
-        let line: serde_json::Value = serde_json::from_str(text.lines().nth(175).unwrap()).unwrap();
-        let theirs = &line["payload"];
-        for k in ["source", "group", "operation", "resource"] {
-            assert_eq!(ours["route"][k], theirs["route"][k], "route.{k}");
-        }
+        crate::kubeedge_capture::assert_same_route(&ours, 176);
+        let theirs = crate::kubeedge_capture::captured(176);
         assert_eq!(
             ours["content"]["gracePeriodSeconds"],
             theirs["content"]["gracePeriodSeconds"]
