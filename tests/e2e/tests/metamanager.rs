@@ -187,25 +187,44 @@ async fn real_kubectl_reads_and_watches_the_metaserver() {
             .enable_all()
             .build()
             .unwrap();
-        rt.block_on(store2.apply(&object(
-            "configmap",
-            "cfg",
-            30,
-            json!({"data": {"k": "v2"}}),
-        )))
-        .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let mut saw = false;
-        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
-            match lines.recv_timeout(left) {
-                Ok(l) if l == "v2" => {
-                    saw = true;
-                    break;
+        // kubectl prints the object it GETs, then watches from resourceVersion 0 and drops the
+        // watch's first event as a repeat of it: a change made before its watch is established
+        // arrives as that dropped event (as against a real API server). So keep changing the
+        // ConfigMap until kubectl prints one of the values written.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut written = Vec::new();
+        let mut saw = None;
+        'outer: for version in 2..40 {
+            let value = format!("v{version}");
+            rt.block_on(store2.apply(&object(
+                "configmap",
+                "cfg",
+                28 + version,
+                json!({"data": {"k": value}}),
+            )))
+            .unwrap();
+            written.push(value);
+            let wait_until = (Instant::now() + Duration::from_secs(1)).min(deadline);
+            while let Some(left) = wait_until.checked_duration_since(Instant::now()) {
+                match lines.recv_timeout(left) {
+                    Ok(l) if written.contains(&l) => {
+                        saw = Some(l);
+                        break 'outer;
+                    }
+                    // The value it started from, printed again (e.g. after a re-list).
+                    Ok(l) if l == "v1" => {}
+                    Ok(l) => {
+                        let _ = watch.kill();
+                        panic!("kubectl get -w printed {l}, which was never written");
+                    }
+                    Err(_) => break,
                 }
-                Ok(_) => {}
-                Err(_) => break,
+            }
+            if Instant::now() >= deadline {
+                break;
             }
         }
+        let saw = saw.is_some();
         let _ = watch.kill();
         let _ = watch.wait();
         assert!(saw, "kubectl get -w did not see the update");
