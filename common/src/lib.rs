@@ -16,6 +16,7 @@ pub mod process;
 pub mod refs;
 pub mod resource;
 pub mod selectors;
+pub mod stream;
 pub mod tls;
 pub mod wire;
 

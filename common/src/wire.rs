@@ -10,6 +10,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::protocol::frame::CloseFrame;
 
 use crate::message::{DEFAULT_MAX_MESSAGE_BYTES, Message, MessageError};
+use crate::stream::{StreamFrame, StreamFrameError};
 
 /// Initial read buffer per WebSocket connection.
 const READ_BUFFER_BYTES: usize = 4 * 1024;
@@ -21,6 +22,8 @@ const WRITE_BUFFER_BYTES: usize = 16 * 1024;
 pub enum Incoming {
     /// A decoded message.
     Message(Box<Message>),
+    /// A frame of a multiplexed stream (see [`crate::stream`]).
+    Stream(StreamFrame),
     /// Ping/pong or a raw frame fragment: nothing for the application; tungstenite answers pings.
     Control,
     /// The peer closed the connection, with its close frame if it sent one.
@@ -41,6 +44,8 @@ pub enum WireError {
         #[source]
         source: MessageError,
     },
+    #[error("malformed stream frame: {0}")]
+    BadStreamFrame(#[from] StreamFrameError),
 }
 
 /// Encodes and decodes messages on a WebSocket with a maximum frame size.
@@ -99,6 +104,9 @@ impl WireCodec {
                 limit: self.max_frame_bytes,
             });
         }
+        if kind == "binary" && StreamFrame::is_stream_frame(bytes) {
+            return Ok(Incoming::Stream(StreamFrame::decode(bytes)?));
+        }
         Message::from_slice(bytes, self.max_frame_bytes)
             .map(|m| Incoming::Message(Box::new(m)))
             .map_err(|source| WireError::BadMessage { kind, source })
@@ -116,6 +124,11 @@ impl WireCodec {
         }
         Ok(Frame::text(json))
     }
+}
+
+/// A stream frame as a binary WebSocket frame.
+pub fn encode_stream(frame: &StreamFrame) -> Frame {
+    Frame::Binary(frame.encode())
 }
 
 #[cfg(test)]
@@ -150,6 +163,20 @@ mod tests {
             Incoming::Message(m) => assert_eq!(*m, msg),
             other => panic!("unexpected {other:?}"),
         }
+    }
+
+    #[test]
+    fn stream_frames_are_binary_frames_starting_with_zero() {
+        let codec = WireCodec::default();
+        let f = crate::stream::StreamFrame::window(3, 10);
+        match codec.decode(encode_stream(&f)).unwrap() {
+            Incoming::Stream(got) => assert_eq!(got, f),
+            other => panic!("unexpected {other:?}"),
+        }
+        let e = codec
+            .decode(Frame::Binary(Bytes::from_static(&[0, 1])))
+            .unwrap_err();
+        assert!(e.to_string().contains("malformed stream frame"), "{e}");
     }
 
     #[test]

@@ -26,7 +26,8 @@ use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
 use kedge_common::inventory;
-use kedge_common::wire::{Incoming, WireCodec};
+use kedge_common::stream::{Mux, MuxError, Stream, StreamFrame, StreamRequest};
+use kedge_common::wire::{Incoming, WireCodec, encode_stream};
 use kedge_common::{Message, Operation, ResourcePath};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, mpsc};
@@ -122,6 +123,23 @@ pub enum HubError {
     Queue(#[from] QueueError),
 }
 
+/// Why a stream to a node could not be opened.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum OpenStreamError {
+    #[error(
+        "node {0} is not connected to this cloudcore (offline, or connected to another replica)"
+    )]
+    NotConnected(String),
+    #[error("node {0} runs KubeEdge's edgecore, which serves no streams over this link")]
+    NoStreams(String),
+    #[error("node {node}: {source}")]
+    Link {
+        node: String,
+        #[source]
+        source: MuxError,
+    },
+}
+
 #[derive(Debug, Clone)]
 pub struct HubSettings {
     pub keepalive_timeout: Duration,
@@ -147,6 +165,8 @@ struct NodeSlot {
     queue: Mutex<queue::NodeQueue>,
     wake: Notify,
     session: Mutex<Option<(u64, CancellationToken)>>,
+    /// The current session's streams; `None` while disconnected or on a KubeEdge session.
+    streams: Mutex<Option<Mux>>,
 }
 
 impl NodeSlot {
@@ -158,6 +178,10 @@ impl NodeSlot {
 
     fn session(&self) -> MutexGuard<'_, Option<(u64, CancellationToken)>> {
         self.session.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn streams(&self) -> MutexGuard<'_, Option<Mux>> {
+        self.streams.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -179,6 +203,7 @@ impl Hub {
                     queue: Mutex::new(queue::NodeQueue::new(node, self.settings.queue)),
                     wake: Notify::new(),
                     session: Mutex::new(None),
+                    streams: Mutex::new(None),
                 })
             })
             .clone()
@@ -210,6 +235,32 @@ impl CloudHubHandle {
             slot.wake.notify_one();
         }
         Ok(pushed)
+    }
+
+    /// Opens a stream to `node` over its current session (kubectl logs/exec/attach/
+    /// port-forward; see [`kedge_common::stream`]).
+    pub async fn open_stream(
+        &self,
+        node: &str,
+        request: &StreamRequest,
+    ) -> Result<Stream, OpenStreamError> {
+        let slot = {
+            let nodes = self.hub.nodes.lock().unwrap_or_else(|p| p.into_inner());
+            nodes.get(node).cloned()
+        };
+        let Some(slot) = slot.filter(|s| s.session().is_some()) else {
+            return Err(OpenStreamError::NotConnected(node.to_owned()));
+        };
+        let mux = slot.streams().clone();
+        let Some(mux) = mux else {
+            return Err(OpenStreamError::NoStreams(node.to_owned()));
+        };
+        mux.open(request)
+            .await
+            .map_err(|source| OpenStreamError::Link {
+                node: node.to_owned(),
+                source,
+            })
     }
 
     pub fn is_connected(&self, node: &str) -> bool {
@@ -529,18 +580,40 @@ where
         .await;
     tracing::info!(%node, session = session_id, inventory, kubeedge, "edge node connected");
 
+    // Only our edge serves streams (it announced kedge's protocol).
+    let (mux, stream_out) = if kubeedge {
+        (None, None)
+    } else {
+        let (mux, out) = Mux::new(STREAM_FRAME_QUEUE);
+        *slot.streams() = Some(mux.clone());
+        (Some(mux), Some(out))
+    };
     let mut session = Session {
         id: session_id,
         inventory: inventory.then(|| inventory::Assembler::new(hub.settings.queue.max_objects)),
         inventory_started: None,
+        mux: mux.clone(),
     };
-    let result = session_loop(&hub, slot.clone(), &node, ws, &mut session, &cancel).await;
+    let result = session_loop(
+        &hub,
+        slot.clone(),
+        &node,
+        ws,
+        &mut session,
+        stream_out,
+        &cancel,
+    )
+    .await;
+    if let Some(mux) = &mux {
+        mux.close(&format!("the link to node {node} closed"));
+    }
 
     // Only the newest session unregisters; a replaced one just goes away.
     let was_current = {
         let mut current = slot.session();
         if current.as_ref().is_some_and(|(id, _)| *id == session_id) {
             *current = None;
+            *slot.streams() = None;
             true
         } else {
             false
@@ -565,6 +638,21 @@ struct Session {
     inventory: Option<inventory::Assembler>,
     /// When the first chunk arrived (for the log line that says how long the exchange took).
     inventory_started: Option<Instant>,
+    /// Streams of this session (kedge edges only).
+    mux: Option<Mux>,
+}
+
+/// Stream frames waiting for the session writer (each at most `stream::MAX_DATA` bytes).
+const STREAM_FRAME_QUEUE: usize = 64;
+/// Stream frames written per turn before object messages get their turn again.
+const STREAM_FRAMES_PER_TURN: usize = 16;
+
+/// The next outgoing stream frame, or never when the session has no streams.
+async fn next_stream_frame(out: &mut Option<mpsc::Receiver<StreamFrame>>) -> Option<StreamFrame> {
+    match out {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 async fn session_loop<S>(
@@ -573,6 +661,7 @@ async fn session_loop<S>(
     node: &str,
     ws: tokio_tungstenite::WebSocketStream<S>,
     session: &mut Session,
+    mut stream_out: Option<mpsc::Receiver<StreamFrame>>,
     cancel: &CancellationToken,
 ) -> Result<(), String>
 where
@@ -617,6 +706,21 @@ where
                 return Ok(());
             }
             _ = slot.wake.notified() => {}
+            Some(frame) = next_stream_frame(&mut stream_out) => {
+                // Object messages (written at the top of the loop) go first; streams get a
+                // bounded turn, so a busy `logs -f` delays them by at most a few frames.
+                let mut frame = Some(frame);
+                let mut written = 0;
+                while let Some(f) = frame.take() {
+                    sink.feed(encode_stream(&f))
+                        .await
+                        .map_err(|e| format!("write to {node} failed: {e}"))?;
+                    written += 1;
+                    if written < STREAM_FRAMES_PER_TURN {
+                        frame = stream_out.as_mut().and_then(|rx| rx.try_recv().ok());
+                    }
+                }
+            }
             _ = tokio::time::sleep_until(wake_at.into()) => {
                 if Instant::now() >= last_heard + keepalive {
                     let _ = sink.send(close_frame(CloseCode::Policy, "keepalive timeout")).await;
@@ -638,6 +742,12 @@ where
                         }
                     }
                     Ok(Incoming::Message(msg)) => handle_incoming(hub, &slot, node, *msg).await?,
+                    Ok(Incoming::Stream(frame)) => match &session.mux {
+                        // The cloud opens streams, never the edge: one it tries is reset when
+                        // the returned stream is dropped here.
+                        Some(mux) => drop(mux.dispatch(frame)),
+                        None => tracing::debug!(%node, "stream frame on a session without streams; ignored"),
+                    },
                     Ok(Incoming::Control) => {}
                     Ok(Incoming::Close(_)) => return Ok(()),
                     Err(e) => {

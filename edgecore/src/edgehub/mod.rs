@@ -30,7 +30,8 @@ use futures_util::{FutureExt, SinkExt, StreamExt};
 use kedge_common::backoff::Backoff;
 use kedge_common::inventory;
 use kedge_common::message::{group, module};
-use kedge_common::wire::{Incoming, WireCodec};
+use kedge_common::stream::{Mux, Stream, StreamFrame, StreamRequest};
+use kedge_common::wire::{Incoming, WireCodec, encode_stream};
 use kedge_common::{Message, Operation};
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
@@ -165,6 +166,8 @@ pub struct EdgeHub<S: ObjectStore, O: Outbox> {
     requests: std::sync::Mutex<Option<mpsc::Receiver<PendingRequest>>>,
     /// Modules other than MetaManager, by message group (`twin`, `user` → DeviceTwin/EventBus).
     groups: HashMap<String, mpsc::Sender<Message>>,
+    /// Where streams the cloud opens go (edged's stream server); `None`: they are refused.
+    streams: Option<mpsc::Sender<(Stream, StreamRequest)>>,
 }
 
 impl<S: ObjectStore, O: Outbox> EdgeHub<S, O> {
@@ -185,6 +188,7 @@ impl<S: ObjectStore, O: Outbox> EdgeHub<S, O> {
             request_tx,
             requests: std::sync::Mutex::new(Some(requests)),
             groups: HashMap::new(),
+            streams: None,
         }
     }
 
@@ -202,6 +206,12 @@ impl<S: ObjectStore, O: Outbox> EdgeHub<S, O> {
     /// Hands cloud messages of `group` to another module instead of MetaManager.
     pub fn with_group(mut self, group: &str, tx: mpsc::Sender<Message>) -> Self {
         self.groups.insert(group.to_owned(), tx);
+        self
+    }
+
+    /// Hands streams the cloud opens (kubectl logs/exec/attach/port-forward) to `tx`.
+    pub fn with_streams(mut self, tx: mpsc::Sender<(Stream, StreamRequest)>) -> Self {
+        self.streams = Some(tx);
         self
     }
 
@@ -379,6 +389,15 @@ impl<S: ObjectStore, O: Outbox> EdgeHub<S, O> {
         let mut outbox_dirty = true;
         // Requests sent on this session, by msg_id; dropped (callers see `LinkLost`) when it ends.
         let mut awaiting_replies: HashMap<String, oneshot::Sender<Message>> = HashMap::new();
+        // Streams exist only with our cloud; they end with the session.
+        let (mux, mut stream_out) = match cloud {
+            CloudKind::Kedge => {
+                let (mux, out) = Mux::new(STREAM_FRAME_QUEUE);
+                (Some(mux), Some(out))
+            }
+            CloudKind::KubeEdge => (None, None),
+        };
+        let _close_streams = CloseStreams(mux.clone());
 
         if send_inventory {
             // First, before anything this session delivers: the cloud holds what it would send
@@ -454,6 +473,20 @@ impl<S: ObjectStore, O: Outbox> EdgeHub<S, O> {
                     }
                     outbox_dirty = true;
                 }
+                Some(frame) = next_stream_frame(&mut stream_out) => {
+                    // Reports (written at the top of the loop) and acks go first; streams get
+                    // a bounded turn.
+                    let mut frame = Some(frame);
+                    let mut written = 0;
+                    while let Some(f) = frame.take() {
+                        sink.feed(encode_stream(&f)).await.map_err(lost)?;
+                        written += 1;
+                        if written < STREAM_FRAMES_PER_TURN {
+                            frame = stream_out.as_mut().and_then(|rx| rx.try_recv().ok());
+                        }
+                    }
+                    sink.flush().await.map_err(lost)?;
+                }
                 Some(req) = requests.recv() => {
                     // A caller that gave up while the link was down is not asked for again.
                     if req.reply.is_closed() {
@@ -490,6 +523,21 @@ impl<S: ObjectStore, O: Outbox> EdgeHub<S, O> {
                     last_heard = Instant::now();
                     let msg = match codec.decode(frame) {
                         Ok(Incoming::Message(m)) => *m,
+                        Ok(Incoming::Stream(f)) => {
+                            let opened = mux.as_ref().and_then(|m| m.dispatch(f));
+                            if let Some((stream, request)) = opened {
+                                // Dropping a stream resets it: the cloud answers its caller.
+                                match &self.streams {
+                                    Some(tx) => {
+                                        if let Err(e) = tx.try_send((stream, request)) {
+                                            tracing::warn!(error = %e, "stream refused: the stream server is busy or stopped");
+                                        }
+                                    }
+                                    None => tracing::warn!(target = %request.target, "stream refused: this edge serves none"),
+                                }
+                            }
+                            continue;
+                        }
                         Ok(Incoming::Control) => continue,
                         Ok(Incoming::Close(_)) => return Ok(()),
                         Err(e) => return Err(LinkError::Malformed(e.to_string())),
@@ -680,6 +728,30 @@ enum Downstream {
     Done,
     Reply(Box<Message>),
     Pending(PendingAck),
+}
+
+/// Stream frames waiting for the session writer.
+const STREAM_FRAME_QUEUE: usize = 64;
+/// Stream frames written per turn before reports and acks get theirs.
+const STREAM_FRAMES_PER_TURN: usize = 16;
+
+/// The next outgoing stream frame, or never when the session has no streams.
+async fn next_stream_frame(out: &mut Option<mpsc::Receiver<StreamFrame>>) -> Option<StreamFrame> {
+    match out {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Resets the session's streams however the session ends (error, shutdown, close).
+struct CloseStreams(Option<Mux>);
+
+impl Drop for CloseStreams {
+    fn drop(&mut self) {
+        if let Some(m) = &self.0 {
+            m.close("the link to the cloud closed");
+        }
+    }
 }
 
 fn error_reply(msg: &Message, why: String) -> Message {
