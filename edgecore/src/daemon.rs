@@ -171,6 +171,9 @@ pub async fn run(cfg: EdgeCoreConfig) -> anyhow::Result<()> {
         }
     }
     if cfg.modules.edged.enable {
+        // kubectl logs/exec/attach/port-forward: streams the cloud opens, served by edged.
+        let (streams_tx, streams_rx) = tokio::sync::mpsc::channel(32);
+        hub = hub.with_streams(streams_tx);
         tokio::spawn(run_edged(
             cfg.clone(),
             node.clone(),
@@ -180,6 +183,7 @@ pub async fn run(cfg: EdgeCoreConfig) -> anyhow::Result<()> {
                 requester: hub.requester(),
                 link: hub.link_state(),
                 cloud: hub.cloud_kind(),
+                streams: streams_rx,
             },
             shutdown.clone(),
         ));
@@ -259,6 +263,10 @@ struct CloudLink {
     requester: CloudRequester,
     link: tokio::sync::watch::Receiver<edgecore::edgehub::LinkState>,
     cloud: tokio::sync::watch::Receiver<edgecore::edgehub::CloudKind>,
+    streams: tokio::sync::mpsc::Receiver<(
+        kedge_common::stream::Stream,
+        kedge_common::stream::StreamRequest,
+    )>,
 }
 
 /// Edged: waits for the container runtime (retrying; edgecore is useful without it), then runs
@@ -275,6 +283,7 @@ async fn run_edged(
         requester,
         link,
         cloud,
+        mut streams,
     } = cloud_link;
     let k = &cfg.modules.edged.tailored_kubelet_config;
     let endpoint = k.container_runtime_endpoint.clone();
@@ -292,11 +301,29 @@ async fn run_edged(
                 }
             }
         }
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(backoff.next_delay()) => {}
+        let retry = tokio::time::sleep(backoff.next_delay());
+        tokio::pin!(retry);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = &mut retry => break,
+                // kubectl logs/exec meanwhile get a clear answer, not a hang.
+                Some((stream, request)) = streams.recv() => {
+                    tokio::spawn(edgecore::edged::streaming::refuse(
+                        stream,
+                        503,
+                        format!("the container runtime at {endpoint} is not reachable on this node"),
+                    ));
+                    tracing::debug!(target = %request.target, "stream refused: no container runtime");
+                }
+            }
         }
     };
+    let runtime = Arc::new(runtime);
+    tokio::spawn(
+        edgecore::edged::streaming::StreamServer::new(runtime.clone())
+            .run(streams, shutdown.clone()),
+    );
     let (runtime_name, runtime_version) = match runtime.version().await {
         Ok(v) => (v.runtime_name, v.runtime_version),
         Err(_) => ("unknown".to_owned(), String::new()),
@@ -351,7 +378,7 @@ async fn run_edged(
         resync: Duration::from_secs(1),
     };
     let tokens = TokenManager::new(requester, settings.node.root_dir.clone());
-    Edged::new(Arc::new(runtime), store, outbox, settings)
+    Edged::new(runtime, store, outbox, settings)
         .with_tokens(Arc::new(tokens))
         .run(shutdown)
         .await;

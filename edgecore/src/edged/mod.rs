@@ -39,6 +39,7 @@ pub mod qos;
 pub mod quantity;
 pub mod runtime;
 pub mod status;
+pub mod streaming;
 pub mod sync;
 pub mod tokens;
 pub mod volumes;

@@ -231,6 +231,36 @@ impl Runtime for CriRuntime {
         Ok(r.into_inner())
     }
 
+    async fn exec(&self, request: api::ExecRequest) -> Result<String> {
+        let r = self
+            .runtime
+            .clone()
+            .exec(request)
+            .await
+            .map_err(call_err("Exec"))?;
+        Ok(r.into_inner().url)
+    }
+
+    async fn attach(&self, request: api::AttachRequest) -> Result<String> {
+        let r = self
+            .runtime
+            .clone()
+            .attach(request)
+            .await
+            .map_err(call_err("Attach"))?;
+        Ok(r.into_inner().url)
+    }
+
+    async fn port_forward(&self, request: api::PortForwardRequest) -> Result<String> {
+        let r = self
+            .runtime
+            .clone()
+            .port_forward(request)
+            .await
+            .map_err(call_err("PortForward"))?;
+        Ok(r.into_inner().url)
+    }
+
     async fn image_status(&self, image: &str) -> Result<Option<api::Image>> {
         let r = self
             .images

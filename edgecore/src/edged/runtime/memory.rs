@@ -116,6 +116,28 @@ impl MemoryRuntime {
     }
 }
 
+impl MemoryRuntime {
+    /// A URL as containerd hands out (nothing serves it: the double has no streaming server),
+    /// after the checks the runtime makes: the container must be running, the sandbox exist.
+    fn streaming_url(&self, verb: &str, id: &str, container: bool) -> Result<String> {
+        let s = self.state();
+        if container {
+            let c = s
+                .containers
+                .get(id)
+                .ok_or_else(|| not_found("container", id))?;
+            if c.state != api::ContainerState::ContainerRunning {
+                return Err(RuntimeError::Invalid(format!(
+                    "container {id} is not running"
+                )));
+            }
+        } else if !s.sandboxes.contains_key(id) {
+            return Err(not_found("sandbox", id));
+        }
+        Ok(format!("http://127.0.0.1:1/{verb}/{id}"))
+    }
+}
+
 impl Runtime for MemoryRuntime {
     async fn version(&self) -> Result<api::VersionResponse> {
         Ok(api::VersionResponse {
@@ -424,6 +446,18 @@ impl Runtime for MemoryRuntime {
         Err(RuntimeError::Invalid(
             "the in-memory runtime runs no commands".into(),
         ))
+    }
+
+    async fn exec(&self, request: api::ExecRequest) -> Result<String> {
+        self.streaming_url("exec", &request.container_id, true)
+    }
+
+    async fn attach(&self, request: api::AttachRequest) -> Result<String> {
+        self.streaming_url("attach", &request.container_id, true)
+    }
+
+    async fn port_forward(&self, request: api::PortForwardRequest) -> Result<String> {
+        self.streaming_url("portforward", &request.pod_sandbox_id, false)
     }
 
     async fn image_status(&self, image: &str) -> Result<Option<api::Image>> {

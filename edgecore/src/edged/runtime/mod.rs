@@ -98,6 +98,17 @@ pub trait Runtime: Send + Sync + 'static {
         timeout_seconds: i64,
     ) -> impl Future<Output = Result<api::ExecSyncResponse>> + Send;
 
+    /// Prepares a streaming exec; returns the URL of the runtime's streaming server that
+    /// serves it (kubectl exec's upgraded connection is proxied there).
+    fn exec(&self, request: api::ExecRequest) -> impl Future<Output = Result<String>> + Send;
+    /// Prepares an attach to a running container; returns the streaming URL.
+    fn attach(&self, request: api::AttachRequest) -> impl Future<Output = Result<String>> + Send;
+    /// Prepares a port-forward into a sandbox's network namespace; returns the streaming URL.
+    fn port_forward(
+        &self,
+        request: api::PortForwardRequest,
+    ) -> impl Future<Output = Result<String>> + Send;
+
     /// The image, if present on the node.
     fn image_status(&self, image: &str) -> impl Future<Output = Result<Option<api::Image>>> + Send;
     /// Pulls an image; returns the image reference the runtime resolved it to.
