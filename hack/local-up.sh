@@ -55,6 +55,8 @@ modules:
     advertiseAddress: ["127.0.0.1"]
     websocket: {address: 127.0.0.1, port: 10000}
     https: {address: 127.0.0.1, port: 10002}
+  # kubectl logs/exec/port-forward for edge pods: the API server reaches this port.
+  cloudStream: {address: 127.0.0.1, port: 10350}
 YAML
 cat > "$LOCAL/edgecore.yaml" <<YAML
 database:

@@ -6,9 +6,12 @@ use std::time::Duration;
 
 use anyhow::Context;
 use cloudcore::cloudhub::{CloudHubOptions, HubSettings, QueueLimits, certs};
+use cloudcore::cloudstream::KubeletEndpoint;
+use cloudcore::cloudstream::authz::{AlwaysAllow, Authorizer, SubjectAccessReviewer};
 use cloudcore::config::CloudCoreConfig;
 use cloudcore::edgecontroller::EdgeControllerSettings;
-use cloudcore::server::CloudCoreOptions;
+use cloudcore::server::{CloudCoreOptions, StreamServerOptions};
+use k8s_openapi::api::core::v1::ConfigMap;
 use kedge_common::wire::WireCodec;
 
 /// Loads (or creates) the CA, server certificate and token secret where the config says.
@@ -33,6 +36,73 @@ fn listen_addr(address: &str, port: u16) -> anyhow::Result<SocketAddr> {
     Ok(SocketAddr::new(ip, port))
 }
 
+/// CloudStream's listener, client CA and authorizer, and the kubelet endpoint written into the
+/// Nodes it serves.
+async fn cloud_stream(
+    cfg: &CloudCoreConfig,
+    client: &kube::Client,
+) -> anyhow::Result<(Option<StreamServerOptions>, Option<KubeletEndpoint>)> {
+    let cs = &cfg.modules.cloud_stream;
+    if !cs.enable {
+        return Ok((None, None));
+    }
+    let client_ca_pem = if cs.client_ca_file.is_empty() {
+        let api: kube::Api<ConfigMap> = kube::Api::namespaced(client.clone(), "kube-system");
+        let cm = api
+            .get("extension-apiserver-authentication")
+            .await
+            .context("reading the cluster's client CA from kube-system/extension-apiserver-authentication \
+                (set modules.cloudStream.clientCAFile, or disable modules.cloudStream)")?;
+        cm.data
+            .and_then(|mut d| d.remove("client-ca-file"))
+            .context("kube-system/extension-apiserver-authentication has no client-ca-file")?
+    } else {
+        std::fs::read_to_string(&cs.client_ca_file).with_context(|| {
+            format!(
+                "modules.cloudStream.clientCAFile: cannot read {}",
+                cs.client_ca_file
+            )
+        })?
+    };
+    let authorizer: Arc<dyn Authorizer> = match cs.authorization.as_str() {
+        "AlwaysAllow" => Arc::new(AlwaysAllow),
+        _ => Arc::new(SubjectAccessReviewer::new(client.clone())),
+    };
+    let advertise = if !cs.advertise_address.is_empty() {
+        Some(cs.advertise_address.clone())
+    } else if let Ok(ip) = std::env::var("POD_IP") {
+        Some(ip)
+    } else {
+        cfg.modules
+            .cloud_hub
+            .advertise_address
+            .iter()
+            .find(|a| a.parse::<std::net::IpAddr>().is_ok())
+            .cloned()
+    };
+    let endpoint = match advertise {
+        Some(address) => Some(KubeletEndpoint {
+            address,
+            address_type: cs.address_type.clone(),
+            port: cs.port,
+        }),
+        None => {
+            tracing::warn!(
+                "modules.cloudStream.advertiseAddress is empty and neither $POD_IP nor an IP in \
+                cloudHub.advertiseAddress says where the API server reaches cloudcore: edge Nodes keep \
+                their own addresses, and kubectl logs/exec reach cloudcore only if those lead here"
+            );
+            None
+        }
+    };
+    let listen = StreamServerOptions {
+        listen: listen_addr(&cs.address, cs.port)?,
+        client_ca_pem,
+        authorizer,
+    };
+    Ok((Some(listen), endpoint))
+}
+
 pub async fn run(cfg: CloudCoreConfig) -> anyhow::Result<()> {
     let hub_cfg = &cfg.modules.cloud_hub;
     let client = cloudcore::kubeclient::client(&cfg.kube_api_config).await?;
@@ -55,6 +125,7 @@ pub async fn run(cfg: CloudCoreConfig) -> anyhow::Result<()> {
         node_cert_validity: Duration::from_secs(hub_cfg.edge_cert_signing_duration * 86_400),
         upstream_capacity: 4096,
     };
+    let (stream, kubelet_endpoint) = cloud_stream(&cfg, &client).await?;
     let opts = CloudCoreOptions {
         hub,
         namespace: hub_cfg.namespace.clone(),
@@ -63,13 +134,16 @@ pub async fn run(cfg: CloudCoreConfig) -> anyhow::Result<()> {
                 cfg.modules.edge_controller.node_update_frequency,
             ),
             devices: cfg.modules.device_controller.enable,
+            kubelet_endpoint,
             ..EdgeControllerSettings::default()
         },
+        stream,
     };
     let running = cloudcore::server::start(client, pki, opts).await?;
     tracing::info!(
         websocket = %running.websocket_addr,
         bootstrap = ?running.bootstrap_addr,
+        stream = ?running.stream_addr,
         "cloudhub listening"
     );
     kedge_common::process::shutdown_signal().await;

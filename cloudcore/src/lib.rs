@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 
 pub mod cloudhub;
+pub mod cloudstream;
 pub mod config;
 pub mod devicecontroller;
 pub mod edgecontroller;

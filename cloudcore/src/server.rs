@@ -7,6 +7,7 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 use crate::cloudhub::{self, CloudHubHandle, CloudHubOptions, certs::CloudPki};
+use crate::cloudstream::{self, CloudStream, CloudStreamOptions};
 use crate::edgecontroller::{EdgeController, EdgeControllerSettings, Stats};
 use crate::synccontroller::{SyncError, SyncState};
 
@@ -16,6 +17,25 @@ pub struct CloudCoreOptions {
     /// cloudcore's own namespace (PKI Secrets, sync state).
     pub namespace: String,
     pub edge: EdgeControllerSettings,
+    /// The kubelet API for the API server (kubectl logs/exec/attach/port-forward); `None`: off.
+    pub stream: Option<StreamServerOptions>,
+}
+
+/// How CloudStream listens and whom it lets in.
+#[derive(Clone)]
+pub struct StreamServerOptions {
+    pub listen: SocketAddr,
+    /// PEM bundle of the cluster's client CA: callers must present a certificate it signed.
+    pub client_ca_pem: String,
+    pub authorizer: Arc<dyn cloudstream::authz::Authorizer>,
+}
+
+impl std::fmt::Debug for StreamServerOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamServerOptions")
+            .field("listen", &self.listen)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -24,6 +44,10 @@ pub enum StartError {
     Hub(#[from] cloudhub::StartError),
     #[error(transparent)]
     Sync(#[from] SyncError),
+    #[error(transparent)]
+    Stream(#[from] cloudstream::CloudStreamError),
+    #[error("cloudstream TLS: {0}")]
+    StreamTls(#[from] kedge_common::tls::TlsError),
 }
 
 /// A running cloudcore.
@@ -31,6 +55,8 @@ pub struct RunningCloudCore {
     pub hub: CloudHubHandle,
     pub websocket_addr: SocketAddr,
     pub bootstrap_addr: Option<SocketAddr>,
+    /// Where CloudStream (the nodes' kubelet API) listens, if it runs.
+    pub stream_addr: Option<SocketAddr>,
     pub stats: Arc<Stats>,
     pub sync: Arc<SyncState>,
     shutdown: CancellationToken,
@@ -48,9 +74,33 @@ pub async fn start(
     let sync = Arc::new(SyncState::new(client.clone(), &opts.namespace));
     let loaded = sync.load().await?;
     tracing::info!(objects = loaded, "sync state loaded");
-    let running = cloudhub::start(pki, opts.hub, shutdown.clone()).await?;
+    let running = cloudhub::start(pki.clone(), opts.hub, shutdown.clone()).await?;
+    let mut running = running;
     let controller = EdgeController::new(client, running.handle.clone(), sync.clone(), opts.edge);
     let stats = controller.stats.clone();
+    let mut stream_addr = None;
+    if let Some(so) = opts.stream {
+        // The API server does not check kubelet serving certificates unless told to
+        // (`--kubelet-certificate-authority`); cloudhub's certificate from our CA serves.
+        let tls = kedge_common::tls::server_config(
+            &pki.server.cert_pem,
+            &pki.server.key_pem,
+            kedge_common::tls::ClientAuth::RequiredAnyOf(&so.client_ca_pem),
+            &[b"http/1.1"],
+        )?;
+        let server = CloudStream::bind(
+            CloudStreamOptions {
+                listen: so.listen,
+                tls: tokio_rustls::TlsAcceptor::from(tls),
+                authorizer: so.authorizer,
+            },
+            running.handle.clone(),
+            controller.pod_locator(),
+        )
+        .await?;
+        stream_addr = server.local_addr().ok();
+        running.tasks.spawn(server.serve(shutdown.clone()));
+    }
     let controller = tokio::spawn(controller.run(running.upstream, shutdown.clone()));
     let sync_task = {
         let sync = sync.clone();
@@ -61,6 +111,7 @@ pub async fn start(
         hub: running.handle,
         websocket_addr: running.websocket_addr,
         bootstrap_addr: running.bootstrap_addr,
+        stream_addr,
         stats,
         sync,
         shutdown,

@@ -83,8 +83,10 @@ where
                     let handler = handler.clone();
                     async move { Ok::<_, std::convert::Infallible>(handler(req).await) }
                 });
+                // Upgrades: the test API server passes kubectl exec/port-forward through.
                 let conn = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc);
+                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                    .with_upgrades();
                 tokio::select! {
                     _ = conn => {}
                     _ = stop.cancelled() => {}

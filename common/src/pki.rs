@@ -172,6 +172,41 @@ impl CertificateAuthority {
         })
     }
 
+    /// A client certificate for `common_name` in the group `organization` (Kubernetes reads them
+    /// as user and group): for clients of cloudcore's kubelet API, and tests.
+    pub fn issue_client_cert(
+        &self,
+        common_name: &str,
+        organization: Option<&str>,
+        validity: Duration,
+    ) -> Result<CertAndKey, PkiError> {
+        let key = KeyPair::generate().map_err(PkiError::Generate)?;
+        let mut params =
+            CertificateParams::new(Vec::<String>::new()).map_err(PkiError::Generate)?;
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, common_name);
+        if let Some(o) = organization {
+            dn.push(DnType::OrganizationName, o);
+        }
+        params.distinguished_name = dn;
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.not_before = offset_from_now(Duration::ZERO) - Duration::from_secs(300);
+        params.not_after = offset_from_now(validity);
+        params.serial_number = Some(random_serial()?);
+        let cert = params
+            .signed_by(&key, &self.issuer)
+            .map_err(PkiError::Generate)?;
+        Ok(CertAndKey {
+            cert_pem: cert.pem(),
+            cert_der: cert.der().to_vec(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+
     /// Signs a node's CSR (PEM, or DER as KubeEdge's edgecore sends it). The CSR's signature must verify and its subject must be exactly
     /// `CN=system:node:<node>, O=system:nodes` (country/locality/province, which KubeEdge's
     /// edgecore adds, are tolerated and dropped). Only the CSR's public key is used: subject,
@@ -306,6 +341,26 @@ pub fn common_name(der: &[u8]) -> Result<String, PkiError> {
         .and_then(|cn| cn.as_str().ok())
         .map(str::to_owned)
         .ok_or(PkiError::NoCommonName)
+}
+
+/// Who a client certificate says its holder is, as Kubernetes reads it: the user is the
+/// subject's common name, the groups its organizations.
+pub fn subject_identity(der: &[u8]) -> Result<(String, Vec<String>), PkiError> {
+    let (_, cert) =
+        X509Certificate::from_der(der).map_err(|e| PkiError::CertUnparsable(e.to_string()))?;
+    let user = cert
+        .subject()
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+        .map(str::to_owned)
+        .ok_or(PkiError::NoCommonName)?;
+    let groups = cert
+        .subject()
+        .iter_organization()
+        .filter_map(|o| o.as_str().ok().map(str::to_owned))
+        .collect();
+    Ok((user, groups))
 }
 
 /// When a DER certificate stops being valid (unix seconds).

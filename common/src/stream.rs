@@ -440,6 +440,7 @@ impl Stream {
                     };
                     if n == 0 {
                         drop(permit);
+                        tracing::debug!(stream = id, sent, received, "local end finished; sending Fin");
                         local_eof = true;
                         self.sent_fin = true;
                         if out.send(StreamFrame::new(id, FrameKind::Fin, Bytes::new())).await.is_err() {
@@ -476,6 +477,7 @@ impl Stream {
                         }
                     }
                     Some(Inbound::Fin) => {
+                        tracing::debug!(stream = id, sent, received, local_eof, "peer finished");
                         self.received_fin = true;
                         let _ = wr.shutdown().await;
                         break None;

@@ -65,6 +65,9 @@ pub enum ClientAuth<'a> {
     Optional(&'a [u8]),
     /// Every client must present a certificate signed by this CA.
     Required(&'a [u8]),
+    /// Every client must present a certificate signed by one of the CAs in this PEM bundle
+    /// (a cluster's client CA file may hold several).
+    RequiredAnyOf(&'a str),
 }
 
 /// A TLS 1.2+ server configuration.
@@ -78,6 +81,18 @@ pub fn server_config(
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?;
     let builder = match client_auth {
         ClientAuth::None => builder.with_no_client_auth(),
+        ClientAuth::RequiredAnyOf(bundle) => {
+            let mut store = RootCertStore::empty();
+            for cert in certs_from_pem(bundle)? {
+                store
+                    .add(cert)
+                    .map_err(|e| TlsError::BadCert(e.to_string()))?;
+            }
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(store), provider())
+                .build()
+                .map_err(|e| TlsError::Verifier(e.to_string()))?;
+            builder.with_client_cert_verifier(verifier)
+        }
         ClientAuth::Optional(ca) | ClientAuth::Required(ca) => {
             let optional = matches!(client_auth, ClientAuth::Optional(_));
             let mut vb =
@@ -120,6 +135,21 @@ pub fn unverified_client_config() -> Result<Arc<ClientConfig>, TlsError> {
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(AcceptAnyServerCert))
         .with_no_client_auth();
+    Ok(Arc::new(cfg))
+}
+
+/// A client that presents a certificate but accepts any server certificate: what
+/// kube-apiserver does towards kubelets unless `--kubelet-certificate-authority` is set. Only
+/// the test API server's kubelet proxy uses it.
+pub fn unverified_client_config_with_identity(
+    cert_pem: &str,
+    key_pem: &str,
+) -> Result<Arc<ClientConfig>, TlsError> {
+    let cfg = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AcceptAnyServerCert))
+        .with_client_auth_cert(certs_from_pem(cert_pem)?, key_from_pem(key_pem)?)?;
     Ok(Arc::new(cfg))
 }
 

@@ -60,6 +60,42 @@ pub struct Modules {
     pub edge_controller: EdgeControllerConfig,
     pub device_controller: Toggle,
     pub sync_controller: Toggle,
+    pub cloud_stream: CloudStreamConfig,
+}
+
+/// The kubelet API cloudcore serves for its edge nodes (kubectl logs/exec/attach/port-forward).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+pub struct CloudStreamConfig {
+    pub enable: bool,
+    pub address: String,
+    pub port: u16,
+    /// The address the API server reaches this port at. Empty: `$POD_IP`, else the first IP in
+    /// `cloudHub.advertiseAddress`.
+    pub advertise_address: String,
+    /// The Node address type it is written as (see the README on
+    /// `--kubelet-preferred-address-types`).
+    pub address_type: String,
+    /// The cluster's client CA (PEM). Empty: `client-ca-file` of the ConfigMap
+    /// `kube-system/extension-apiserver-authentication`, as aggregated API servers read it.
+    #[serde(rename = "clientCAFile")]
+    pub client_ca_file: String,
+    /// `Webhook` (a SubjectAccessReview per caller, as the kubelet) or `AlwaysAllow`.
+    pub authorization: String,
+}
+
+impl Default for CloudStreamConfig {
+    fn default() -> Self {
+        CloudStreamConfig {
+            enable: true,
+            address: "0.0.0.0".to_owned(),
+            port: 10350,
+            advertise_address: String::new(),
+            address_type: "InternalIP".to_owned(),
+            client_ca_file: String::new(),
+            authorization: "Webhook".to_owned(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -253,6 +289,44 @@ impl CloudCoreConfig {
                 return Err(bad(
                     &format!("modules.cloudHub.{name}.address"),
                     format!("`{address}` is not an IP address"),
+                ));
+            }
+        }
+        let cs = &self.modules.cloud_stream;
+        if cs.enable {
+            if cs.port == 0 {
+                return Err(bad(
+                    "modules.cloudStream.port",
+                    "must be set when cloudStream is enabled".into(),
+                ));
+            }
+            if cs.address.parse::<std::net::IpAddr>().is_err() {
+                return Err(bad(
+                    "modules.cloudStream.address",
+                    format!("`{}` is not an IP address", cs.address),
+                ));
+            }
+            const TYPES: [&str; 5] = [
+                "Hostname",
+                "InternalIP",
+                "ExternalIP",
+                "InternalDNS",
+                "ExternalDNS",
+            ];
+            if !TYPES.contains(&cs.address_type.as_str()) {
+                return Err(bad(
+                    "modules.cloudStream.addressType",
+                    format!(
+                        "must be one of {}, not `{}`",
+                        TYPES.join(", "),
+                        cs.address_type
+                    ),
+                ));
+            }
+            if !["Webhook", "AlwaysAllow"].contains(&cs.authorization.as_str()) {
+                return Err(bad(
+                    "modules.cloudStream.authorization",
+                    format!("must be Webhook or AlwaysAllow, not `{}`", cs.authorization),
                 ));
             }
         }

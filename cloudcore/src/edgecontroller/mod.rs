@@ -81,6 +81,9 @@ pub struct EdgeControllerSettings {
     /// Serve Devices and DeviceModels (needs the `devices.kubeedge.io` CRDs; without them the
     /// device part stays off and says so).
     pub devices: bool,
+    /// Where the API server reaches the kubelet API of our nodes (cloudcore's CloudStream);
+    /// written into the status of every node that reports one. `None`: nodes keep their own.
+    pub kubelet_endpoint: Option<crate::cloudstream::KubeletEndpoint>,
 }
 
 impl Default for EdgeControllerSettings {
@@ -89,6 +92,7 @@ impl Default for EdgeControllerSettings {
             node_update_frequency: Duration::from_secs(10),
             lease_duration_seconds: 40,
             devices: false,
+            kubelet_endpoint: None,
         }
     }
 }
@@ -153,6 +157,19 @@ pub struct Shared {
     pub device_owner: Mutex<HashMap<NsName, (String, String)>>,
     /// Connected nodes that are KubeEdge edgecores (they renew their own Lease).
     pub kubeedge: Mutex<HashSet<String>>,
+    /// See [`EdgeControllerSettings::kubelet_endpoint`].
+    pub kubelet_endpoint: Option<crate::cloudstream::KubeletEndpoint>,
+    /// The edge's own addresses last written to each node's annotation (written on change only).
+    pub edge_addresses: Mutex<HashMap<String, String>>,
+}
+
+impl crate::cloudstream::PodLocator for Shared {
+    fn node_of(&self, namespace: &str, pod: &str) -> Option<String> {
+        let owners = self.pod_owner.lock().unwrap_or_else(|p| p.into_inner());
+        owners
+            .get(&(namespace.to_owned(), pod.to_owned()))
+            .map(|(node, _)| node.clone())
+    }
 }
 
 pub struct EdgeController {
@@ -204,6 +221,7 @@ impl EdgeController {
         sync: Arc<SyncState>,
         settings: EdgeControllerSettings,
     ) -> Self {
+        let kubelet_endpoint = settings.kubelet_endpoint.clone();
         EdgeController {
             client,
             hub,
@@ -215,8 +233,15 @@ impl EdgeController {
                 pod_owner: Mutex::new(HashMap::new()),
                 device_owner: Mutex::new(HashMap::new()),
                 kubeedge: Mutex::new(HashSet::new()),
+                kubelet_endpoint,
+                edge_addresses: Mutex::new(HashMap::new()),
             }),
         }
+    }
+
+    /// Which edge node hosts a pod (for CloudStream's routing).
+    pub fn pod_locator(&self) -> Arc<dyn crate::cloudstream::PodLocator> {
+        self.shared.clone()
     }
 
     /// Runs until `shutdown`. `upstream` is CloudHub's channel.

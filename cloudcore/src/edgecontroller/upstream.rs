@@ -309,7 +309,7 @@ pub async fn handle_report(
         return outcome.unwrap_or(Outcome::Done);
     }
     match path.resource_type() {
-        Some("nodestatus") => node_status(&client, node, &msg.content).await,
+        Some("nodestatus") => node_status(&client, &shared, node, &msg.content).await,
         Some("podstatus") => {
             let ns = path.namespace().unwrap_or_default().to_owned();
             let name = path.name().map(str::to_owned);
@@ -322,7 +322,30 @@ pub async fn handle_report(
     }
 }
 
-async fn node_status(client: &kube::Client, node: &str, content: &Value) -> Outcome {
+/// The node's addresses and kubelet port as the API server must see them when cloudcore serves
+/// the node's kubelet API: cloudcore's address only (the API server takes the first address of
+/// its preferred type, and the edge's own would win otherwise); the edge's own addresses move to
+/// the annotation [`EDGE_ADDRESSES_ANNOTATION`].
+fn point_kubelet_at_cloudcore(
+    status: &mut Value,
+    endpoint: &crate::cloudstream::KubeletEndpoint,
+) -> Option<Value> {
+    let own = status.get("addresses").cloned();
+    status["addresses"] = json!([{"type": endpoint.address_type, "address": endpoint.address}]);
+    status["daemonEndpoints"] = json!({"kubeletEndpoint": {"Port": endpoint.port}});
+    own
+}
+
+/// The addresses an edge node reported for itself (JSON), when cloudcore's address replaced
+/// them in its status.
+pub const EDGE_ADDRESSES_ANNOTATION: &str = "kedge.io/edge-addresses";
+
+async fn node_status(
+    client: &kube::Client,
+    shared: &Shared,
+    node: &str,
+    content: &Value,
+) -> Outcome {
     // KubeEdge sends {"UID", "Status", "ExtendResources"}; a Node object works too.
     let Some(status) = field(content, "status", "Status") else {
         tracing::warn!(%node, "node status report without a status; refused");
@@ -342,6 +365,10 @@ async fn node_status(client: &kube::Client, node: &str, content: &Value) -> Outc
             patch["status"][f] = v.clone();
         }
     }
+    let own_addresses = shared
+        .kubelet_endpoint
+        .as_ref()
+        .map(|e| point_kubelet_at_cloudcore(&mut patch["status"], e));
     let api: Api<Node> = Api::all(client.clone());
     let (pp, merge) = (PatchParams::default(), Patch::Merge(&patch));
     let r = retry("node status", || api.patch_status(node, &pp, &merge)).await;
@@ -356,6 +383,31 @@ async fn node_status(client: &kube::Client, node: &str, content: &Value) -> Outc
     let os = status
         .pointer("/nodeInfo/operatingSystem")
         .and_then(Value::as_str);
+    let own_addresses = own_addresses
+        .flatten()
+        .map(|v| v.to_string())
+        .filter(|own| {
+            let written = shared
+                .edge_addresses
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            written.get(node) != Some(own)
+        });
+    if let Some(own) = own_addresses {
+        let p = json!({"metadata": {"annotations": {EDGE_ADDRESSES_ANNOTATION: own}}});
+        if let Err(e) = api
+            .patch(node, &PatchParams::default(), &Patch::Merge(&p))
+            .await
+        {
+            tracing::warn!(%node, error = %e, "cannot annotate the node's own addresses");
+            return outcome_of(&e);
+        }
+        shared
+            .edge_addresses
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(node.to_owned(), own);
+    }
     if arch.is_some() || os.is_some() {
         let mut labels = serde_json::Map::new();
         if let Some(a) = arch {

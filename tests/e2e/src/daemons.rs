@@ -41,6 +41,8 @@ pub struct Setup {
     pub metaserver_port: u16,
     /// The embedded MQTT broker's port.
     pub mqtt_port: u16,
+    /// cloudcore's kubelet API for the edge nodes (CloudStream).
+    pub stream_port: u16,
     pub cloudcore_config: PathBuf,
     pub edgecore_config: PathBuf,
 }
@@ -50,13 +52,13 @@ impl Setup {
     /// `dir`, on free loopback ports, with a 1 s heartbeat and Lease renewal.
     pub fn write(dir: &Path, kubeconfig: &Path, node: &str) -> anyhow::Result<Setup> {
         let port = crate::procfs::free_port;
-        let (ws, https, meta, mqtt) = (port()?, port()?, port()?, port()?);
+        let (ws, https, meta, mqtt, stream) = (port()?, port()?, port()?, port()?, port()?);
         let d = dir.display();
         let cloudcore_config = dir.join("cloudcore.yaml");
         std::fs::write(
             &cloudcore_config,
             format!(
-                "kubeAPIConfig:\n  kubeConfig: {kc}\nmodules:\n  cloudHub:\n    certDir: {d}/cloud-certs\n    advertiseAddress: [\"127.0.0.1\"]\n    websocket: {{address: 127.0.0.1, port: {ws}}}\n    https: {{address: 127.0.0.1, port: {https}}}\n  edgeController:\n    nodeUpdateFrequency: 1\n",
+                "kubeAPIConfig:\n  kubeConfig: {kc}\nmodules:\n  cloudHub:\n    certDir: {d}/cloud-certs\n    advertiseAddress: [\"127.0.0.1\"]\n    websocket: {{address: 127.0.0.1, port: {ws}}}\n    https: {{address: 127.0.0.1, port: {https}}}\n  edgeController:\n    nodeUpdateFrequency: 1\n  cloudStream:\n    address: 127.0.0.1\n    port: {stream}\n",
                 kc = kubeconfig.display(),
             ),
         )?;
@@ -74,6 +76,7 @@ impl Setup {
             https_port: https,
             metaserver_port: meta,
             mqtt_port: mqtt,
+            stream_port: stream,
             cloudcore_config,
             edgecore_config,
         })
@@ -236,7 +239,11 @@ impl Daemon {
         let child = Command::new(&self.bin)
             .arg("--config")
             .arg(&self.config)
-            .env("RUST_LOG", "info")
+            // KEDGE_DAEMON_LOG: more detail when debugging a test.
+            .env(
+                "RUST_LOG",
+                std::env::var("KEDGE_DAEMON_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

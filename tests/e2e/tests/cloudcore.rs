@@ -83,7 +83,9 @@ impl Harness {
                 node_update_frequency: Duration::from_millis(200),
                 lease_duration_seconds: 40,
                 devices: self.devices,
+                kubelet_endpoint: None,
             },
+            stream: None,
         };
         let running = cloudcore::server::start(self.client.clone(), self.pki.clone(), opts)
             .await

@@ -235,7 +235,9 @@ async fn start_cloud() -> (
             node_update_frequency: Duration::from_millis(200),
             lease_duration_seconds: 40,
             devices: true,
+            kubelet_endpoint: None,
         },
+        stream: None,
     };
     let cloud = cloudcore::server::start(client.clone(), pki.clone(), opts)
         .await

@@ -273,7 +273,7 @@ where
             break;
         }
         w.out.flush().await?;
-        if idle_polls % check_every == 0 && !running().await {
+        if idle_polls.is_multiple_of(check_every) && !running().await {
             // Stopped: whatever it wrote before stopping is in the file by now; one last read.
             let n = reader.read_until(b'\n', &mut line).await?;
             if n == 0 {

@@ -21,6 +21,7 @@
 //! Table rendering (kubectl prints NAME and AGE), no OpenAPI (use `--validate=false`).
 
 pub mod eviction;
+pub mod kubelet_proxy;
 pub mod patch;
 pub mod serviceaccounts;
 pub mod store;
@@ -118,6 +119,8 @@ struct Shared {
     watch_epoch: watch::Sender<u64>,
     addr: SocketAddr,
     accounts: serviceaccounts::ServiceAccountIssuer,
+    /// The cluster CA and the API server's kubelet client certificate.
+    kubelet: kubelet_proxy::KubeletClient,
 }
 
 /// A running test API server. Dropping it stops it.
@@ -146,7 +149,18 @@ impl TestApiServer {
         for ns in store.namespace_names() {
             accounts.populate_namespace(&store, &ns);
         }
+        let kubelet = kubelet_proxy::KubeletClient::generate()?;
+        // As in a cluster: the client CA for components that authenticate API-server callers.
+        if let Some(cms) = store.resolve("", "v1", "configmaps") {
+            let cm = json!({"apiVersion": "v1", "kind": "ConfigMap",
+                "metadata": {"name": "extension-apiserver-authentication", "namespace": "kube-system"},
+                "data": {"client-ca-file": kubelet.ca_pem()}});
+            store
+                .create(&cms, "kube-system", cm)
+                .map_err(|e| anyhow::anyhow!("client CA ConfigMap: {e:?}"))?;
+        }
         let shared = Arc::new(Shared {
+            kubelet,
             accounts,
             store,
             bookmark_interval: config.bookmark_interval,
@@ -221,6 +235,16 @@ impl TestApiServer {
     }
 
     /// The cluster's root CA certificate (as in every namespace's `kube-root-ca.crt`).
+    /// The cluster CA, which signs the API server's kubelet client certificate (PEM).
+    pub fn client_ca_pem(&self) -> &str {
+        self.shared.kubelet.ca_pem()
+    }
+
+    /// The cluster CA, to issue client certificates of other users in tests.
+    pub fn cluster_ca(&self) -> &kedge_common::pki::CertificateAuthority {
+        &self.shared.kubelet.ca
+    }
+
     pub fn root_ca_pem(&self) -> &str {
         self.shared.accounts.root_ca_pem()
     }
@@ -407,6 +431,17 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
             let rest: Vec<String> = rest.iter().map(|s| (*s).to_owned()).collect();
             resource(shared, req, "", "v1", &rest).await
         }
+        ["apis", "authorization.k8s.io", "v1", "subjectaccessreviews"]
+            if req.method() == Method::POST =>
+        {
+            match read_body(req).await {
+                Ok((_, body)) => full(
+                    StatusCode::CREATED,
+                    kubelet_proxy::subject_access_review(&body),
+                ),
+                Err(e) => error(&e),
+            }
+        }
         ["apis", g, v, rest @ ..] => {
             let (g, v) = ((*g).to_owned(), (*v).to_owned());
             let rest: Vec<String> = rest.iter().map(|s| (*s).to_owned()).collect();
@@ -504,6 +539,13 @@ async fn resource(
         .requests
         .count(&method, t.name.is_some(), truthy(q(&params, "watch")));
     let store = &shared.store;
+    if let (Some(ns), Some(name), Some(sub)) = (&t.namespace, &t.name, t.sub.as_deref())
+        && t.ty.group.is_empty()
+        && t.ty.plural == "pods"
+        && ["log", "exec", "attach", "portforward"].contains(&sub)
+    {
+        return kubelet_proxy::proxy(store, &shared.kubelet, req, ns, name, sub).await;
+    }
     // Namespaced objects need a namespace; cluster-scoped ones must not have one.
     let ns = match (&t.namespace, t.ty.namespaced) {
         (Some(ns), true) => ns.clone(),

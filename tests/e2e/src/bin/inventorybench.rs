@@ -72,6 +72,7 @@ impl Bench {
             },
             namespace: "kubeedge".into(),
             edge: EdgeControllerSettings::default(),
+            stream: None,
         };
         let cloud = cloudcore::server::start(client.clone(), pki.clone(), opts).await?;
         let creds = kedge_e2e::cloud::issue_node_credentials(&pki.ca, NODE)?;
