@@ -9,8 +9,9 @@ use edgecore::edgehub::credentials::NodeCredentials;
 use edgecore::edgehub::outbox::MemoryOutbox;
 use edgecore::edgehub::{EdgeHub, EdgeHubSettings, LinkState};
 use edgecore::metamanager::store::{Applied, MemoryStore, ObjectStore, StoreError};
+use kedge_common::stream::{Stream, StreamRequest};
 use kedge_common::{Message, Operation};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 /// One message the store received, in arrival order.
@@ -109,13 +110,36 @@ pub struct TestEdge<S: ObjectStore> {
 
 impl<S: ObjectStore> TestEdge<S> {
     pub fn start(settings: EdgeHubSettings, creds: NodeCredentials, store: Arc<S>) -> Self {
+        Self::start_with(settings, creds, store, None)
+    }
+
+    /// An edge whose EdgeHub hands the streams the cloud opens to the returned receiver (what
+    /// edged's stream server gets).
+    pub fn start_with_streams(
+        settings: EdgeHubSettings,
+        creds: NodeCredentials,
+        store: Arc<S>,
+    ) -> (Self, mpsc::Receiver<(Stream, StreamRequest)>) {
+        let (tx, rx) = mpsc::channel(64);
+        (Self::start_with(settings, creds, store, Some(tx)), rx)
+    }
+
+    fn start_with(
+        settings: EdgeHubSettings,
+        creds: NodeCredentials,
+        store: Arc<S>,
+        streams: Option<mpsc::Sender<(Stream, StreamRequest)>>,
+    ) -> Self {
         let outbox = Arc::new(MemoryOutbox::new());
-        let hub = EdgeHub::new(
+        let mut hub = EdgeHub::new(
             settings,
             Arc::new(RwLock::new(creds)),
             store.clone(),
             outbox.clone(),
         );
+        if let Some(tx) = streams {
+            hub = hub.with_streams(tx);
+        }
         let link = hub.link_state();
         let stop = CancellationToken::new();
         tokio::spawn(hub.run(stop.clone()));

@@ -19,6 +19,7 @@ pub mod containerd;
 pub mod daemons;
 pub mod edge;
 pub mod edgerig;
+pub mod kubelet;
 pub mod procfs;
 pub mod proxy;
 pub mod registry;
