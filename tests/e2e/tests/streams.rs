@@ -1,4 +1,4 @@
-//! `kubectl logs`, `exec` and `port-forward` to edge pods, with the shipped binaries and real
+//! `kubectl logs`, `attach`, `exec` and `port-forward` to edge pods, with the shipped binaries and real
 //! containerd: kubectl → test API server (proxying to the node's kubelet endpoint as
 //! kube-apiserver does) → cloudcore's CloudStream → the node's link → edged → CRI log files and
 //! containerd's streaming server.
@@ -195,6 +195,18 @@ async fn kubectl_logs_exec_and_port_forward_reach_edge_pods() {
         assert!(lines.iter().all(|l| l.starts_with("tick-")), "{lines:?}");
         // Ticks come every 0.2 s: 15 lines took about 3 s minus the backlog, so they streamed.
         assert!(started.elapsed() < Duration::from_secs(20));
+
+        // attach: the running container's output as it comes.
+        let mut attach = kubectl_cmd(kc, &["attach", "ticker"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let lines = read_lines(&mut attach, 3, Duration::from_secs(20));
+        let _ = attach.kill();
+        let _ = attach.wait();
+        assert_eq!(lines.len(), 3, "{lines:?}");
+        assert!(lines.iter().all(|l| l.starts_with("tick-")), "{lines:?}");
 
         // exec: stdout and the exit code; stdin with -i.
         let o = kubectl(kc, &["exec", "static", "--", "sh", "-c", "echo hi; exit 3"]);
