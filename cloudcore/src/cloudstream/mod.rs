@@ -19,9 +19,8 @@
 
 pub mod authz;
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use kedge_common::stream::StreamRequest;
@@ -75,8 +74,6 @@ struct Shared {
     hub: CloudHubHandle,
     pods: Arc<dyn PodLocator>,
     authorizer: Arc<dyn Authorizer>,
-    /// Streams per node now open (for logs and tests).
-    open: Mutex<HashMap<String, usize>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -109,7 +106,6 @@ impl CloudStream {
                 hub,
                 pods,
                 authorizer: opts.authorizer,
-                open: Mutex::new(HashMap::new()),
             }),
         })
     }
@@ -238,6 +234,7 @@ fn text_response(status: u16, message: &str) -> Vec<u8> {
         401 => "Unauthorized",
         403 => "Forbidden",
         404 => "Not Found",
+        501 => "Not Implemented",
         503 => "Service Unavailable",
         _ => "Internal Server Error",
     };
@@ -284,34 +281,26 @@ async fn handle(shared: Arc<Shared>, tls: TlsAcceptor, tcp: TcpStream) -> Result
         answer(&mut conn, 200, "ok").await;
         return Ok(());
     }
-    let Some((namespace, pod)) = pod_of(&path) else {
-        let msg = format!(
-            "{path} is not served: cloudcore serves the kubelet API of its edge nodes for pod \
-             logs, exec, attach and port-forward only (all nodes share this address, so paths that name no pod \
-             cannot be routed to one)"
-        );
-        answer(&mut conn, 404, &msg).await;
-        return Err(msg);
-    };
-    let Some(node) = shared.pods.node_of(&namespace, &pod) else {
-        let msg =
-            format!("pod {namespace}/{pod} is not bound to an edge node served by this cloudcore");
-        answer(&mut conn, 404, &msg).await;
-        return Err(msg);
-    };
+    // Authorized before anything is said about pods or nodes: a request that names no pod on
+    // our nodes is asked about all nodes (an empty name), which only a caller allowed
+    // everywhere passes.
+    let target = pod_of(&path);
+    let node = target
+        .as_ref()
+        .and_then(|(namespace, pod)| shared.pods.node_of(namespace, pod));
     let attrs = RequestAttributes {
         user: identity.0.clone(),
         groups: identity.1.clone(),
         verb: verb_of(&head.method).to_owned(),
-        node: node.clone(),
+        node: node.clone().unwrap_or_default(),
         subresource: "proxy".to_owned(),
     };
     match shared.authorizer.authorize(&attrs).await {
         Ok(true) => {}
         Ok(false) => {
             let msg = format!(
-                "Forbidden (user={}, verb={}, resource=nodes, subresource=proxy, name={node})",
-                attrs.user, attrs.verb
+                "Forbidden (user={}, verb={}, resource=nodes, subresource=proxy, name={})",
+                attrs.user, attrs.verb, attrs.node
             );
             answer(&mut conn, 403, &msg).await;
             return Err(msg);
@@ -322,6 +311,21 @@ async fn handle(shared: Arc<Shared>, tls: TlsAcceptor, tcp: TcpStream) -> Result
             return Err(msg);
         }
     }
+    let Some((namespace, pod)) = target else {
+        let msg = format!(
+            "{path} is not served: cloudcore serves the kubelet API of its edge nodes for pod \
+             logs, exec, attach and port-forward only (all nodes share this address, so paths that name no pod \
+             cannot be routed to one)"
+        );
+        answer(&mut conn, 404, &msg).await;
+        return Err(msg);
+    };
+    let Some(node) = node else {
+        let msg =
+            format!("pod {namespace}/{pod} is not bound to an edge node served by this cloudcore");
+        answer(&mut conn, 404, &msg).await;
+        return Err(msg);
+    };
     if !head.rest.is_empty() {
         let msg = "request bodies are not accepted on kubelet streaming endpoints";
         answer(&mut conn, 400, msg).await;
@@ -346,20 +350,8 @@ async fn handle(shared: Arc<Shared>, tls: TlsAcceptor, tcp: TcpStream) -> Result
         }
     };
     let id = stream.id();
-    *shared
-        .open
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .entry(node.clone())
-        .or_default() += 1;
     tracing::debug!(%node, stream = id, user = %identity.0, target = %request.target, "stream opened");
     let outcome = stream.pipe(conn).await;
-    {
-        let mut open = shared.open.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = open.get_mut(&node) {
-            *n = n.saturating_sub(1);
-        }
-    }
     tracing::debug!(%node, stream = id, sent = outcome.sent, received = outcome.received,
         aborted = ?outcome.aborted, "stream closed");
     Ok(())

@@ -55,13 +55,18 @@ fn summary(mut v: Vec<Duration>) -> String {
 }
 
 /// Reads from `conn` until the end of the response head; returns the head and what followed.
-async fn read_head<R: tokio::io::AsyncRead + Unpin>(conn: &mut R) -> anyhow::Result<(String, Vec<u8>)> {
+async fn read_head<R: tokio::io::AsyncRead + Unpin>(
+    conn: &mut R,
+) -> anyhow::Result<(String, Vec<u8>)> {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
     loop {
         let n = conn.read(&mut chunk).await?;
         if n == 0 {
-            bail!("closed before a response head: {}", String::from_utf8_lossy(&buf));
+            bail!(
+                "closed before a response head: {}",
+                String::from_utf8_lossy(&buf)
+            );
         }
         buf.extend_from_slice(&chunk[..n]);
         if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
@@ -92,7 +97,10 @@ async fn container_id(cri: &CriRuntime, pod: &str) -> anyhow::Result<String> {
             ..Default::default()
         }))
         .await?;
-    cs.into_iter().next().map(|c| c.id).context("no running container")
+    cs.into_iter()
+        .next()
+        .map(|c| c.id)
+        .context("no running container")
 }
 
 async fn wait_running(pods: &Api<Pod>, name: &str) -> anyhow::Result<()> {
@@ -129,8 +137,14 @@ async fn main() -> anyhow::Result<()> {
                     "volumeMounts": [{"name": "churn", "mountPath": "/churn"}]}]}}))?)
     };
     let pp = PostParams::default();
-    pods.create(&pp, &pod("quiet", "for i in $(seq 100); do echo line-$i; done; exec sleep 3600")?)
-        .await?;
+    pods.create(
+        &pp,
+        &pod(
+            "quiet",
+            "for i in $(seq 100); do echo line-$i; done; exec sleep 3600",
+        )?,
+    )
+    .await?;
     wait_running(&pods, "quiet").await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let addr = format!("127.0.0.1:{}", rig.setup.stream_port).parse()?;
@@ -147,7 +161,9 @@ async fn main() -> anyhow::Result<()> {
     let (mut via, mut direct) = (Vec::new(), Vec::new());
     for _ in 0..args.rounds {
         let t = Instant::now();
-        let mut conn = apiserver.send("GET", "/containerLogs/default/quiet/main", &[]).await?;
+        let mut conn = apiserver
+            .send("GET", "/containerLogs/default/quiet/main", &[])
+            .await?;
         let (head, mut rest) = read_head(&mut conn).await?;
         if !head.starts_with("HTTP/1.1 200") {
             bail!("logs: {head}");
@@ -165,15 +181,25 @@ async fn main() -> anyhow::Result<()> {
         f.read_exact(&mut b).await?;
         direct.push(t.elapsed());
     }
-    println!("time to first log byte, through cloudcore: {}", summary(via));
-    println!("  floor (CRI ContainerStatus + reading the file on the node): {}", summary(direct));
+    println!(
+        "time to first log byte, through cloudcore: {}",
+        summary(via)
+    );
+    println!(
+        "  floor (CRI ContainerStatus + reading the file on the node): {}",
+        summary(direct)
+    );
 
     // Exec set-up round trip.
     let (mut via, mut direct) = (Vec::new(), Vec::new());
     for _ in 0..args.rounds {
         let t = Instant::now();
         let mut conn = apiserver
-            .send("POST", "/exec/default/quiet/main?command=true&output=1", &UPGRADE)
+            .send(
+                "POST",
+                "/exec/default/quiet/main?command=true&output=1",
+                &UPGRADE,
+            )
             .await?;
         let (head, _) = read_head(&mut conn).await?;
         if !head.starts_with("HTTP/1.1 101") {
@@ -206,8 +232,14 @@ async fn main() -> anyhow::Result<()> {
         }
         direct.push(t.elapsed());
     }
-    println!("exec set-up round trip (to 101 Switching Protocols), through cloudcore: {}", summary(via));
-    println!("  floor (CRI Exec + the upgrade straight to containerd): {}", summary(direct));
+    println!(
+        "exec set-up round trip (to 101 Switching Protocols), through cloudcore: {}",
+        summary(via)
+    );
+    println!(
+        "  floor (CRI Exec + the upgrade straight to containerd): {}",
+        summary(direct)
+    );
 
     // kubectl exec end to end vs kubectl's own floor.
     let kc = rig._server.kubeconfig_path().to_owned();
@@ -258,7 +290,11 @@ async fn main() -> anyhow::Result<()> {
             })
         });
         let mut conn = apiserver
-            .send("GET", "/containerLogs/default/loud/main?follow=true&tailLines=0", &[])
+            .send(
+                "GET",
+                "/containerLogs/default/loud/main?follow=true&tailLines=0",
+                &[],
+            )
             .await?;
         let (head, rest) = read_head(&mut conn).await?;
         if !head.starts_with("HTTP/1.1 200") {
