@@ -253,6 +253,7 @@ where
     // Checks of the container's state are spaced out: they are runtime calls.
     let check_every = (Duration::from_secs(1).as_millis() / poll.as_millis().max(1)).max(1);
     let mut idle_polls = 0u128;
+    let mut stopped = false;
     loop {
         let n = reader.read_until(b'\n', &mut line).await?;
         if n > 0 && line.last() == Some(&b'\n') {
@@ -266,7 +267,7 @@ where
             continue;
         }
         // End of what is written so far (a line may be half-written: keep its start).
-        if !opts.follow {
+        if !opts.follow || stopped {
             if !line.is_empty() {
                 w.entry(&line).await?;
             }
@@ -274,14 +275,8 @@ where
         }
         w.out.flush().await?;
         if idle_polls.is_multiple_of(check_every) && !running().await {
-            // Stopped: whatever it wrote before stopping is in the file by now; one last read.
-            let n = reader.read_until(b'\n', &mut line).await?;
-            if n == 0 {
-                if !line.is_empty() {
-                    w.entry(&line).await?;
-                }
-                break;
-            }
+            // Stopped: what it wrote before stopping is in the file by now; read it to the end.
+            stopped = true;
             continue;
         }
         idle_polls += 1;
