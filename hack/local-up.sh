@@ -57,6 +57,7 @@ modules:
     https: {address: 127.0.0.1, port: 10002}
   # kubectl logs/exec/port-forward for edge pods: the API server reaches this port.
   cloudStream: {address: 127.0.0.1, port: 10350}
+observability: {address: 127.0.0.1, port: 10351}
 YAML
 cat > "$LOCAL/edgecore.yaml" <<YAML
 database:

@@ -13,6 +13,7 @@ use cloudcore::edgecontroller::EdgeControllerSettings;
 use cloudcore::server::{CloudCoreOptions, StreamServerOptions};
 use k8s_openapi::api::core::v1::ConfigMap;
 use kedge_common::wire::WireCodec;
+use tokio_util::sync::CancellationToken;
 
 /// Loads (or creates) the CA, server certificate and token secret where the config says.
 pub async fn load_pki(cfg: &CloudCoreConfig) -> anyhow::Result<certs::CloudPki> {
@@ -146,8 +147,23 @@ pub async fn run(cfg: CloudCoreConfig) -> anyhow::Result<()> {
         stream = ?running.stream_addr,
         "cloudhub listening"
     );
+    let observe = CancellationToken::new();
+    if cfg.observability.enable {
+        let addr = listen_addr(&cfg.observability.address, cfg.observability.port)?;
+        let listener = cloudcore::observability::bind(addr)
+            .await
+            .with_context(|| format!("observability: cannot listen on {addr}"))?;
+        cloudcore::observability::serve(
+            listener,
+            running.stats.clone(),
+            running.hub.clone(),
+            observe.clone(),
+        );
+        tracing::info!(%addr, "serving /healthz, /readyz and /metrics");
+    }
     kedge_common::process::shutdown_signal().await;
     tracing::info!("shutting down");
+    observe.cancel();
     running.stop().await;
     Ok(())
 }

@@ -8,5 +8,6 @@ pub mod devicecontroller;
 pub mod edgecontroller;
 pub mod kubeclient;
 pub mod node_refs;
+pub mod observability;
 pub mod server;
 pub mod synccontroller;

@@ -191,6 +191,18 @@ struct Hub {
     upstream: mpsc::Sender<Upstream>,
     next_session: std::sync::atomic::AtomicU64,
     connected: std::sync::atomic::AtomicUsize,
+    /// Keyed messages nodes acknowledged / refused (for `/metrics`).
+    acked: std::sync::atomic::AtomicU64,
+    refused: std::sync::atomic::AtomicU64,
+}
+
+/// CloudHub's counters (see [`CloudHubHandle::counters`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HubCounters {
+    pub acked: u64,
+    pub refused: u64,
+    /// Sessions started since cloudcore started.
+    pub sessions: u64,
 }
 
 impl Hub {
@@ -274,6 +286,24 @@ impl CloudHubHandle {
             .load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    pub fn counters(&self) -> HubCounters {
+        use std::sync::atomic::Ordering::Relaxed;
+        HubCounters {
+            acked: self.hub.acked.load(Relaxed),
+            refused: self.hub.refused.load(Relaxed),
+            sessions: self.hub.next_session.load(Relaxed).saturating_sub(1),
+        }
+    }
+
+    /// Messages waiting to be sent or acked, all nodes together.
+    pub fn outstanding_total(&self) -> usize {
+        let slots: Vec<Arc<NodeSlot>> = {
+            let nodes = self.hub.nodes.lock().unwrap_or_else(|p| p.into_inner());
+            nodes.values().cloned().collect()
+        };
+        slots.iter().map(|s| s.queue().outstanding()).sum()
+    }
+
     /// Messages waiting to be sent or acked for `node`.
     pub fn outstanding(&self, node: &str) -> usize {
         let nodes = self.hub.nodes.lock().unwrap_or_else(|p| p.into_inner());
@@ -314,6 +344,8 @@ impl CloudHub {
             upstream: tx,
             next_session: std::sync::atomic::AtomicU64::new(1),
             connected: std::sync::atomic::AtomicUsize::new(0),
+            acked: std::sync::atomic::AtomicU64::new(0),
+            refused: std::sync::atomic::AtomicU64::new(0),
         });
         (CloudHub { hub }, rx)
     }
@@ -849,6 +881,7 @@ async fn handle_incoming(
             Operation::Response => {
                 let acked = slot.queue().ack(&msg.header.parent_id);
                 if let Some(acked) = acked {
+                    hub.acked.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     slot.wake.notify_one();
                     let _ = hub
                         .upstream
@@ -862,6 +895,8 @@ async fn handle_incoming(
             }
             Operation::Error => {
                 tracing::warn!(%node, parent = %msg.header.parent_id, content = %msg.content, "edge refused a message");
+                hub.refused
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 slot.queue().nack(&msg.header.parent_id, Instant::now());
                 return Ok(());
             }

@@ -20,6 +20,8 @@ pub struct CloudCoreConfig {
     #[serde(rename = "kubeAPIConfig")]
     pub kube_api_config: KubeApiConfig,
     pub modules: Modules,
+    /// `/healthz`, `/readyz` and `/metrics` (plain HTTP).
+    pub observability: ObservabilityListener,
 }
 
 impl Default for CloudCoreConfig {
@@ -29,6 +31,7 @@ impl Default for CloudCoreConfig {
             kind: KIND.to_owned(),
             kube_api_config: KubeApiConfig::default(),
             modules: Modules::default(),
+            observability: ObservabilityListener::default(),
         }
     }
 }
@@ -160,6 +163,7 @@ macro_rules! listener {
 
 listener!(WebSocketListener, 10000);
 listener!(HttpsListener, 10002);
+listener!(ObservabilityListener, 10351);
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields, rename_all = "camelCase")]
@@ -291,6 +295,19 @@ impl CloudCoreConfig {
                     format!("`{address}` is not an IP address"),
                 ));
             }
+        }
+        let o = &self.observability;
+        if o.enable && o.port == 0 {
+            return Err(bad(
+                "observability.port",
+                "must be set when observability is enabled".into(),
+            ));
+        }
+        if o.enable && o.address.parse::<std::net::IpAddr>().is_err() {
+            return Err(bad(
+                "observability.address",
+                format!("`{}` is not an IP address", o.address),
+            ));
         }
         let cs = &self.modules.cloud_stream;
         if cs.enable {

@@ -71,6 +71,8 @@ pub struct Stats {
     /// Device reports applied / refused (from a node not hosting the device, or malformed).
     pub device_reports_applied: AtomicU64,
     pub device_reports_refused: AtomicU64,
+    /// The first lists finished and what nodes missed meanwhile was queued (`/readyz`).
+    pub initial_sync_done: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug, Clone)]

@@ -119,6 +119,7 @@ impl Loop {
                 deletes += 1;
             }
         }
+        self.stats.initial_sync_done.store(true, Ordering::Relaxed);
         tracing::info!(
             deletes,
             unchanged = self.stats.unchanged.load(Ordering::Relaxed),

@@ -43,6 +43,8 @@ pub struct Setup {
     pub mqtt_port: u16,
     /// cloudcore's kubelet API for the edge nodes (CloudStream).
     pub stream_port: u16,
+    /// cloudcore's /healthz, /readyz, /metrics.
+    pub observability_port: u16,
     pub cloudcore_config: PathBuf,
     pub edgecore_config: PathBuf,
 }
@@ -53,12 +55,13 @@ impl Setup {
     pub fn write(dir: &Path, kubeconfig: &Path, node: &str) -> anyhow::Result<Setup> {
         let port = crate::procfs::free_port;
         let (ws, https, meta, mqtt, stream) = (port()?, port()?, port()?, port()?, port()?);
+        let observe = port()?;
         let d = dir.display();
         let cloudcore_config = dir.join("cloudcore.yaml");
         std::fs::write(
             &cloudcore_config,
             format!(
-                "kubeAPIConfig:\n  kubeConfig: {kc}\nmodules:\n  cloudHub:\n    certDir: {d}/cloud-certs\n    advertiseAddress: [\"127.0.0.1\"]\n    websocket: {{address: 127.0.0.1, port: {ws}}}\n    https: {{address: 127.0.0.1, port: {https}}}\n  edgeController:\n    nodeUpdateFrequency: 1\n  cloudStream:\n    address: 127.0.0.1\n    port: {stream}\n",
+                "kubeAPIConfig:\n  kubeConfig: {kc}\nmodules:\n  cloudHub:\n    certDir: {d}/cloud-certs\n    advertiseAddress: [\"127.0.0.1\"]\n    websocket: {{address: 127.0.0.1, port: {ws}}}\n    https: {{address: 127.0.0.1, port: {https}}}\n  edgeController:\n    nodeUpdateFrequency: 1\n  cloudStream:\n    address: 127.0.0.1\n    port: {stream}\nobservability: {{address: 127.0.0.1, port: {observe}}}\n",
                 kc = kubeconfig.display(),
             ),
         )?;
@@ -77,6 +80,7 @@ impl Setup {
             metaserver_port: meta,
             mqtt_port: mqtt,
             stream_port: stream,
+            observability_port: observe,
             cloudcore_config,
             edgecore_config,
         })

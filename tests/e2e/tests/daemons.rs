@@ -27,6 +27,22 @@ async fn http_get(port: u16, path: &str) -> Option<serde_json::Value> {
     serde_json::from_str(text.split("\r\n\r\n").nth(1)?).ok()
 }
 
+/// Status and body of a plain-text GET.
+async fn http_text(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .ok()?;
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await.ok()?;
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    let status = head.split_whitespace().nth(1)?.parse().ok()?;
+    Some((status, body.to_owned()))
+}
+
 async fn eventually<F, Fut>(what: &str, logs: &Path, mut cond: F)
 where
     F: FnMut() -> Fut,
@@ -111,4 +127,33 @@ async fn cloudcore_and_edgecore_binaries_deliver_a_pod_to_the_edge_api() {
         leases.get_opt("edge-bin").await.unwrap().is_some()
     })
     .await;
+
+    // cloudcore's probes and metrics.
+    let port = setup.observability_port;
+    assert_eq!(http_text(port, "/healthz").await.unwrap().0, 200);
+    eventually("cloudcore ready", d, || async {
+        http_text(port, "/readyz")
+            .await
+            .is_some_and(|(s, _)| s == 200)
+    })
+    .await;
+    let (status, metrics) = http_text(port, "/metrics").await.unwrap();
+    assert_eq!(status, 200);
+    for line in [
+        "kedge_cloudcore_connected_nodes 1",
+        "kedge_cloudcore_ready 1",
+        "kedge_cloudcore_sessions_total 1",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "{line} missing in:\n{metrics}"
+        );
+    }
+    assert!(
+        metrics.lines().any(
+            |l| l.starts_with("kedge_cloudcore_messages_total{result=\"acked\"} ")
+                && !l.ends_with(" 0")
+        ),
+        "{metrics}"
+    );
 }
