@@ -77,7 +77,17 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Some(Command::Join { token, cloud }) => {
-            let cfg = load_config(&cli)?;
+            // Without a config file yet, join writes one (once) naming the cloud it joined.
+            let path = cli
+                .config
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH));
+            let write_config = !path.exists();
+            let cfg = if write_config {
+                EdgeCoreConfig::default()
+            } else {
+                EdgeCoreConfig::load(&path)?
+            };
             let server = match cloud {
                 None => cfg.modules.edge_hub.http_server.clone(),
                 Some(c) if c.contains(':') && !c.starts_with('[') => format!("https://{c}"),
@@ -88,6 +98,17 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 "node {node} joined via {server}; certificate stored at {}",
                 cfg.modules.edge_hub.tls_cert_file.display()
             );
+            if write_config {
+                write_new_file(
+                    &path,
+                    edgecore::config::joined_config(&server, &node).as_bytes(),
+                )
+                .with_context(|| format!("writing the configuration {}", path.display()))?;
+                println!(
+                    "configuration written to {} (edgecore never rewrites it)",
+                    path.display()
+                );
+            }
             Ok(ExitCode::SUCCESS)
         }
         None => {
@@ -100,6 +121,20 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// Creates `path` (and its directory) with `contents`; refuses to replace an existing file.
+fn write_new_file(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)?;
+    f.write_all(contents)?;
+    f.sync_all()
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {

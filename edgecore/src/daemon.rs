@@ -191,12 +191,23 @@ pub async fn run(cfg: EdgeCoreConfig) -> anyhow::Result<()> {
     let hub_task = tokio::spawn(hub.run(shutdown.clone()));
     tokio::spawn(edgecore::memory::trim_periodically(shutdown.clone()));
     tracing::info!(%node, cloud = %hub_cfg.websocket.server, "edgecore running");
+    // Under systemd (Type=notify): up means the store is open and every module started; the
+    // cloud link is not awaited, edgecore is useful offline.
+    notify_systemd(&[sd_notify::NotifyState::Ready]);
 
     kedge_common::process::shutdown_signal().await;
     tracing::info!("shutting down");
+    notify_systemd(&[sd_notify::NotifyState::Stopping]);
     shutdown.cancel();
     let _ = hub_task.await;
     Ok(())
+}
+
+/// Tells systemd about a state change; a no-op when not started by systemd (no $NOTIFY_SOCKET).
+fn notify_systemd(states: &[sd_notify::NotifyState<'_>]) {
+    if let Err(e) = sd_notify::notify(false, states) {
+        tracing::warn!(error = %e, "cannot notify systemd");
+    }
 }
 
 type TwinModule = (

@@ -14,6 +14,37 @@ pub const API_VERSION: &str = "edgecore.config.kubeedge.io/v1alpha2";
 pub const KIND: &str = "EdgeCore";
 pub const DEFAULT_PROJECT_ID: &str = "e632aba927ea4ac2b575ec1603d56f10";
 
+/// The config `edgecore join` writes when there is none yet: the cloud it joined (bootstrap
+/// `https://host:port`, WebSocket on port 10000 of the same host) and the node's name; every
+/// other field keeps its default. Written once; edgecore never rewrites its config.
+pub fn joined_config(bootstrap: &str, node: &str) -> String {
+    let host = bootstrap
+        .trim_start_matches("https://")
+        .trim_end_matches('/')
+        .rsplit_once(':')
+        .map_or_else(
+            || {
+                bootstrap
+                    .trim_start_matches("https://")
+                    .trim_end_matches('/')
+            },
+            |(h, _)| h,
+        );
+    format!(
+        "# Written by `edgecore join`: the cloud this node joined. edgecore never rewrites this\n\
+         # file; edit it freely (`edgecore --defaultconfig` prints every field with its default).\n\
+         apiVersion: {API_VERSION}\n\
+         kind: {KIND}\n\
+         modules:\n  \
+           edgeHub:\n    \
+             httpServer: {bootstrap}\n    \
+             websocket:\n      \
+               server: \"{host}:10000\"\n  \
+           edged:\n    \
+             hostnameOverride: {node}\n"
+    )
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields, rename_all = "camelCase")]
 pub struct EdgeCoreConfig {
@@ -378,6 +409,27 @@ fn is_host_port(s: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_config_join_writes_is_valid_and_names_the_cloud() {
+        for (bootstrap, ws) in [
+            ("https://cloud.example.com:10002", "cloud.example.com:10000"),
+            ("https://10.0.0.5:30002", "10.0.0.5:10000"),
+            ("https://[fd00::1]:10002", "[fd00::1]:10000"),
+        ] {
+            let text = joined_config(bootstrap, "edge-7");
+            let cfg = EdgeCoreConfig::parse(Path::new("edgecore.yaml"), &text)
+                .unwrap_or_else(|e| panic!("{e}\n{text}"));
+            assert_eq!(cfg.modules.edge_hub.http_server, bootstrap);
+            assert_eq!(cfg.modules.edge_hub.websocket.server, ws);
+            assert_eq!(cfg.modules.edged.hostname_override, "edge-7");
+            // Everything else is the default.
+            assert_eq!(
+                cfg.database.data_source,
+                EdgeCoreConfig::default().database.data_source
+            );
+        }
+    }
 
     fn p() -> &'static Path {
         Path::new("edgecore.yaml")
