@@ -12,5 +12,9 @@ while read -r name pid; do
   else
     echo "$name ($pid) was not running"
   fi
-done <"$PIDS"
+done < <(tac "$PIDS")  # newest first: the mapper and edgecore before what they use
 rm -f "$PIDS"
+# The private containerd: its shims, mounts, bridge and cgroups (by its own directory).
+if [ -d .local/containerd ]; then
+  hack/containerd-down.sh .local/containerd && echo "cleaned up containerd's mounts, bridge and cgroups"
+fi

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Runs kedge on this machine: cloudcore attached to the cluster $KUBECONFIG points at, or, when
 # there is none, to the TEST API server from tests/e2e (a local trial server, not a cluster);
-# a join token; one edgecore joined to it; and an example pod with a ConfigMap bound to that edge
-# node. Everything runs on 127.0.0.1 with state in .local/. Stop with hack/local-down.sh.
+# a private containerd with local images; a join token; one edgecore joined to it; an example
+# pod with a ConfigMap that really runs on that edge node; and an example thermometer Device
+# driven by a simulated mapper. Everything runs on 127.0.0.1 with state in .local/. Stop with
+# hack/local-down.sh (or Ctrl-C while this script runs); a second run starts afresh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source hack/lib.sh
@@ -15,19 +17,30 @@ if [ -f "$LOCAL/pids" ]; then
 fi
 mkdir -p "$LOCAL"
 
-echo ">> building cloudcore, edgecore and the test API server"
-cargo build --locked -p cloudcore -p edgecore -p kedge-e2e --bin test-apiserver
+# Ctrl-C or a failure half-way: stop exactly what was started so far.
+trap 'echo; echo ">> interrupted: stopping what was started"; hack/local-down.sh; exit 130' INT TERM
+trap 'rc=$?; if [ $rc -ne 0 ]; then echo ">> failed (exit $rc): stopping what was started"; hack/local-down.sh; fi' EXIT
+
+echo ">> [1/8] building cloudcore, edgecore, the test API server and the example mapper"
+cargo build --locked -p cloudcore -p edgecore -p kedge-e2e --bin test-apiserver --bin thermometer-mapper
 BIN="$PWD/target/debug"
 "$BIN/cloudcore" --version
 "$BIN/edgecore" --version
 : >"$LOCAL/pids"
 
+echo ">> [2/8] starting a private containerd with local images (state: $LOCAL/containerd)"
+CTR_ENV=$(hack/containerd-up.sh "$LOCAL/containerd")
+CONTAINERD_SOCK=$(echo "$CTR_ENV" | sed -n 's/^CONTAINERD_SOCK=//p')
+CGROUP_PARENT=$(echo "$CTR_ENV" | sed -n 's/^CGROUP_PARENT=//p')
+BUSYBOX_IMAGE=$(echo "$CTR_ENV" | sed -n 's/^BUSYBOX_IMAGE=//p')
+echo "containerd $(echo "$CTR_ENV" | sed -n 's/^CONTAINERD_PID=//p')" >>"$LOCAL/pids"
+
 if [ -n "${KUBECONFIG:-}" ] && kubectl version --request-timeout=5s >/dev/null 2>&1; then
   KC="$KUBECONFIG"
-  echo ">> using the cluster in \$KUBECONFIG ($KC)"
+  echo ">> [3/8] using the cluster in \$KUBECONFIG ($KC)"
 else
   KC="$LOCAL/kubeconfig"
-  echo ">> no reachable cluster in \$KUBECONFIG: starting the kedge TEST API server (a local trial server, NOT a Kubernetes cluster)"
+  echo ">> [3/8] no reachable cluster in \$KUBECONFIG: starting the kedge TEST API server (a local trial server, NOT a Kubernetes cluster)"
   # A fresh test server starts its resourceVersions from scratch: what the edge stored from an
   # earlier trial would look newer than everything it sends, so the edge starts empty too.
   rm -f "$LOCAL"/edgecore.db "$LOCAL"/edgecore.db-wal "$LOCAL"/edgecore.db-shm
@@ -44,6 +57,8 @@ kind: Namespace
 metadata:
   name: kubeedge
 YAML
+# The device CRDs before cloudcore starts (its device controller needs them served).
+"$BIN/cloudcore" crds | K apply --validate=false -f - >/dev/null
 
 NODE="${KEDGE_NODE:-edge-local}"
 cat > "$LOCAL/cloudcore.yaml" <<YAML
@@ -71,9 +86,16 @@ modules:
     websocket: {server: 127.0.0.1:10000}
   edged:
     hostnameOverride: $NODE
+    tailoredKubeletConfig:
+      containerRuntimeEndpoint: unix://$CONTAINERD_SOCK
+      cgroupRoot: $CGROUP_PARENT
+      podLogsDir: $LOCAL/pods
+      rootDirectory: $LOCAL/edged
+  deviceTwin:
+    dmiSockPath: $LOCAL/dmi.sock
 YAML
 
-echo ">> starting cloudcore (log: $LOCAL/cloudcore.log)"
+echo ">> [4/8] starting cloudcore (log: $LOCAL/cloudcore.log)"
 RUST_LOG="${RUST_LOG:-info,cloudcore::edgecontroller=debug}" \
   "$BIN/cloudcore" --config "$LOCAL/cloudcore.yaml" >"$LOCAL/cloudcore.log" 2>&1 &
 echo "cloudcore $!" >>"$LOCAL/pids"
@@ -84,10 +106,10 @@ done
 grep -q "cloudhub listening" "$LOCAL/cloudcore.log" || { echo "cloudcore did not start:"; cat "$LOCAL/cloudcore.log"; exit 1; }
 
 TOKEN=$("$BIN/cloudcore" --config "$LOCAL/cloudcore.yaml" token)
-echo ">> join token: $TOKEN"
+echo ">> [5/8] joining $NODE with a fresh token: $TOKEN"
 "$BIN/edgecore" --config "$LOCAL/edgecore.yaml" join --token "$TOKEN"
 
-echo ">> starting edgecore (log: $LOCAL/edgecore.log)"
+echo ">> [6/8] starting edgecore (log: $LOCAL/edgecore.log)"
 RUST_LOG="${RUST_LOG:-info,edgecore::edgehub=debug}" \
   "$BIN/edgecore" --config "$LOCAL/edgecore.yaml" >"$LOCAL/edgecore.log" 2>&1 &
 echo "edgecore $!" >>"$LOCAL/pids"
@@ -98,8 +120,8 @@ done
 grep -q "connected to the cloud" "$LOCAL/edgecore.log" || { echo "edgecore did not connect:"; cat "$LOCAL/edgecore.log"; exit 1; }
 
 for _ in $(seq 100); do K get node "$NODE" >/dev/null 2>&1 && break; sleep 0.1; done
-echo ">> applying an example ConfigMap and a pod bound to $NODE"
-K apply --validate=false -f - <<YAML
+echo ">> [7/8] applying an example ConfigMap and a pod bound to $NODE; waiting for it to run"
+K apply --validate=false -f - >/dev/null <<YAML
 apiVersion: v1
 kind: ConfigMap
 metadata:
@@ -117,25 +139,37 @@ spec:
   nodeName: $NODE
   containers:
     - name: hello
-      image: busybox
-      command: ["sh", "-c", "cat /config/greeting; sleep 3600"]
+      image: $BUSYBOX_IMAGE
+      command: ["sh", "-c", "cat /config/greeting; exec sleep 3600"]
       volumeMounts:
         - {name: config, mountPath: /config}
   volumes:
     - name: config
       configMap: {name: hello-config}
 YAML
+for _ in $(seq 300); do
+  [ "$(K get pod hello -o jsonpath='{.status.phase}' 2>/dev/null)" = Running ] && break
+  sleep 0.1
+done
+[ "$(K get pod hello -o jsonpath='{.status.phase}')" = Running ] || { echo "the pod did not start:"; tail -20 "$LOCAL/edgecore.log"; exit 1; }
+echo "   pod hello is Running; its log says: $(K logs hello 2>&1)"
+
+echo ">> [8/8] applying the example thermometer DeviceModel + Device and starting its simulated mapper"
+sed "s/nodeName: edge-1/nodeName: $NODE/" build/examples/thermometer.yaml | K apply --validate=false -f - >/dev/null
+"$BIN/thermometer-mapper" --broker tcp://127.0.0.1:1883 --device default/thermo-1 >"$LOCAL/mapper.log" 2>&1 &
+echo "thermometer-mapper $!" >>"$LOCAL/pids"
 
 echo
 echo "Running (PIDs in $LOCAL/pids):"
 cat "$LOCAL/pids"
 echo
 echo "Look at:"
-echo "  kubectl --kubeconfig $KC get node $NODE --show-labels        # the edge Node cloudcore registered"
-echo "  kubectl --kubeconfig $KC -n kube-node-lease get lease $NODE -o yaml   # renewed while the node is connected"
-echo "  grep -E 'edge node connected|initial sync' $LOCAL/cloudcore.log"
-echo "  grep 'to node' $LOCAL/cloudcore.log          # the ConfigMap, then the pod, queued for $NODE"
-echo "  grep 'stored; acking' $LOCAL/edgecore.log      # ...stored on the edge and acknowledged"
-echo "  kubectl --server http://127.0.0.1:10550 get pods,cm -A      # the edge's own read-only API (MetaServer)"
-echo "  ls -l $LOCAL/edge-certs                                     # the node's key and certificate (0600)"
+echo "  kubectl --kubeconfig $KC get nodes,pods -o wide                   # the edge Node and the running pod"
+echo "  kubectl --kubeconfig $KC logs -f hello                            # logs through cloudcore (exec works too)"
+echo "  kubectl --kubeconfig $KC get devicestatus thermo-1 -o yaml        # reported temperature, moving towards the setpoint"
+echo "  kubectl --kubeconfig $KC patch device thermo-1 --type json -p '[{\"op\":\"replace\",\"path\":\"/spec/properties/1/desired/value\",\"value\":\"30\"}]'   # a new setpoint"
+echo "  kubectl --server http://127.0.0.1:10550 get pods,cm -A            # the edge's own read-only API (MetaServer)"
+echo "  curl -s http://127.0.0.1:10351/metrics                            # cloudcore's metrics"
+echo "  ls -l $LOCAL/edge-certs                                           # the node's key and certificate (0600)"
 echo "Stop with: hack/local-down.sh"
+trap - INT TERM EXIT
