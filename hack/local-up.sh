@@ -140,7 +140,7 @@ spec:
   containers:
     - name: hello
       image: $BUSYBOX_IMAGE
-      command: ["sh", "-c", "cat /config/greeting; exec sleep 3600"]
+      command: ["sh", "-c", "cat /config/greeting; echo; exec sleep 3600"]
       volumeMounts:
         - {name: config, mountPath: /config}
   volumes:
@@ -152,7 +152,8 @@ for _ in $(seq 300); do
   sleep 0.1
 done
 [ "$(K get pod hello -o jsonpath='{.status.phase}')" = Running ] || { echo "the pod did not start:"; tail -20 "$LOCAL/edgecore.log"; exit 1; }
-echo "   pod hello is Running; its log says: $(K logs hello 2>&1)"
+for _ in $(seq 50); do [ -n "$(K logs hello 2>/dev/null)" ] && break; sleep 0.1; done
+echo "   pod hello is Running; kubectl logs hello says: $(K logs hello 2>&1)"
 
 echo ">> [8/8] applying the example thermometer DeviceModel + Device and starting its simulated mapper"
 sed "s/nodeName: edge-1/nodeName: $NODE/" build/examples/thermometer.yaml | K apply --validate=false -f - >/dev/null
