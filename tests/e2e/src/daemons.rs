@@ -53,6 +53,17 @@ impl Setup {
     /// Writes `cloudcore.yaml` (against `kubeconfig`) and `edgecore.yaml` (node `node`) into
     /// `dir`, on free loopback ports, with a 1 s heartbeat and Lease renewal.
     pub fn write(dir: &Path, kubeconfig: &Path, node: &str) -> anyhow::Result<Setup> {
+        Self::write_with_cloud_at(dir, kubeconfig, node, "127.0.0.1")
+    }
+
+    /// Like [`Setup::write`], with cloudcore's WebSocket and bootstrap listeners (and the
+    /// addresses edgecore dials) on `cloud_ip`: for an edge in another network namespace.
+    pub fn write_with_cloud_at(
+        dir: &Path,
+        kubeconfig: &Path,
+        node: &str,
+        cloud_ip: &str,
+    ) -> anyhow::Result<Setup> {
         let port = crate::procfs::free_port;
         let (ws, https, meta, mqtt, stream) = (port()?, port()?, port()?, port()?, port()?);
         let observe = port()?;
@@ -61,7 +72,7 @@ impl Setup {
         std::fs::write(
             &cloudcore_config,
             format!(
-                "kubeAPIConfig:\n  kubeConfig: {kc}\nmodules:\n  cloudHub:\n    certDir: {d}/cloud-certs\n    advertiseAddress: [\"127.0.0.1\"]\n    websocket: {{address: 127.0.0.1, port: {ws}}}\n    https: {{address: 127.0.0.1, port: {https}}}\n  edgeController:\n    nodeUpdateFrequency: 1\n  cloudStream:\n    address: 127.0.0.1\n    port: {stream}\nobservability: {{address: 127.0.0.1, port: {observe}}}\n",
+                "kubeAPIConfig:\n  kubeConfig: {kc}\nmodules:\n  cloudHub:\n    certDir: {d}/cloud-certs\n    advertiseAddress: [\"{cloud_ip}\"]\n    websocket: {{address: {cloud_ip}, port: {ws}}}\n    https: {{address: {cloud_ip}, port: {https}}}\n  edgeController:\n    nodeUpdateFrequency: 1\n  cloudStream:\n    address: 127.0.0.1\n    port: {stream}\nobservability: {{address: 127.0.0.1, port: {observe}}}\n",
                 kc = kubeconfig.display(),
             ),
         )?;
@@ -69,7 +80,7 @@ impl Setup {
         std::fs::write(
             &edgecore_config,
             format!(
-                "database:\n  dataSource: {d}/edge/edgecore.db\nmodules:\n  edgeHub:\n    heartbeat: 1\n    httpServer: https://127.0.0.1:{https}\n    tlsCaFile: {d}/edge/ca.crt\n    tlsCertFile: {d}/edge/edge.crt\n    tlsPrivateKeyFile: {d}/edge/edge.key\n    websocket: {{server: 127.0.0.1:{ws}}}\n  edged:\n    hostnameOverride: {node}\n    tailoredKubeletConfig:\n      containerRuntimeEndpoint: unix://{d}/no-runtime.sock\n      podLogsDir: {d}/pods\n      rootDirectory: {d}/edged\n  metaManager:\n    metaServer: {{server: 127.0.0.1:{meta}}}\n  eventBus:\n    mqttServerInternal: tcp://127.0.0.1:{mqtt}\n  deviceTwin:\n    dmiSockPath: {d}/edge/dmi.sock\n",
+                "database:\n  dataSource: {d}/edge/edgecore.db\nmodules:\n  edgeHub:\n    heartbeat: 1\n    httpServer: https://{cloud_ip}:{https}\n    tlsCaFile: {d}/edge/ca.crt\n    tlsCertFile: {d}/edge/edge.crt\n    tlsPrivateKeyFile: {d}/edge/edge.key\n    websocket: {{server: {cloud_ip}:{ws}}}\n  edged:\n    hostnameOverride: {node}\n    tailoredKubeletConfig:\n      containerRuntimeEndpoint: unix://{d}/no-runtime.sock\n      podLogsDir: {d}/pods\n      rootDirectory: {d}/edged\n  metaManager:\n    metaServer: {{server: 127.0.0.1:{meta}}}\n  eventBus:\n    mqttServerInternal: tcp://127.0.0.1:{mqtt}\n  deviceTwin:\n    dmiSockPath: {d}/edge/dmi.sock\n",
             ),
         )?;
         Ok(Setup {
@@ -168,6 +179,20 @@ impl Setup {
         )
     }
 
+    /// edgecore started through `prefix` (e.g. `ip netns exec NAME`, which execs it: the PID
+    /// is edgecore's).
+    pub fn edgecore_via(&self, prefix: &[String]) -> anyhow::Result<Daemon> {
+        let mut d = Daemon {
+            bin: bin("edgecore")?,
+            config: self.edgecore_config.clone(),
+            log: self.dir.join("edgecore.log"),
+            prefix: prefix.to_vec(),
+            child: None,
+        };
+        d.start()?;
+        Ok(d)
+    }
+
     /// Waits (30 s at most) until cloudcore's log says it listens.
     pub async fn wait_cloudcore_listening(&self) -> anyhow::Result<()> {
         let log = self.dir.join("cloudcore.log");
@@ -216,6 +241,8 @@ pub struct Daemon {
     bin: PathBuf,
     config: PathBuf,
     log: PathBuf,
+    /// A command the daemon is started through (empty: none).
+    prefix: Vec<String>,
     child: Option<Child>,
 }
 
@@ -225,6 +252,7 @@ impl Daemon {
             bin,
             config: config.to_owned(),
             log,
+            prefix: Vec::new(),
             child: None,
         };
         d.start()?;
@@ -240,7 +268,15 @@ impl Daemon {
             .create(true)
             .append(true)
             .open(&self.log)?;
-        let child = Command::new(&self.bin)
+        let mut cmd = match self.prefix.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(&self.bin);
+                c
+            }
+            None => Command::new(&self.bin),
+        };
+        let child = cmd
             .arg("--config")
             .arg(&self.config)
             // KEDGE_DAEMON_LOG: more detail when debugging a test.

@@ -20,6 +20,7 @@ pub mod daemons;
 pub mod edge;
 pub mod edgerig;
 pub mod kubelet;
+pub mod netns;
 pub mod procfs;
 pub mod proxy;
 pub mod registry;
