@@ -136,6 +136,7 @@ pub async fn run(cfg: EdgeCoreConfig) -> anyhow::Result<()> {
             .with_context(|| format!("reading the outbox in {}", db_path.display()))?,
     );
     tracing::info!(database = %db_path.display(), sequence = store.seq(), "MetaManager database open");
+    let mut hub = EdgeHub::new(settings, creds, Arc::new(store.clone()), outbox.clone());
     let ms = &cfg.modules.meta_manager;
     if ms.enable && ms.meta_server.enable {
         let addr = ms
@@ -149,13 +150,17 @@ pub async fn run(cfg: EdgeCoreConfig) -> anyhow::Result<()> {
                 addr,
                 serve_secrets: ms.meta_server.serve_secrets,
                 bookmark_interval: Duration::from_secs(60),
+                metrics: Some(Arc::new(edgecore::observability::EdgeMetrics::new(
+                    store.clone(),
+                    outbox.clone(),
+                    hub.link_state(),
+                ))),
             },
             shutdown.clone(),
         )
         .await?;
-        tracing::info!(%bound, "MetaServer listening (read-only Kubernetes API)");
+        tracing::info!(%bound, "MetaServer listening (read-only Kubernetes API, /healthz, /metrics)");
     }
-    let mut hub = EdgeHub::new(settings, creds, Arc::new(store.clone()), outbox.clone());
     if cfg.modules.event_bus.enable && cfg.modules.device_twin.enable {
         let (cloud_tx, cloud_rx) = tokio::sync::mpsc::channel(1024);
         match start_devicetwin(&cfg, &node, store.clone(), outbox.clone(), shutdown.clone()).await {

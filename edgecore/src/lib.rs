@@ -12,4 +12,5 @@ pub mod eventbus;
 mod kubeedge_capture;
 pub mod memory;
 pub mod metamanager;
+pub mod observability;
 pub mod unix_grpc;

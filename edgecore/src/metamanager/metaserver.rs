@@ -140,6 +140,8 @@ pub struct MetaServerSettings {
     pub addr: SocketAddr,
     pub serve_secrets: bool,
     pub bookmark_interval: Duration,
+    /// Served at `/metrics` when set.
+    pub metrics: Option<Arc<crate::observability::EdgeMetrics>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -222,6 +224,22 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Body> {
     let path = req.uri().path().to_owned();
     let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
     match segs.as_slice() {
+        ["metrics"] => match &state.settings.metrics {
+            Some(m) => match m.render().await {
+                Ok(text) => {
+                    let mut r = Response::new(Full::new(Bytes::from(text)).boxed());
+                    r.headers_mut().insert(
+                        http::header::CONTENT_TYPE,
+                        http::HeaderValue::from_static(
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        ),
+                    );
+                    r
+                }
+                Err(e) => status(500, "InternalError", &format!("metrics: {e}")),
+            },
+            None => not_found(),
+        },
         ["healthz"] | ["readyz"] | ["livez"] => {
             Response::new(Full::new(Bytes::from_static(b"ok")).boxed())
         }

@@ -55,6 +55,7 @@ async fn metaserver_on(store: &SqliteStore, stop: &CancellationToken) -> String 
             addr: "127.0.0.1:0".parse().unwrap(),
             serve_secrets: false,
             bookmark_interval: Duration::from_secs(1),
+            metrics: None,
         },
         stop.clone(),
     )
@@ -76,6 +77,81 @@ fn kubectl(server: &str, args: &[&str]) -> (bool, String, String) {
         String::from_utf8_lossy(&o.stdout).into_owned(),
         String::from_utf8_lossy(&o.stderr).into_owned(),
     )
+}
+
+/// edgecore's `/metrics` on the MetaServer, read with `kubectl get --raw`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_metaserver_serves_edgecore_metrics() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(&dir.path().join("edge.db"))
+        .await
+        .unwrap();
+    let outbox = Arc::new(SqliteOutbox::new(&store).await.unwrap());
+    for (i, phase) in ["Running", "Running", "Pending"].iter().enumerate() {
+        store
+            .apply(&object(
+                "pod",
+                &format!("p-{i}"),
+                10 + i as u64,
+                json!({"spec": {"nodeName": "edge-1"}, "status": {"phase": phase}}),
+            ))
+            .await
+            .unwrap();
+    }
+    store
+        .apply(&object("configmap", "cfg", 20, json!({"data": {"k": "v"}})))
+        .await
+        .unwrap();
+    outbox
+        .put(
+            "default/podstatus/p-0",
+            object("podstatus", "p-0", 0, json!({})),
+        )
+        .await
+        .unwrap();
+    let (_link_tx, link) = tokio::sync::watch::channel(LinkState::Connected);
+    let stop = CancellationToken::new();
+    let addr = metaserver::start(
+        store.clone(),
+        MetaServerSettings {
+            addr: "127.0.0.1:0".parse().unwrap(),
+            serve_secrets: false,
+            bookmark_interval: Duration::from_secs(1),
+            metrics: Some(Arc::new(edgecore::observability::EdgeMetrics::new(
+                store.clone(),
+                outbox.clone(),
+                link,
+            ))),
+        },
+        stop.clone(),
+    )
+    .await
+    .unwrap();
+    let server = format!("http://{addr}");
+    let (ok, text, err) =
+        tokio::task::spawn_blocking(move || kubectl(&server, &["get", "--raw", "/metrics"]))
+            .await
+            .unwrap();
+    assert!(ok, "{err}");
+    for line in [
+        "kedge_edgecore_cloud_connected 1",
+        "kedge_edgecore_outbox_reports 1",
+        "kedge_edgecore_store_objects{kind=\"pod\"} 3",
+        "kedge_edgecore_store_objects{kind=\"configmap\"} 1",
+        "kedge_edgecore_pods{phase=\"Running\"} 2",
+        "kedge_edgecore_pods{phase=\"Pending\"} 1",
+        "kedge_edgecore_store_messages_total 5",
+    ] {
+        assert!(
+            text.lines().any(|l| l == line),
+            "{line} missing in:\n{text}"
+        );
+    }
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("kedge_edgecore_store_bytes ") && !l.ends_with(" 0"))
+    );
+    stop.cancel();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -158,6 +158,7 @@ async fn main() -> anyhow::Result<()> {
             addr: "127.0.0.1:0".parse()?,
             serve_secrets: false,
             bookmark_interval: Duration::from_secs(60),
+            metrics: None,
         },
         ms_stop.clone(),
     )
