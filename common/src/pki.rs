@@ -159,11 +159,21 @@ impl CertificateAuthority {
             KeyUsagePurpose::KeyEncipherment,
         ];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        self.sign_new(params, &key, validity)
+    }
+
+    /// Signs `params` for `key`, valid from five minutes ago (clock skew) for `validity`.
+    fn sign_new(
+        &self,
+        mut params: CertificateParams,
+        key: &KeyPair,
+        validity: Duration,
+    ) -> Result<CertAndKey, PkiError> {
         params.not_before = offset_from_now(Duration::ZERO) - Duration::from_secs(300);
         params.not_after = offset_from_now(validity);
         params.serial_number = Some(random_serial()?);
         let cert = params
-            .signed_by(&key, &self.issuer)
+            .signed_by(key, &self.issuer)
             .map_err(PkiError::Generate)?;
         Ok(CertAndKey {
             cert_pem: cert.pem(),
@@ -194,17 +204,7 @@ impl CertificateAuthority {
             KeyUsagePurpose::KeyEncipherment,
         ];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        params.not_before = offset_from_now(Duration::ZERO) - Duration::from_secs(300);
-        params.not_after = offset_from_now(validity);
-        params.serial_number = Some(random_serial()?);
-        let cert = params
-            .signed_by(&key, &self.issuer)
-            .map_err(PkiError::Generate)?;
-        Ok(CertAndKey {
-            cert_pem: cert.pem(),
-            cert_der: cert.der().to_vec(),
-            key_pem: key.serialize_pem(),
-        })
+        self.sign_new(params, &key, validity)
     }
 
     /// Signs a node's CSR (PEM, or DER as KubeEdge's edgecore sends it). The CSR's signature must verify and its subject must be exactly

@@ -36,6 +36,19 @@ pub const WINDOW: usize = 256 * 1024;
 /// Open streams per link; more are refused (the cloud answers 503).
 pub const MAX_STREAMS: usize = 128;
 const HEADER_LEN: usize = 6;
+/// Outgoing stream frames a session queues for its writer.
+pub const OUTGOING_QUEUE: usize = 64;
+/// Stream frames a session writer sends per turn before its messages get theirs again.
+pub const FRAMES_PER_TURN: usize = 16;
+
+/// The next frame a session writer should send, or never when the session has no streams (for
+/// a `select!` branch).
+pub async fn next_outgoing(out: &mut Option<mpsc::Receiver<StreamFrame>>) -> Option<StreamFrame> {
+    match out {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
 use kedge_common::inventory;
-use kedge_common::stream::{Mux, MuxError, Stream, StreamFrame, StreamRequest};
+use kedge_common::stream::{self, Mux, MuxError, Stream, StreamFrame, StreamRequest};
 use kedge_common::wire::{Incoming, WireCodec, encode_stream};
 use kedge_common::{Message, Operation, ResourcePath};
 use tokio::net::{TcpListener, TcpStream};
@@ -302,6 +302,18 @@ impl CloudHubHandle {
             nodes.values().cloned().collect()
         };
         slots.iter().map(|s| s.queue().outstanding()).sum()
+    }
+
+    /// See [`queue::NodeQueue::order_references_first`].
+    pub fn order_references_first(&self, node: &str) {
+        let slot = {
+            let nodes = self.hub.nodes.lock().unwrap_or_else(|p| p.into_inner());
+            nodes.get(node).cloned()
+        };
+        if let Some(slot) = slot {
+            slot.queue().order_references_first();
+            slot.wake.notify_one();
+        }
     }
 
     /// Messages waiting to be sent or acked for `node`.
@@ -616,7 +628,7 @@ where
     let (mux, stream_out) = if kubeedge {
         (None, None)
     } else {
-        let (mux, out) = Mux::new(STREAM_FRAME_QUEUE);
+        let (mux, out) = Mux::new(stream::OUTGOING_QUEUE);
         *slot.streams() = Some(mux.clone());
         (Some(mux), Some(out))
     };
@@ -674,19 +686,6 @@ struct Session {
     mux: Option<Mux>,
 }
 
-/// Stream frames waiting for the session writer (each at most `stream::MAX_DATA` bytes).
-const STREAM_FRAME_QUEUE: usize = 64;
-/// Stream frames written per turn before object messages get their turn again.
-const STREAM_FRAMES_PER_TURN: usize = 16;
-
-/// The next outgoing stream frame, or never when the session has no streams.
-async fn next_stream_frame(out: &mut Option<mpsc::Receiver<StreamFrame>>) -> Option<StreamFrame> {
-    match out {
-        Some(rx) => rx.recv().await,
-        None => std::future::pending().await,
-    }
-}
-
 async fn session_loop<S>(
     hub: &Hub,
     slot: Arc<NodeSlot>,
@@ -738,7 +737,7 @@ where
                 return Ok(());
             }
             _ = slot.wake.notified() => {}
-            Some(frame) = next_stream_frame(&mut stream_out) => {
+            Some(frame) = stream::next_outgoing(&mut stream_out) => {
                 // Object messages (written at the top of the loop) go first; streams get a
                 // bounded turn, so a busy `logs -f` delays them by at most a few frames.
                 let mut frame = Some(frame);
@@ -748,7 +747,7 @@ where
                         .await
                         .map_err(|e| format!("write to {node} failed: {e}"))?;
                     written += 1;
-                    if written < STREAM_FRAMES_PER_TURN {
+                    if written < stream::FRAMES_PER_TURN {
                         frame = stream_out.as_mut().and_then(|rx| rx.try_recv().ok());
                     }
                 }

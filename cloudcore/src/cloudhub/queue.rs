@@ -258,6 +258,30 @@ impl NodeQueue {
         self.hold
     }
 
+    /// Reorders what waits to be sent so that references go before the objects that use them:
+    /// pod deletes first, then ConfigMaps, Secrets, the Node and device models, then devices and
+    /// pods (stable otherwise). The controllers call it after they queued what an inventory said
+    /// the node lacks: an update queued while the node was away must not reach it before the
+    /// ConfigMap its pod mounts.
+    pub fn order_references_first(&mut self) {
+        let rank = |key: &ObjectKey, entries: &HashMap<ObjectKey, Entry>| {
+            let delete = entries
+                .get(key)
+                .and_then(|e| e.pending.as_ref())
+                .is_some_and(|m| m.route.operation == Operation::Delete);
+            match (delete, key.kind.as_str()) {
+                (true, "pod") => 0,
+                (true, _) => 4,
+                (false, "pod" | "device") => 2,
+                (false, _) => 1,
+            }
+        };
+        let entries = &self.entries;
+        let mut order: Vec<ObjectKey> = self.order.drain(..).collect();
+        order.sort_by_key(|k| rank(k, entries));
+        self.order = order.into();
+    }
+
     /// Sends again without an inventory (the edge could not produce one): the queue keeps what
     /// it learnt from acks.
     pub fn release(&mut self) {
@@ -713,6 +737,33 @@ mod tests {
         assert_eq!(q.push(Some(key("e")), del("e", 7)).unwrap(), Pushed::Queued);
         assert_eq!(q.push(Some(key("e")), del("e", 7)).unwrap(), Pushed::Stale);
         assert_eq!(q.push(Some(key("b")), msg("b", 3)).unwrap(), Pushed::Stale);
+    }
+
+    #[test]
+    fn references_go_before_the_pods_that_use_them() {
+        let limits = QueueLimits {
+            max_in_flight: 100,
+            ..limits()
+        };
+        let mut q = NodeQueue::new("n1", limits);
+        let t = Instant::now();
+        let cm = ObjectKey {
+            kind: "configmap".into(),
+            ..key("cfg")
+        };
+        // A pod update queued while the node was away, then its ConfigMap and a deleted pod.
+        q.push(Some(key("web")), msg("web", 21)).unwrap();
+        q.push(Some(cm.clone()), msg("cfg", 19)).unwrap();
+        q.push(Some(key("old")), del("old", 22)).unwrap();
+        q.order_references_first();
+        let sent: Vec<String> = std::iter::from_fn(|| q.next_to_send(t))
+            .map(|m| m.header.resource_version)
+            .collect();
+        assert_eq!(
+            sent,
+            ["22", "19", "21"],
+            "pod delete, ConfigMap, then the pod"
+        );
     }
 
     #[test]

@@ -235,6 +235,9 @@ impl Loop {
         for (key, rv, op, content) in to_send {
             self.send(node, key, &rv, op, content);
         }
+        // Versions queued while the node was away (a pod's newer status, say) went into the
+        // queue before the references just sent: put those first.
+        self.hub.order_references_first(node);
         self.stats
             .inventories_reconciled
             .fetch_add(1, Ordering::Relaxed);

@@ -30,7 +30,7 @@ use futures_util::{FutureExt, SinkExt, StreamExt};
 use kedge_common::backoff::Backoff;
 use kedge_common::inventory;
 use kedge_common::message::{group, module};
-use kedge_common::stream::{Mux, Stream, StreamFrame, StreamRequest};
+use kedge_common::stream::{self, Mux, Stream, StreamRequest};
 use kedge_common::wire::{Incoming, WireCodec, encode_stream};
 use kedge_common::{Message, Operation};
 use rustls::pki_types::ServerName;
@@ -392,7 +392,7 @@ impl<S: ObjectStore, O: Outbox> EdgeHub<S, O> {
         // Streams exist only with our cloud; they end with the session.
         let (mux, mut stream_out) = match cloud {
             CloudKind::Kedge => {
-                let (mux, out) = Mux::new(STREAM_FRAME_QUEUE);
+                let (mux, out) = Mux::new(stream::OUTGOING_QUEUE);
                 (Some(mux), Some(out))
             }
             CloudKind::KubeEdge => (None, None),
@@ -473,7 +473,7 @@ impl<S: ObjectStore, O: Outbox> EdgeHub<S, O> {
                     }
                     outbox_dirty = true;
                 }
-                Some(frame) = next_stream_frame(&mut stream_out) => {
+                Some(frame) = stream::next_outgoing(&mut stream_out) => {
                     // Reports (written at the top of the loop) and acks go first; streams get
                     // a bounded turn.
                     let mut frame = Some(frame);
@@ -481,7 +481,7 @@ impl<S: ObjectStore, O: Outbox> EdgeHub<S, O> {
                     while let Some(f) = frame.take() {
                         sink.feed(encode_stream(&f)).await.map_err(lost)?;
                         written += 1;
-                        if written < STREAM_FRAMES_PER_TURN {
+                        if written < stream::FRAMES_PER_TURN {
                             frame = stream_out.as_mut().and_then(|rx| rx.try_recv().ok());
                         }
                     }
@@ -728,19 +728,6 @@ enum Downstream {
     Done,
     Reply(Box<Message>),
     Pending(PendingAck),
-}
-
-/// Stream frames waiting for the session writer.
-const STREAM_FRAME_QUEUE: usize = 64;
-/// Stream frames written per turn before reports and acks get theirs.
-const STREAM_FRAMES_PER_TURN: usize = 16;
-
-/// The next outgoing stream frame, or never when the session has no streams.
-async fn next_stream_frame(out: &mut Option<mpsc::Receiver<StreamFrame>>) -> Option<StreamFrame> {
-    match out {
-        Some(rx) => rx.recv().await,
-        None => std::future::pending().await,
-    }
 }
 
 /// Resets the session's streams however the session ends (error, shutdown, close).

@@ -118,6 +118,27 @@ impl Drop for TestCloud {
 
 /// A node identity (key, certificate valid for a day, CA) signed directly by `ca`, as the
 /// bootstrap endpoint would sign it.
+/// cloudcore as the in-process tests run it: WebSocket on `websocket_addr`, no bootstrap
+/// endpoint (tests issue node certificates directly), namespace `kubeedge`.
+pub fn cloudcore_options(
+    websocket_addr: SocketAddr,
+    edge: cloudcore::edgecontroller::EdgeControllerSettings,
+    stream: Option<cloudcore::server::StreamServerOptions>,
+) -> cloudcore::server::CloudCoreOptions {
+    cloudcore::server::CloudCoreOptions {
+        hub: CloudHubOptions {
+            websocket_addr,
+            bootstrap_addr: None,
+            settings: HubSettings::default(),
+            node_cert_validity: Duration::from_secs(86_400),
+            upstream_capacity: 4096,
+        },
+        namespace: "kubeedge".into(),
+        edge,
+        stream,
+    }
+}
+
 pub fn issue_node_credentials(
     ca: &pki::CertificateAuthority,
     node: &str,

@@ -15,16 +15,8 @@ use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 async fn http_get(port: u16, path: &str) -> Option<serde_json::Value> {
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .ok()?;
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .ok()?;
-    let mut out = Vec::new();
-    s.read_to_end(&mut out).await.ok()?;
-    let text = String::from_utf8_lossy(&out).into_owned();
-    serde_json::from_str(text.split("\r\n\r\n").nth(1)?).ok()
+    let (_, body) = http_text(port, path).await?;
+    serde_json::from_str(&body).ok()
 }
 
 /// Status and body of a plain-text GET.

@@ -14,9 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cloudcore::cloudhub::certs;
-use cloudcore::cloudhub::{CloudHubOptions, HubSettings};
 use cloudcore::edgecontroller::EdgeControllerSettings;
-use cloudcore::server::CloudCoreOptions;
 use futures_util::{SinkExt, StreamExt};
 use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Secret};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -222,23 +220,16 @@ async fn start_cloud() -> (
     let dir = tempfile::tempdir().unwrap();
     let pki =
         Arc::new(certs::load_or_create_in_dir(dir.path(), &["127.0.0.1".to_owned()]).unwrap());
-    let opts = CloudCoreOptions {
-        hub: CloudHubOptions {
-            websocket_addr: "127.0.0.1:0".parse().unwrap(),
-            bootstrap_addr: None,
-            settings: HubSettings::default(),
-            node_cert_validity: Duration::from_secs(86_400),
-            upstream_capacity: 4096,
-        },
-        namespace: "kubeedge".into(),
-        edge: EdgeControllerSettings {
+    let opts = kedge_e2e::cloud::cloudcore_options(
+        "127.0.0.1:0".parse().unwrap(),
+        EdgeControllerSettings {
             node_update_frequency: Duration::from_millis(200),
             lease_duration_seconds: 40,
             devices: true,
             kubelet_endpoint: None,
         },
-        stream: None,
-    };
+        None,
+    );
     let cloud = cloudcore::server::start(client.clone(), pki.clone(), opts)
         .await
         .unwrap();

@@ -8,10 +8,10 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use cloudcore::cloudhub::{CloudHubOptions, HubSettings, certs};
+use cloudcore::cloudhub::certs;
 use cloudcore::cloudstream::authz::SubjectAccessReviewer;
 use cloudcore::edgecontroller::EdgeControllerSettings;
-use cloudcore::server::{CloudCoreOptions, RunningCloudCore, StreamServerOptions};
+use cloudcore::server::{RunningCloudCore, StreamServerOptions};
 use k8s_openapi::api::core::v1::Pod;
 use kedge_common::stream::{Stream, StreamRequest};
 use kedge_e2e::apiserver::TestApiServer;
@@ -41,22 +41,15 @@ async fn start_cloud() -> Cloud {
     let dir = tempfile::tempdir().unwrap();
     let pki =
         Arc::new(certs::load_or_create_in_dir(dir.path(), &["127.0.0.1".to_owned()]).unwrap());
-    let opts = CloudCoreOptions {
-        hub: CloudHubOptions {
-            websocket_addr: "127.0.0.1:0".parse().unwrap(),
-            bootstrap_addr: None,
-            settings: HubSettings::default(),
-            node_cert_validity: Duration::from_secs(86_400),
-            upstream_capacity: 4096,
-        },
-        namespace: "kubeedge".into(),
-        edge: EdgeControllerSettings::default(),
-        stream: Some(StreamServerOptions {
+    let opts = kedge_e2e::cloud::cloudcore_options(
+        "127.0.0.1:0".parse().unwrap(),
+        EdgeControllerSettings::default(),
+        Some(StreamServerOptions {
             listen: "127.0.0.1:0".parse().unwrap(),
             client_ca_pem: server.client_ca_pem().to_owned(),
             authorizer: Arc::new(SubjectAccessReviewer::new(client.clone())),
         }),
-    };
+    );
     let cloud = cloudcore::server::start(client.clone(), pki.clone(), opts)
         .await
         .unwrap();

@@ -194,14 +194,16 @@ async fn main() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let setup = Setup::write(dir.path(), server.kubeconfig_path(), NODE)?;
     setup.use_container_runtime(&ctr.socket, &ctr.cgroup_parent)?;
-    let (_cloud, edge) = setup.start_both().await?;
+    let (cloud, edge) = setup.start_both().await?;
     let pid = edge.pid().context("edgecore pid")?;
+    let cloud_pid = cloud.pid().context("cloudcore pid")?;
     let nodes: Api<Node> = Api::all(client.clone());
     while nodes.get_opt(NODE).await?.is_none() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     tokio::time::sleep(Duration::from_secs(3)).await;
     let rss_idle = rss_mib(pid);
+    let cloud_rss_idle = rss_mib(cloud_pid);
     let pods: Api<Pod> = Api::default_namespaced(client.clone());
 
     let mut kedge_seq = Vec::new();
@@ -265,6 +267,7 @@ async fn main() -> anyhow::Result<()> {
         .with_context(|| setup.log_tails(80))?;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let rss_10 = rss_mib(pid);
+    let cloud_rss_10 = rss_mib(cloud_pid);
     if let Ok(secs) = std::env::var("KEDGE_BENCH_HOLD").map(|s| s.parse::<u64>().unwrap_or(60)) {
         // For a look at the process (e.g. /proc/<pid>/smaps_rollup) with 10 pods running.
         eprintln!("edgecore pid {pid} with 10 pods; holding {secs} s");
@@ -333,6 +336,9 @@ async fn main() -> anyhow::Result<()> {
         percentiles(parallel)
     );
     println!("edgecore RSS: {rss_idle:.1} MiB idle (MetaServer on), {rss_10:.1} MiB with 10 pods");
+    println!(
+        "cloudcore RSS: {cloud_rss_idle:.1} MiB with one idle node, {cloud_rss_10:.1} MiB with its 10 pods"
+    );
     println!(
         "ConfigMap change -> new file content in the container: {}",
         percentiles(cm_times)

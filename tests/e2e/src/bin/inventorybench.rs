@@ -18,9 +18,8 @@ use std::time::{Duration, Instant};
 use anyhow::bail;
 use clap::Parser;
 use cloudcore::cloudhub::certs;
-use cloudcore::cloudhub::{CloudHubOptions, HubSettings};
 use cloudcore::edgecontroller::EdgeControllerSettings;
-use cloudcore::server::{CloudCoreOptions, RunningCloudCore};
+use cloudcore::server::RunningCloudCore;
 use edgecore::edgehub::credentials::NodeCredentials;
 use edgecore::edgehub::{EdgeHub, EdgeHubSettings};
 use edgecore::metamanager::sqlite::{SqliteOutbox, SqliteStore};
@@ -62,18 +61,11 @@ impl Bench {
             &dir.path().join("pki"),
             &["127.0.0.1".to_owned()],
         )?);
-        let opts = CloudCoreOptions {
-            hub: CloudHubOptions {
-                websocket_addr: "127.0.0.1:0".parse()?,
-                bootstrap_addr: None,
-                settings: HubSettings::default(),
-                node_cert_validity: Duration::from_secs(86_400),
-                upstream_capacity: 4096,
-            },
-            namespace: "kubeedge".into(),
-            edge: EdgeControllerSettings::default(),
-            stream: None,
-        };
+        let opts = kedge_e2e::cloud::cloudcore_options(
+            "127.0.0.1:0".parse()?,
+            EdgeControllerSettings::default(),
+            None,
+        );
         let cloud = cloudcore::server::start(client.clone(), pki.clone(), opts).await?;
         let creds = kedge_e2e::cloud::issue_node_credentials(&pki.ca, NODE)?;
         let store = SqliteStore::open(&dir.path().join("edge.db")).await?;
