@@ -112,6 +112,23 @@ async fn bind_pod(client: &kube::Client, name: &str, node: &str) {
     pods.create(&PostParams::default(), &pod).await.unwrap();
 }
 
+/// A client of CloudStream with the API server's kubelet client certificate, once `target` is
+/// served (cloudcore learns of pods from its watch).
+async fn as_the_api_server(c: &Cloud, target: &str) -> KubeletApiClient {
+    let apiserver = KubeletApiClient::new(
+        c.cloud.stream_addr.unwrap(),
+        c.server.cluster_ca(),
+        KUBELET_CLIENT_USER,
+        Some("kubeadm:cluster-admins"),
+    )
+    .unwrap();
+    kedge_e2e::wait_until(&format!("{target} served"), T, || async {
+        apiserver.get(target).await.is_ok_and(|(s, _)| s == 200)
+    })
+    .await;
+    apiserver
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_reach_only_the_pods_node_and_only_authorized_callers_get_them() {
     let c = start_cloud().await;
@@ -133,21 +150,7 @@ async fn streams_reach_only_the_pods_node_and_only_authorized_callers_get_them()
     }
     bind_pod(&c.client, "pa", "node-a").await;
     bind_pod(&c.client, "pb", "node-b").await;
-    let apiserver = KubeletApiClient::new(
-        stream_addr,
-        c.server.cluster_ca(),
-        KUBELET_CLIENT_USER,
-        Some("kubeadm:cluster-admins"),
-    )
-    .unwrap();
-    // (cloudcore learns of the pods from its watch.)
-    kedge_e2e::wait_until("pods routed", T, || async {
-        apiserver
-            .get("/containerLogs/default/pb/c")
-            .await
-            .is_ok_and(|(s, _)| s == 200)
-    })
-    .await;
+    let apiserver = as_the_api_server(&c, "/containerLogs/default/pb/c").await;
     let (status, body) = apiserver.get("/containerLogs/default/pa/c").await.unwrap();
     assert_eq!(
         (status, body.as_str()),
@@ -217,7 +220,6 @@ async fn streams_reach_only_the_pods_node_and_only_authorized_callers_get_them()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_followed_logs_do_not_starve_object_traffic() {
     let c = start_cloud().await;
-    let stream_addr = c.cloud.stream_addr.unwrap();
     let served: Served = Arc::default();
     let node = "busy";
     let store = Arc::new(RecordingStore::default());
@@ -233,20 +235,7 @@ async fn ten_followed_logs_do_not_starve_object_traffic() {
             .await
     );
     bind_pod(&c.client, "logger", node).await;
-    let apiserver = KubeletApiClient::new(
-        stream_addr,
-        c.server.cluster_ca(),
-        KUBELET_CLIENT_USER,
-        Some("kubeadm:cluster-admins"),
-    )
-    .unwrap();
-    kedge_e2e::wait_until("pod routed", T, || async {
-        apiserver
-            .get("/containerLogs/default/logger/c")
-            .await
-            .is_ok_and(|(s, _)| s == 200)
-    })
-    .await;
+    let apiserver = as_the_api_server(&c, "/containerLogs/default/logger/c").await;
 
     // Ten followers, each recording bytes read and its longest wait for a read.
     let stop = tokio_util::sync::CancellationToken::new();
