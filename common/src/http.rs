@@ -46,6 +46,23 @@ pub fn query_value<'a>(params: &'a [(String, String)], key: &str) -> Option<&'a 
         .map(|(_, v)| v.as_str())
 }
 
+/// A complete HTTP/1.1 response with a plain-text body (a newline added if it lacks one) that
+/// closes the connection: what the kubelet-API byte pipes (cloudcore's CloudStream, edged's
+/// stream server) answer when they answer themselves.
+pub fn text_response(status: u16, body: &str) -> Vec<u8> {
+    let reason = http::StatusCode::from_u16(status)
+        .ok()
+        .and_then(|s| s.canonical_reason())
+        .unwrap_or("Unknown");
+    let newline = if body.ends_with('\n') { "" } else { "\n" };
+    format!(
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain; charset=utf-8\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}{newline}",
+        body.len() + newline.len()
+    )
+    .into_bytes()
+}
+
 /// Response body of the local HTTP servers.
 pub type Body = http_body_util::combinators::BoxBody<bytes::Bytes, std::convert::Infallible>;
 
@@ -99,6 +116,17 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn text_responses_are_complete_http() {
+        let r = String::from_utf8(text_response(404, "pod x is not on this node")).unwrap();
+        assert!(r.starts_with("HTTP/1.1 404 Not Found\r\n"));
+        assert!(r.contains("Content-Length: 26\r\n"));
+        assert!(r.ends_with("\r\n\r\npod x is not on this node\n"));
+        let r = String::from_utf8(text_response(501, "x\n")).unwrap();
+        assert!(r.starts_with("HTTP/1.1 501 Not Implemented\r\n"));
+        assert!(r.ends_with("Content-Length: 2\r\nConnection: close\r\n\r\nx\n"));
+    }
 
     #[test]
     fn queries_decode() {

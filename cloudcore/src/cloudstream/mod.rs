@@ -221,30 +221,9 @@ fn verb_of(method: &str) -> &'static str {
 }
 
 async fn answer<W: tokio::io::AsyncWrite + Unpin>(io: &mut W, status: u16, message: &str) {
-    let bytes = text_response(status, message);
+    let bytes = kedge_common::http::text_response(status, message);
     let _ = io.write_all(&bytes).await;
     let _ = io.shutdown().await;
-}
-
-/// A plain-text HTTP/1.1 answer that closes the connection.
-fn text_response(status: u16, message: &str) -> Vec<u8> {
-    let reason = match status {
-        200 => "OK",
-        400 => "Bad Request",
-        401 => "Unauthorized",
-        403 => "Forbidden",
-        404 => "Not Found",
-        501 => "Not Implemented",
-        503 => "Service Unavailable",
-        _ => "Internal Server Error",
-    };
-    let body = format!("{message}\n");
-    format!(
-        "HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\n\
-         Connection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .into_bytes()
 }
 
 async fn handle(shared: Arc<Shared>, tls: TlsAcceptor, tcp: TcpStream) -> Result<(), String> {

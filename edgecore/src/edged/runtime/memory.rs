@@ -88,15 +88,11 @@ impl MemoryRuntime {
     pub fn exit_container(&self, id: &str, code: i32) -> Result<()> {
         let mut s = self.state();
         let now = s.now;
+        running(&s, id)?;
         let c = s
             .containers
             .get_mut(id)
             .ok_or_else(|| not_found("container", id))?;
-        if c.state != api::ContainerState::ContainerRunning {
-            return Err(RuntimeError::Invalid(format!(
-                "container {id} is not running"
-            )));
-        }
         c.state = api::ContainerState::ContainerExited;
         c.exit_code = code;
         c.finished_at = now;
@@ -116,21 +112,27 @@ impl MemoryRuntime {
     }
 }
 
+/// The container exists and runs (what the runtime requires before exec, attach or an exit).
+fn running(s: &State, id: &str) -> Result<()> {
+    let c = s
+        .containers
+        .get(id)
+        .ok_or_else(|| not_found("container", id))?;
+    if c.state != api::ContainerState::ContainerRunning {
+        return Err(RuntimeError::Invalid(format!(
+            "container {id} is not running"
+        )));
+    }
+    Ok(())
+}
+
 impl MemoryRuntime {
     /// A URL as containerd hands out (nothing serves it: the double has no streaming server),
     /// after the checks the runtime makes: the container must be running, the sandbox exist.
     fn streaming_url(&self, verb: &str, id: &str, container: bool) -> Result<String> {
         let s = self.state();
         if container {
-            let c = s
-                .containers
-                .get(id)
-                .ok_or_else(|| not_found("container", id))?;
-            if c.state != api::ContainerState::ContainerRunning {
-                return Err(RuntimeError::Invalid(format!(
-                    "container {id} is not running"
-                )));
-            }
+            running(&s, id)?;
         } else if !s.sandboxes.contains_key(id) {
             return Err(not_found("sandbox", id));
         }
@@ -433,16 +435,7 @@ impl Runtime for MemoryRuntime {
         _cmd: Vec<String>,
         _timeout_seconds: i64,
     ) -> Result<api::ExecSyncResponse> {
-        let s = self.state();
-        let c = s
-            .containers
-            .get(id)
-            .ok_or_else(|| not_found("container", id))?;
-        if c.state != api::ContainerState::ContainerRunning {
-            return Err(RuntimeError::Invalid(format!(
-                "container {id} is not running"
-            )));
-        }
+        running(&self.state(), id)?;
         Err(RuntimeError::Invalid(
             "the in-memory runtime runs no commands".into(),
         ))

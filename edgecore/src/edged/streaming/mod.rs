@@ -17,7 +17,7 @@ pub mod logs;
 use std::sync::Arc;
 use std::time::Duration;
 
-use kedge_common::http::{parse_query, percent_decode, query_value};
+use kedge_common::http::{parse_query, percent_decode, query_value, text_response};
 use kedge_common::stream::{Stream, StreamRequest};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -55,34 +55,6 @@ impl From<RuntimeError> for HttpError {
         let status = if e.is_not_found() { 404 } else { 500 };
         HttpError::new(status, e.to_string())
     }
-}
-
-fn reason(status: u16) -> &'static str {
-    match status {
-        200 => "OK",
-        400 => "Bad Request",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        502 => "Bad Gateway",
-        503 => "Service Unavailable",
-        _ => "Internal Server Error",
-    }
-}
-
-/// A complete HTTP/1.1 response with a plain-text body.
-pub fn text_response(status: u16, body: &str) -> Vec<u8> {
-    let body = if body.ends_with('\n') {
-        body.to_owned()
-    } else {
-        format!("{body}\n")
-    };
-    format!(
-        "HTTP/1.1 {status} {}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\n\
-         Connection: close\r\n\r\n{body}",
-        reason(status),
-        body.len()
-    )
-    .into_bytes()
 }
 
 /// What a request path asks for.
@@ -596,13 +568,5 @@ mod tests {
         bad.headers.push(("X".into(), "a\r\nEvil: 1".into()));
         assert_eq!(upstream_head(&bad, &host, &path).unwrap_err().status, 400);
         assert_eq!(split_url("https://x/y").unwrap_err().status, 502);
-    }
-
-    #[test]
-    fn responses_are_complete_http() {
-        let r = String::from_utf8(text_response(404, "pod x is not on this node")).unwrap();
-        assert!(r.starts_with("HTTP/1.1 404 Not Found\r\n"));
-        assert!(r.contains("Content-Length: 26\r\n"));
-        assert!(r.ends_with("\r\n\r\npod x is not on this node\n"));
     }
 }
