@@ -78,24 +78,7 @@ impl EdgeMetrics {
             .pending_count()
             .await
             .map_err(|e| e.to_string())? as u64;
-        let (rows, _) = self
-            .store
-            .list(None, None)
-            .await
-            .map_err(|e| e.to_string())?;
-        for r in &rows {
-            *s.objects.entry(r.kind.clone()).or_default() += 1;
-            if r.kind == "pod" {
-                let phase = r
-                    .object
-                    .content
-                    .pointer("/status/phase")
-                    .and_then(|p| p.as_str())
-                    .unwrap_or("Pending")
-                    .to_owned();
-                *s.pods.entry(phase).or_default() += 1;
-            }
-        }
+        (s.objects, s.pods) = self.store.counts().await.map_err(|e| e.to_string())?;
         let path = self.store.path().to_owned();
         s.db_bytes = tokio::task::spawn_blocking(move || db_bytes(path))
             .await

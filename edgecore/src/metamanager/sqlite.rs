@@ -13,6 +13,7 @@
 //!   edged, devicetwin and the MetaServer start (also after a restart).
 //! - A row that cannot be decoded is reported with its key and skipped, never fatal.
 
+use std::collections::BTreeMap;
 use std::collections::VecDeque;
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -249,6 +250,33 @@ impl SqliteStore {
         .map_err(storage)?;
         tx.commit().await.map_err(storage)?;
         Ok((rows, seq.max(0) as u64))
+    }
+
+    /// Live objects by kind, and pods by `status.phase` (`Pending` when unset; rows that are not
+    /// JSON count as `Unknown`), counted by SQLite without decoding any object (`/metrics`).
+    pub async fn counts(
+        &self,
+    ) -> Result<(BTreeMap<String, u64>, BTreeMap<String, u64>), StoreError> {
+        let by_kind: Vec<(String, i64)> =
+            sqlx::query_as("SELECT kind, COUNT(*) FROM objects WHERE deleted = 0 GROUP BY kind")
+                .fetch_all(&self.pool)
+                .await
+                .map_err(storage)?;
+        let by_phase: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT CASE WHEN json_valid(content) \
+                 THEN COALESCE(json_extract(content, '$.status.phase'), 'Pending') \
+                 ELSE 'Unknown' END AS phase, COUNT(*) \
+             FROM objects WHERE deleted = 0 AND kind = 'pod' GROUP BY phase",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(storage)?;
+        let collect = |rows: Vec<(String, i64)>| {
+            rows.into_iter()
+                .map(|(k, n)| (k, u64::try_from(n).unwrap_or(0)))
+                .collect()
+        };
+        Ok((collect(by_kind), collect(by_phase)))
     }
 
     fn report_corrupt(&self, row: &sqlx::sqlite::SqliteRow, error: &serde_json::Error) {
