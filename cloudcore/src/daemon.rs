@@ -10,6 +10,7 @@ use cloudcore::cloudstream::KubeletEndpoint;
 use cloudcore::cloudstream::authz::{AlwaysAllow, Authorizer, SubjectAccessReviewer};
 use cloudcore::config::CloudCoreConfig;
 use cloudcore::edgecontroller::EdgeControllerSettings;
+use cloudcore::nodeidentity::cluster::ClusterIdentities;
 use cloudcore::server::{CloudCoreOptions, StreamServerOptions};
 use k8s_openapi::api::core::v1::ConfigMap;
 use kedge_common::wire::WireCodec;
@@ -28,6 +29,64 @@ pub async fn load_pki(cfg: &CloudCoreConfig) -> anyhow::Result<certs::CloudPki> 
             &sans,
         )?)
     }
+}
+
+/// A join token valid for `ttl`; bound to `node` if given; with `uses`, counted by a record in
+/// cloudcore's namespace.
+pub async fn issue_token(
+    cfg: &CloudCoreConfig,
+    ttl: Duration,
+    node: Option<String>,
+    uses: Option<u32>,
+) -> anyhow::Result<String> {
+    let pki = load_pki(cfg).await?;
+    let mut claims = kedge_common::pki::JoinClaims {
+        node: node.clone(),
+        ..kedge_common::pki::JoinClaims::expiring_in(ttl)
+    };
+    if let Some(uses) = uses {
+        let jti =
+            kedge_common::pki::sha256_hex(&kedge_common::pki::random_secret()?)[..16].to_owned();
+        let client = cloudcore::kubeclient::client(&cfg.kube_api_config).await?;
+        ClusterIdentities::new(client, &cfg.modules.cloud_hub.namespace)
+            .create_token_record(&jti, uses, node.as_deref())
+            .await
+            .with_context(|| {
+                format!(
+                    "creating the use count of the token in namespace {}",
+                    cfg.modules.cloud_hub.namespace
+                )
+            })?;
+        claims.jti = Some(jti);
+    }
+    Ok(pki.issue_token_with(&claims))
+}
+
+/// `cloudcore node revoke|reset`.
+pub async fn node_action(
+    cfg: &CloudCoreConfig,
+    action: &crate::cli::NodeAction,
+) -> anyhow::Result<()> {
+    let client = cloudcore::kubeclient::client(&cfg.kube_api_config).await?;
+    let ids = ClusterIdentities::new(client, &cfg.modules.cloud_hub.namespace);
+    match action {
+        crate::cli::NodeAction::Revoke { name, reason } => {
+            ids.revoke(name, reason).await?;
+            println!(
+                "node {name}: certificates revoked; `cloudcore node reset {name}` allows a new join"
+            );
+        }
+        crate::cli::NodeAction::Reset { name } => {
+            if ids.reset(name).await? {
+                println!(
+                    "node {name}: released; the next `edgecore join` with a valid token claims it"
+                );
+            } else {
+                println!("node {name}: no such Node; a join with a valid token creates it");
+            }
+        }
+    }
+    Ok(())
 }
 
 fn listen_addr(address: &str, port: u16) -> anyhow::Result<SocketAddr> {

@@ -8,6 +8,7 @@ pub mod devicecontroller;
 pub mod edgecontroller;
 pub mod kubeclient;
 pub mod node_refs;
+pub mod nodeidentity;
 pub mod observability;
 pub mod server;
 pub mod synccontroller;

@@ -219,7 +219,11 @@ mod tests {
 
     #[test]
     fn metrics_are_prometheus_text_from_the_live_counters() {
-        let (hub, _upstream) = CloudHub::new(HubSettings::default(), 8);
+        let (hub, _upstream) = CloudHub::new(
+            HubSettings::default(),
+            8,
+            std::sync::Arc::new(crate::nodeidentity::memory::MemoryIdentities::default()),
+        );
         let stats = Arc::new(Stats::default());
         stats.queued.fetch_add(7, Ordering::Relaxed);
         stats.pod_status_refused.fetch_add(2, Ordering::Relaxed);

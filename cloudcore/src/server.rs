@@ -9,6 +9,7 @@ use tokio_util::sync::CancellationToken;
 use crate::cloudhub::{self, CloudHubHandle, CloudHubOptions, certs::CloudPki};
 use crate::cloudstream::{self, CloudStream, CloudStreamOptions};
 use crate::edgecontroller::{EdgeController, EdgeControllerSettings, Stats};
+use crate::nodeidentity::cluster::ClusterIdentities;
 use crate::synccontroller::{SyncError, SyncState};
 
 #[derive(Debug, Clone)]
@@ -74,9 +75,16 @@ pub async fn start(
     let sync = Arc::new(SyncState::new(client.clone(), &opts.namespace));
     let loaded = sync.load().await?;
     tracing::info!(objects = loaded, "sync state loaded");
-    let running = cloudhub::start(pki.clone(), opts.hub, shutdown.clone()).await?;
-    let mut running = running;
-    let controller = EdgeController::new(client, running.handle.clone(), sync.clone(), opts.edge);
+    let identities = Arc::new(ClusterIdentities::new(client.clone(), &opts.namespace));
+    let mut running =
+        cloudhub::start(pki.clone(), opts.hub, identities.clone(), shutdown.clone()).await?;
+    let controller = EdgeController::new(
+        client,
+        running.handle.clone(),
+        sync.clone(),
+        opts.edge,
+        identities,
+    );
     let stats = controller.stats.clone();
     let mut stream_addr = None;
     if let Some(so) = opts.stream {

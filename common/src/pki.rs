@@ -363,6 +363,14 @@ pub fn subject_identity(der: &[u8]) -> Result<(String, Vec<String>), PkiError> {
     Ok((user, groups))
 }
 
+/// The identity of a certificate's key pair: SHA-256 (hex) of its DER SubjectPublicKeyInfo.
+/// A node proves it owns its name by holding the private key of a key id the cloud recorded.
+pub fn cert_key_id(der: &[u8]) -> Result<String, PkiError> {
+    let (_, cert) =
+        X509Certificate::from_der(der).map_err(|e| PkiError::CertUnparsable(e.to_string()))?;
+    Ok(sha256_hex(cert.public_key().raw))
+}
+
 /// When a DER certificate stops being valid (unix seconds).
 pub fn not_after_unix(der: &[u8]) -> Result<i64, PkiError> {
     let (_, cert) =
@@ -445,9 +453,18 @@ struct JwtHeader {
     typ: String,
 }
 
-#[derive(Serialize, Deserialize)]
-struct JwtClaims {
-    exp: i64,
+/// What a join token grants, signed into its JWT. KubeEdge's tokens carry only `exp`; `node`
+/// and `jti` are ours and optional, so KubeEdge's tokens verify here unchanged.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JoinClaims {
+    /// Expiry, unix seconds.
+    pub exp: i64,
+    /// The only node name the token may join (`cloudcore token --node`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// The token's id, naming the record that counts its uses (`cloudcore token --uses`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jti: Option<String>,
 }
 
 /// A join token split into its parts; produced by [`JoinToken::parse`].
@@ -460,8 +477,12 @@ pub struct JoinToken {
 impl JoinToken {
     /// Issues a token `<ca-hash>.<jwt>` valid for `ttl`, signed with `secret`.
     pub fn issue(ca_cert_der: &[u8], secret: &[u8], ttl: Duration) -> String {
-        let exp = now_unix().saturating_add(i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX));
-        format!("{}.{}", sha256_hex(ca_cert_der), sign_jwt(secret, exp))
+        Self::issue_with(ca_cert_der, secret, &JoinClaims::expiring_in(ttl))
+    }
+
+    /// Issues a token carrying `claims`.
+    pub fn issue_with(ca_cert_der: &[u8], secret: &[u8], claims: &JoinClaims) -> String {
+        format!("{}.{}", sha256_hex(ca_cert_der), sign_jwt(secret, claims))
     }
 
     /// Splits a token. The JWT itself has dots, so the CA hash is everything before the first.
@@ -493,14 +514,25 @@ impl JoinToken {
     }
 }
 
-fn sign_jwt(secret: &[u8], exp: i64) -> String {
+impl JoinClaims {
+    /// Claims of a token for any node, valid for `ttl` from now.
+    pub fn expiring_in(ttl: Duration) -> JoinClaims {
+        JoinClaims {
+            exp: now_unix().saturating_add(i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX)),
+            node: None,
+            jti: None,
+        }
+    }
+}
+
+fn sign_jwt(secret: &[u8], claims: &JoinClaims) -> String {
     let header = JwtHeader {
         alg: "HS256".into(),
         typ: "JWT".into(),
     };
     // Serializing two plain structs cannot fail.
     let h = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&header).unwrap_or_default());
-    let c = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&JwtClaims { exp }).unwrap_or_default());
+    let c = URL_SAFE_NO_PAD.encode(serde_json::to_vec(claims).unwrap_or_default());
     let signing_input = format!("{h}.{c}");
     let key = hmac::Key::new(hmac::HMAC_SHA256, secret);
     let sig = hmac::sign(&key, signing_input.as_bytes());
@@ -508,8 +540,8 @@ fn sign_jwt(secret: &[u8], exp: i64) -> String {
 }
 
 /// Verifies a bare JWT (what edgecore sends as `Authorization: Bearer`): HS256 signature with
-/// `secret`, then expiry.
-pub fn verify_jwt(jwt: &str, secret: &[u8]) -> Result<(), TokenError> {
+/// `secret`, then expiry. Returns what the token grants.
+pub fn verify_jwt(jwt: &str, secret: &[u8]) -> Result<JoinClaims, TokenError> {
     let mut parts = jwt.trim().split('.');
     let (Some(h), Some(c), Some(s), None) =
         (parts.next(), parts.next(), parts.next(), parts.next())
@@ -533,7 +565,7 @@ pub fn verify_jwt(jwt: &str, secret: &[u8]) -> Result<(), TokenError> {
     let claims_bytes = URL_SAFE_NO_PAD
         .decode(c)
         .map_err(|_| TokenError::BadJwt("claims are not base64url"))?;
-    let claims: JwtClaims = serde_json::from_slice(&claims_bytes)
+    let claims: JoinClaims = serde_json::from_slice(&claims_bytes)
         .map_err(|_| TokenError::BadJwt("claims lack a numeric exp"))?;
     let now = now_unix();
     if claims.exp <= now {
@@ -542,7 +574,7 @@ pub fn verify_jwt(jwt: &str, secret: &[u8]) -> Result<(), TokenError> {
             now,
         });
     }
-    Ok(())
+    Ok(claims)
 }
 
 #[cfg(test)]
@@ -694,7 +726,13 @@ mod tests {
         );
 
         // Expired.
-        let expired_jwt = sign_jwt(&secret, now_unix() - 10);
+        let expired_jwt = sign_jwt(
+            &secret,
+            &JoinClaims {
+                exp: now_unix() - 10,
+                ..JoinClaims::default()
+            },
+        );
         assert!(matches!(
             verify_jwt(&expired_jwt, &secret),
             Err(TokenError::Expired { .. })
@@ -706,6 +744,49 @@ mod tests {
             parsed.check_ca(other.cert_der()),
             Err(TokenError::CaHashMismatch { .. })
         ));
+    }
+
+    #[test]
+    fn node_bound_tokens_carry_their_claims_and_kubeedge_tokens_still_verify() {
+        let ca = CertificateAuthority::generate("kedge test CA", DAY).unwrap();
+        let secret = random_secret().unwrap();
+        let claims = JoinClaims {
+            node: Some("edge-7".into()),
+            jti: Some("abc".into()),
+            ..JoinClaims::expiring_in(DAY)
+        };
+        let t = JoinToken::parse(&JoinToken::issue_with(ca.cert_der(), &secret, &claims)).unwrap();
+        assert_eq!(verify_jwt(&t.jwt, &secret).unwrap(), claims);
+        // A KubeEdge token: only `exp`.
+        let plain = JoinToken::parse(&JoinToken::issue(ca.cert_der(), &secret, DAY)).unwrap();
+        let got = verify_jwt(&plain.jwt, &secret).unwrap();
+        assert_eq!((got.node, got.jti), (None, None));
+    }
+
+    #[test]
+    fn key_ids_follow_the_key_not_the_certificate() {
+        let ca = CertificateAuthority::generate("kedge test CA", DAY).unwrap();
+        let (key, csr) = node_csr("edge-1").unwrap();
+        let a = ca
+            .sign_node_csr(csr.as_bytes(), "edge-1", &[], DAY)
+            .unwrap();
+        let b = ca
+            .sign_node_csr(csr.as_bytes(), "edge-1", &[], DAY)
+            .unwrap();
+        assert_ne!(a, b, "two certificates");
+        assert_eq!(cert_key_id(&a).unwrap(), cert_key_id(&b).unwrap());
+        let spki = pem_to_der(
+            &KeyPair::from_pem(&key).unwrap().public_key_pem(),
+            "PUBLIC KEY",
+        )
+        .unwrap();
+        assert_eq!(cert_key_id(&a).unwrap(), sha256_hex(&spki));
+        let (_, other) = node_csr("edge-1").unwrap();
+        let c = ca
+            .sign_node_csr(other.as_bytes(), "edge-1", &[], DAY)
+            .unwrap();
+        assert_ne!(cert_key_id(&a).unwrap(), cert_key_id(&c).unwrap());
+        assert!(cert_key_id(b"junk").is_err());
     }
 
     #[test]

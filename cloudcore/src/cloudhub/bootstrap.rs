@@ -7,10 +7,15 @@
 //!   node certificate, DER.
 //!
 //! Refused: a CSR whose subject is not the node's, an expired or forged token, a client
-//! certificate for another node, a body over 16 KiB.
+//! certificate for another node, a body over 16 KiB. Beyond what KubeEdge checks
+//! ([`crate::nodeidentity`]): a token cannot claim a name someone already owns, a rotation must
+//! come from a key the node's record lists, a token bound to a node (`cloudcore token --node`)
+//! joins only that node, one issued with `--uses` only that often. An address whose requests
+//! fail [`MAX_FAILURES`] times in a minute is refused (429) for the rest of the minute.
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
@@ -24,16 +29,49 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use super::certs::CloudPki;
+use crate::nodeidentity::ratelimit::FailureLimiter;
+use crate::nodeidentity::{NodeIdentities, Refusal};
+
+/// Failed requests per source address and minute before it is refused for the rest of it.
+pub const MAX_FAILURES: u32 = 10;
+const FAILURE_WINDOW: Duration = Duration::from_secs(60);
 
 #[derive(Clone)]
 pub struct Bootstrap {
     pki: Arc<CloudPki>,
     cert_validity: Duration,
+    identities: Arc<dyn NodeIdentities>,
+    failures: Arc<Mutex<FailureLimiter>>,
+}
+
+type Failure = (StatusCode, String);
+
+impl From<Refusal> for Failure {
+    fn from(r: Refusal) -> Failure {
+        let status = StatusCode::from_u16(r.status().as_u16()).unwrap_or(StatusCode::FORBIDDEN);
+        (status, r.to_string())
+    }
 }
 
 impl Bootstrap {
-    pub fn new(pki: Arc<CloudPki>, cert_validity: Duration) -> Self {
-        Bootstrap { pki, cert_validity }
+    pub fn new(
+        pki: Arc<CloudPki>,
+        cert_validity: Duration,
+        identities: Arc<dyn NodeIdentities>,
+    ) -> Self {
+        Bootstrap {
+            pki,
+            cert_validity,
+            identities,
+            failures: Arc::new(Mutex::new(FailureLimiter::new(
+                MAX_FAILURES,
+                FAILURE_WINDOW,
+            ))),
+        }
+    }
+
+    fn failures(&self) -> std::sync::MutexGuard<'_, FailureLimiter> {
+        self.failures.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Serves until `shutdown` is cancelled. `tls` should accept optional client certificates
@@ -72,7 +110,9 @@ impl Bootstrap {
                 let svc = service_fn(move |req| {
                     let this = this.clone();
                     let peer_cert = peer_cert.clone();
-                    async move { Ok::<_, std::convert::Infallible>(this.handle(req, peer_cert).await) }
+                    async move {
+                        Ok::<_, std::convert::Infallible>(this.handle(req, peer, peer_cert).await)
+                    }
                 });
                 if let Err(e) = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(stream), svc)
@@ -87,17 +127,40 @@ impl Bootstrap {
     async fn handle(
         &self,
         req: Request<Incoming>,
+        peer: SocketAddr,
         peer_cert: Option<Vec<u8>>,
     ) -> Response<Full<Bytes>> {
         match (req.method(), req.uri().path()) {
             (&Method::GET, "/ca.crt") => der(self.pki.ca.cert_der().to_vec()),
-            (&Method::GET | &Method::POST, "/edge.crt") => match self.sign(req, peer_cert).await {
-                Ok(cert) => der(cert),
-                Err((status, why)) => {
-                    tracing::warn!(%status, reason = %why, "refused a certificate request");
-                    text(status, why)
+            (&Method::GET | &Method::POST, "/edge.crt") => {
+                let ip = peer.ip();
+                if let Err(wait) = self.failures().check(ip, Instant::now()) {
+                    tracing::warn!(%peer, "certificate request refused: too many failed attempts from this address");
+                    let mut r = text(
+                        StatusCode::TOO_MANY_REQUESTS,
+                        format!(
+                            "too many failed attempts from {ip}; try again in {}s",
+                            wait.as_secs() + 1
+                        ),
+                    );
+                    r.headers_mut().insert(
+                        http::header::RETRY_AFTER,
+                        http::HeaderValue::from(wait.as_secs() + 1),
+                    );
+                    return r;
                 }
-            },
+                match self.sign(req, ip, peer_cert).await {
+                    Ok(cert) => der(cert),
+                    Err((status, why)) => {
+                        // A busy API server is not the caller's fault.
+                        if status != StatusCode::SERVICE_UNAVAILABLE {
+                            self.failures().failed(ip, Instant::now());
+                        }
+                        tracing::warn!(%peer, %status, reason = %why, "refused a certificate request");
+                        text(status, why)
+                    }
+                }
+            }
             _ => text(StatusCode::NOT_FOUND, "not found".into()),
         }
     }
@@ -105,8 +168,9 @@ impl Bootstrap {
     async fn sign(
         &self,
         req: Request<Incoming>,
+        from: IpAddr,
         peer_cert: Option<Vec<u8>>,
-    ) -> Result<Vec<u8>, (StatusCode, String)> {
+    ) -> Result<Vec<u8>, Failure> {
         let bad = |s: StatusCode, m: &str| (s, m.to_owned());
         let headers = req.headers();
         let node = headers
@@ -122,7 +186,7 @@ impl Bootstrap {
         })?;
 
         // Authenticate: a current node certificate (rotation) or a join token.
-        match peer_cert {
+        let authority = match peer_cert {
             Some(der) => {
                 let cert_node = pki::node_name_from_cert(&der)
                     .map_err(|e| (StatusCode::FORBIDDEN, format!("client certificate: {e}")))?;
@@ -132,6 +196,9 @@ impl Bootstrap {
                         format!("client certificate is for node `{cert_node}`, not `{node}`"),
                     ));
                 }
+                let key = pki::cert_key_id(&der)
+                    .map_err(|e| (StatusCode::FORBIDDEN, format!("client certificate: {e}")))?;
+                Authority::Certificate { key }
             }
             None => {
                 let auth = headers
@@ -155,10 +222,19 @@ impl Bootstrap {
                 } else {
                     auth.to_owned()
                 };
-                pki::verify_jwt(&jwt, self.pki.token_secret())
+                let claims = pki::verify_jwt(&jwt, self.pki.token_secret())
                     .map_err(|e| (StatusCode::UNAUTHORIZED, e.to_string()))?;
+                if let Some(bound) = claims.node.as_deref()
+                    && bound != node
+                {
+                    return Err((
+                        StatusCode::FORBIDDEN,
+                        format!("this token joins only node `{bound}`, not `{node}`"),
+                    ));
+                }
+                Authority::Token { jti: claims.jti }
             }
-        }
+        };
 
         let ext_key_usages: Vec<i64> = match headers.get("ExtKeyUsages") {
             None => Vec::new(),
@@ -179,7 +255,8 @@ impl Bootstrap {
                 )
             })?
             .to_bytes();
-        self.pki
+        let cert = self
+            .pki
             .ca
             .sign_node_csr(&body, &node, &ext_key_usages, self.cert_validity)
             .map_err(|e| {
@@ -192,8 +269,33 @@ impl Bootstrap {
                     _ => StatusCode::BAD_REQUEST,
                 };
                 (status, e.to_string())
-            })
+            })?;
+        let key = pki::cert_key_id(&cert)
+            .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+        // The certificate exists only in this function until the record says whose it is.
+        match authority {
+            Authority::Certificate { key: old } => {
+                self.identities.rotate(&node, &old, &key).await?;
+                tracing::info!(%node, %from, "node certificate rotated");
+            }
+            Authority::Token { jti } => {
+                if let Some(jti) = &jti {
+                    self.identities.use_token(jti).await?;
+                }
+                self.identities.claim(&node, &key, from).await?;
+                tracing::info!(%node, %from, token = jti.as_deref().unwrap_or("(unnamed)"), "join token used: node certificate issued");
+            }
+        }
+        Ok(cert)
     }
+}
+
+/// What vouches for a certificate request.
+enum Authority {
+    /// The node's current certificate (a rotation); `key` is its key id.
+    Certificate { key: String },
+    /// A join token; `jti` names its use count, if it has one.
+    Token { jti: Option<String> },
 }
 
 fn der(body: Vec<u8>) -> Response<Full<Bytes>> {

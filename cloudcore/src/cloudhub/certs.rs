@@ -66,6 +66,11 @@ impl CloudPki {
         JoinToken::issue(self.ca.cert_der(), &self.token_secret, ttl)
     }
 
+    /// A token carrying `claims` (node binding, use-count id).
+    pub fn issue_token_with(&self, claims: &kedge_common::pki::JoinClaims) -> String {
+        JoinToken::issue_with(self.ca.cert_der(), &self.token_secret, claims)
+    }
+
     pub fn token_secret(&self) -> &[u8] {
         &self.token_secret
     }

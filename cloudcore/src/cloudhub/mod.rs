@@ -13,6 +13,10 @@
 //!   nothing keyed until the inventory is in and applied, and the controllers get it
 //!   ([`Upstream::Inventory`]) to delete what the node should no longer hold and send what it
 //!   lacks. KubeEdge edges offer none and are served from what their acks said.
+//! - The certificate must also be the node's *now*: its key must be one the node's ownership
+//!   record lists ([`crate::nodeidentity`]), checked before the handshake is answered. When the
+//!   record changes (revocation, Node deleted), a session with a key no longer listed is closed
+//!   ([`CloudHubHandle::close_unless_key`]).
 //! - Malformed frames close only the offending connection.
 
 pub mod bootstrap;
@@ -38,6 +42,7 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_util::sync::CancellationToken;
 
+use crate::nodeidentity::NodeIdentities;
 pub use queue::{Acked, InventoryApplied, ObjectKey, Pushed, QueueError, QueueLimits};
 
 /// What the hub hands to the controllers, in order, per node.
@@ -161,10 +166,18 @@ impl Default for HubSettings {
     }
 }
 
+/// The session a node slot is served by.
+struct CurrentSession {
+    id: u64,
+    cancel: CancellationToken,
+    /// Key id of the certificate it connected with.
+    key: String,
+}
+
 struct NodeSlot {
     queue: Mutex<queue::NodeQueue>,
     wake: Notify,
-    session: Mutex<Option<(u64, CancellationToken)>>,
+    session: Mutex<Option<CurrentSession>>,
     /// The current session's streams; `None` while disconnected or on a KubeEdge session.
     streams: Mutex<Option<Mux>>,
 }
@@ -176,7 +189,7 @@ impl NodeSlot {
         self.queue.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn session(&self) -> MutexGuard<'_, Option<(u64, CancellationToken)>> {
+    fn session(&self) -> MutexGuard<'_, Option<CurrentSession>> {
         self.session.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -187,6 +200,7 @@ impl NodeSlot {
 
 struct Hub {
     settings: HubSettings,
+    identities: Arc<dyn NodeIdentities>,
     nodes: Mutex<HashMap<String, Arc<NodeSlot>>>,
     upstream: mpsc::Sender<Upstream>,
     next_session: std::sync::atomic::AtomicU64,
@@ -275,6 +289,25 @@ impl CloudHubHandle {
             })
     }
 
+    /// Closes `node`'s session unless it connected with one of `keys` (its record changed:
+    /// revoked, reset, Node deleted). Returns whether a session was closed.
+    pub fn close_unless_key(&self, node: &str, keys: &[String]) -> bool {
+        let slot = {
+            let nodes = self.hub.nodes.lock().unwrap_or_else(|p| p.into_inner());
+            nodes.get(node).cloned()
+        };
+        let Some(slot) = slot else { return false };
+        let session = slot.session();
+        match session.as_ref() {
+            Some(s) if !keys.contains(&s.key) => {
+                tracing::warn!(%node, session = s.id, "closing the session: its certificate is no longer the node's");
+                s.cancel.cancel();
+                true
+            }
+            _ => false,
+        }
+    }
+
     pub fn is_connected(&self, node: &str) -> bool {
         let nodes = self.hub.nodes.lock().unwrap_or_else(|p| p.into_inner());
         nodes.get(node).is_some_and(|s| s.session().is_some())
@@ -345,13 +378,16 @@ pub struct CloudHub {
 impl CloudHub {
     /// A hub whose upstream traffic goes to the returned receiver (bounded: a slow controller
     /// slows the nodes' readers down, nothing is dropped).
+    /// `identities` says which certificates are their node's.
     pub fn new(
         settings: HubSettings,
         upstream_capacity: usize,
+        identities: Arc<dyn NodeIdentities>,
     ) -> (Self, mpsc::Receiver<Upstream>) {
         let (tx, rx) = mpsc::channel(upstream_capacity);
         let hub = Arc::new(Hub {
             settings,
+            identities,
             nodes: Mutex::new(HashMap::new()),
             upstream: tx,
             next_session: std::sync::atomic::AtomicU64::new(1),
@@ -439,6 +475,7 @@ pub enum StartError {
 pub async fn start(
     pki: Arc<certs::CloudPki>,
     opts: CloudHubOptions,
+    identities: Arc<dyn NodeIdentities>,
     shutdown: CancellationToken,
 ) -> Result<RunningCloudHub, StartError> {
     let ws_listener = CloudHub::bind(opts.websocket_addr).await?;
@@ -446,7 +483,7 @@ pub async fn start(
         addr: opts.websocket_addr,
         source,
     })?;
-    let (hub, upstream) = CloudHub::new(opts.settings, opts.upstream_capacity);
+    let (hub, upstream) = CloudHub::new(opts.settings, opts.upstream_capacity, identities.clone());
     let handle = hub.handle();
     let mut tasks = tokio::task::JoinSet::new();
     let ws_tls = pki.websocket_acceptor()?;
@@ -460,7 +497,7 @@ pub async fn start(
                 .map_err(|source| HubError::Bind { addr, source })?,
         );
         let tls = pki.bootstrap_acceptor()?;
-        let server = bootstrap::Bootstrap::new(pki.clone(), opts.node_cert_validity);
+        let server = bootstrap::Bootstrap::new(pki.clone(), opts.node_cert_validity, identities);
         tasks.spawn(server.serve(listener, tls, shutdown.clone()));
     }
     Ok(RunningCloudHub {
@@ -496,17 +533,25 @@ async fn handle_connection(
         .await
         .map_err(|_| "TLS handshake timed out".to_owned())?
         .map_err(|e| format!("TLS handshake failed: {e}"))?;
-    let cert_node = {
+    let (cert_node, key) = {
         let (_, conn) = tls_stream.get_ref();
         let der = conn
             .peer_certificates()
             .and_then(|c| c.first())
             .ok_or("no client certificate")?;
-        kedge_common::pki::node_name_from_cert(der)
-            .map_err(|e| format!("client certificate does not name a node: {e}"))?
+        let node = kedge_common::pki::node_name_from_cert(der)
+            .map_err(|e| format!("client certificate does not name a node: {e}"))?;
+        let key =
+            kedge_common::pki::cert_key_id(der).map_err(|e| format!("client certificate: {e}"))?;
+        (node, key)
     };
     if kedge_common::resource::validate_node_name(&cert_node).is_err() {
         return Err(format!("certificate names an invalid node `{cert_node}`"));
+    }
+    // Answered in the handshake, so the edge logs why.
+    let admission = hub.identities.admit(&cert_node, &key).await;
+    if let Err(refusal) = &admission {
+        tracing::warn!(node = %cert_node, reason = %refusal, "connection refused");
     }
     let at_limit =
         hub.connected.load(std::sync::atomic::Ordering::Relaxed) >= hub.settings.node_limit;
@@ -529,6 +574,11 @@ async fn handle_connection(
                 StatusCode::FORBIDDEN,
                 "URL node does not match the client certificate",
             ));
+        }
+        if let Err(refusal) = &admission {
+            let status =
+                StatusCode::from_u16(refusal.status().as_u16()).unwrap_or(StatusCode::FORBIDDEN);
+            return Err(refuse(status, &refusal.to_string()));
         }
         if let Some(h) = req.headers().get("node_id")
             && h.as_bytes() != expected.as_bytes()
@@ -581,12 +631,13 @@ async fn handle_connection(
 
     let inventory = offers_inventory.load(std::sync::atomic::Ordering::Relaxed);
     let kubeedge = !speaks_kedge.load(std::sync::atomic::Ordering::Relaxed);
-    run_session(hub, cert_node, ws, inventory, kubeedge, shutdown).await
+    run_session(hub, cert_node, key, ws, inventory, kubeedge, shutdown).await
 }
 
 async fn run_session<S>(
     hub: Arc<Hub>,
     node: String,
+    key: String,
     ws: tokio_tungstenite::WebSocketStream<S>,
     inventory: bool,
     kubeedge: bool,
@@ -600,11 +651,15 @@ where
         .next_session
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let cancel = shutdown.child_token();
-    let replaced = slot.session().replace((session_id, cancel.clone()));
+    let replaced = slot.session().replace(CurrentSession {
+        id: session_id,
+        cancel: cancel.clone(),
+        key,
+    });
     match replaced {
-        Some((old_id, old)) => {
-            tracing::info!(%node, old_session = old_id, session = session_id, "new connection replaces the old session");
-            old.cancel();
+        Some(old) => {
+            tracing::info!(%node, old_session = old.id, session = session_id, "new connection replaces the old session");
+            old.cancel.cancel();
         }
         None => {
             hub.connected
@@ -655,7 +710,7 @@ where
     // Only the newest session unregisters; a replaced one just goes away.
     let was_current = {
         let mut current = slot.session();
-        if current.as_ref().is_some_and(|(id, _)| *id == session_id) {
+        if current.as_ref().is_some_and(|s| s.id == session_id) {
             *current = None;
             *slot.streams() = None;
             true
@@ -816,10 +871,7 @@ async fn handle_inventory(
     let assembled = assembler.push(chunk)?;
     // A session that was replaced meanwhile must not release the new one's hold: the new
     // session's edge sends its own inventory.
-    let current = slot
-        .session()
-        .as_ref()
-        .is_some_and(|(id, _)| *id == session.id);
+    let current = slot.session().as_ref().is_some_and(|s| s.id == session.id);
     if assembled.is_some() && !current {
         tracing::debug!(%node, "inventory of a replaced session ignored");
         return Ok(());

@@ -363,20 +363,22 @@ async fn insert_node(api: &Api<Node>, node: &str, content: Value) -> Result<Node
         ));
     }
     content["metadata"]["labels"][super::EDGE_ROLE_LABEL] = json!("");
-    let status = content.get("status").cloned();
-    let obj: Node = serde_json::from_value(content.clone()).map_err(kube::Error::SerdeError)?;
-    match api.create(&PostParams::default(), &obj).await {
-        Ok(_) => {}
-        Err(kube::Error::Api(s)) if s.code == 409 => {
-            let meta = json!({"metadata": {
-                "labels": content.pointer("/metadata/labels").cloned().unwrap_or(json!({})),
-                "annotations": content.pointer("/metadata/annotations").cloned().unwrap_or(json!({})),
-            }});
-            api.patch(node, &PatchParams::default(), &Patch::Merge(&meta))
-                .await?;
-        }
-        Err(e) => return Err(e),
+    // The ownership record is the cloud's, never the edge's to write.
+    if let Some(a) = content
+        .pointer_mut("/metadata/annotations")
+        .and_then(Value::as_object_mut)
+    {
+        a.remove(crate::nodeidentity::ANNOTATION);
     }
+    let status = content.get("status").cloned();
+    // The Node was made by the node's join; one that is gone was deleted (which revokes the
+    // node) and is not re-created for it.
+    let meta = json!({"metadata": {
+        "labels": content.pointer("/metadata/labels").cloned().unwrap_or(json!({})),
+        "annotations": content.pointer("/metadata/annotations").cloned().unwrap_or(json!({})),
+    }});
+    api.patch(node, &PatchParams::default(), &Patch::Merge(&meta))
+        .await?;
     match status {
         Some(status) => {
             api.patch_status(

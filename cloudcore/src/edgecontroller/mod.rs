@@ -42,6 +42,7 @@ use tokio_util::sync::CancellationToken;
 use crate::cloudhub::{CloudHubHandle, ObjectKey, Pushed, Upstream};
 use crate::devicecontroller;
 use crate::node_refs::NodeRefs;
+use crate::nodeidentity::cluster::ClusterIdentities;
 use crate::synccontroller::SyncState;
 use devices::devices_served;
 use kedge_common::crd::{Device, DeviceModel};
@@ -181,11 +182,15 @@ pub struct EdgeController {
     settings: EdgeControllerSettings,
     pub stats: Arc<Stats>,
     shared: Arc<Shared>,
+    identities: Arc<ClusterIdentities>,
 }
 
 struct Loop {
     client: kube::Client,
     hub: CloudHubHandle,
+    /// Ownership records, kept fresh from the Node watch; a change closes sessions whose
+    /// certificate no longer counts.
+    identities: Arc<ClusterIdentities>,
     sync: Arc<SyncState>,
     stats: Arc<Stats>,
     shared: Arc<Shared>,
@@ -222,6 +227,7 @@ impl EdgeController {
         hub: CloudHubHandle,
         sync: Arc<SyncState>,
         settings: EdgeControllerSettings,
+        identities: Arc<ClusterIdentities>,
     ) -> Self {
         let kubelet_endpoint = settings.kubelet_endpoint.clone();
         EdgeController {
@@ -229,6 +235,7 @@ impl EdgeController {
             hub,
             sync,
             settings,
+            identities,
             stats: Arc::new(Stats::default()),
             shared: Arc::new(Shared {
                 connected: Mutex::new(HashSet::new()),
@@ -348,6 +355,7 @@ impl EdgeController {
         let mut l = Loop {
             client: self.client.clone(),
             hub: self.hub.clone(),
+            identities: self.identities.clone(),
             sync: self.sync.clone(),
             stats: self.stats.clone(),
             shared: self.shared.clone(),
@@ -504,6 +512,8 @@ impl Loop {
             watcher::Event::Apply(n) | watcher::Event::InitApply(n) => {
                 let name = n.name_any();
                 self.relists[0].saw((String::new(), name.clone()));
+                let keys = self.identities.observe(&n);
+                self.hub.close_unless_key(&name, &keys);
                 let new = !self.edge_nodes.contains_key(&name);
                 let autonomy_changed = self
                     .edge_nodes
@@ -592,6 +602,9 @@ impl Loop {
 
     /// An edge node's Node object is gone: its pods must not be left behind (as the pod GC).
     fn node_gone(&mut self, node: &str) {
+        // Its certificates die with it.
+        self.identities.forget(node);
+        self.hub.close_unless_key(node, &[]);
         if self.edge_nodes.remove(node).is_some() {
             self.edge_nodes_changed();
         }

@@ -58,8 +58,9 @@ where
     }
 }
 
-/// Creates the Node of a joining edge node, or makes sure an existing one carries the edge
-/// role label.
+/// Makes sure the Node of a connecting edge node carries the edge role label. The Node itself
+/// is created by the node's join (with its ownership record); one that is gone was deleted,
+/// which revokes the node, so it is never re-created here.
 pub async fn ensure_node(client: kube::Client, node: String) {
     let api: Api<Node> = Api::all(client);
     let labels = json!({EDGE_ROLE_LABEL: "", "kubernetes.io/hostname": node});
@@ -82,28 +83,14 @@ pub async fn ensure_node(client: kube::Client, node: String) {
             .map(|_| ())
         }
         Ok(None) => {
-            let obj: Result<Node, _> = serde_json::from_value(json!({
-                "apiVersion": "v1", "kind": "Node",
-                "metadata": {"name": node, "labels": labels},
-                "spec": {}
-            }));
-            match obj {
-                Ok(obj) => match api.create(&PostParams::default(), &obj).await {
-                    Ok(_) => Ok(()),
-                    Err(e) if is_status(&e, 409) => Ok(()),
-                    Err(e) => Err(e),
-                },
-                Err(e) => {
-                    tracing::error!(%node, error = %e, "cannot build the Node object");
-                    return;
-                }
-            }
+            tracing::warn!(%node, "the Node of a connected edge node is gone (deleted); not re-creating it");
+            return;
         }
         Err(e) => Err(e),
     };
     match result {
-        Ok(()) => tracing::info!(%node, "edge Node registered"),
-        Err(e) => tracing::warn!(%node, error = %e, "cannot register the edge Node"),
+        Ok(()) => tracing::info!(%node, "edge Node labelled"),
+        Err(e) => tracing::warn!(%node, error = %e, "cannot label the edge Node"),
     }
 }
 

@@ -6,6 +6,9 @@ use std::time::Duration;
 
 use cloudcore::cloudhub::certs::{self, CloudPki};
 use cloudcore::cloudhub::{self, CloudHubHandle, CloudHubOptions, HubSettings, Upstream};
+use cloudcore::nodeidentity::cluster::ClusterIdentities;
+use cloudcore::nodeidentity::memory::MemoryIdentities;
+use cloudcore::nodeidentity::{BoxFuture, NodeIdentities, Refusal};
 use edgecore::edgehub::credentials::NodeCredentials;
 use kedge_common::pki;
 use tokio::net::TcpStream;
@@ -16,9 +19,10 @@ use tokio_util::sync::CancellationToken;
 
 pub const PROJECT: &str = "e632aba927ea4ac2b575ec1603d56f10";
 
-/// A running cloudhub with its own PKI in a temporary directory.
+/// A running cloudhub with its own PKI in a temporary directory, ownership records in memory.
 pub struct TestCloud {
     pub pki: Arc<CloudPki>,
+    pub identities: Arc<MemoryIdentities>,
     pub handle: CloudHubHandle,
     pub upstream: mpsc::Receiver<Upstream>,
     pub websocket_addr: SocketAddr,
@@ -63,9 +67,12 @@ impl TestCloud {
             node_cert_validity: Duration::from_secs(86_400),
             upstream_capacity: 65_536,
         };
-        let running = cloudhub::start(pki.clone(), opts, shutdown.clone()).await?;
+        let identities = Arc::new(MemoryIdentities::default());
+        let running =
+            cloudhub::start(pki.clone(), opts, identities.clone(), shutdown.clone()).await?;
         Ok(TestCloud {
             pki,
+            identities,
             handle: running.handle,
             upstream: running.upstream,
             websocket_addr: running.websocket_addr,
@@ -86,9 +93,12 @@ impl TestCloud {
         self.pki.issue_token(Duration::from_secs(3600))
     }
 
-    /// A node identity signed directly by the CA (no bootstrap round trip).
+    /// A node identity signed directly by the CA (no bootstrap round trip) and recorded as the
+    /// node's owner, as a join would.
     pub fn node_credentials(&self, node: &str) -> anyhow::Result<NodeCredentials> {
-        issue_node_credentials(&self.pki.ca, node)
+        let creds = issue_node_credentials(&self.pki.ca, node)?;
+        self.identities.own(node, &key_id(&creds)?);
+        Ok(creds)
     }
 
     /// Waits for the next upstream event matching `pred`, up to `timeout`.
@@ -136,6 +146,58 @@ pub fn cloudcore_options(
         namespace: "kubeedge".into(),
         edge,
         stream,
+    }
+}
+
+/// The key id of a node identity's certificate.
+pub fn key_id(creds: &NodeCredentials) -> anyhow::Result<String> {
+    Ok(pki::cert_key_id(
+        &pki::pem_to_der(&creds.cert_pem, "CERTIFICATE").map_err(anyhow::Error::msg)?,
+    )?)
+}
+
+/// A node identity signed directly by the CA and recorded in the cluster as the node's owner
+/// (its Node created, or taken over after a reset), as `edgecore join` would.
+pub async fn cluster_node_credentials(
+    client: &kube::Client,
+    ca: &pki::CertificateAuthority,
+    node: &str,
+) -> anyhow::Result<NodeCredentials> {
+    let creds = issue_node_credentials(ca, node)?;
+    let ids = ClusterIdentities::new(client.clone(), "kubeedge");
+    ids.reset(node).await?;
+    ids.claim(node, &key_id(&creds)?, std::net::Ipv4Addr::LOCALHOST.into())
+        .await?;
+    Ok(creds)
+}
+
+/// Benchmark support: admits every certificate our CA signed, without ownership records, so
+/// the hub benchmarks (`hubbench`, driven by `edgesim` from another process) measure the link
+/// alone. Joins, rotations and counted tokens are refused.
+pub struct AnyNodeCertificate;
+
+impl NodeIdentities for AnyNodeCertificate {
+    fn admit<'a>(&'a self, _: &'a str, _: &'a str) -> BoxFuture<'a, Result<(), Refusal>> {
+        Box::pin(async { Ok(()) })
+    }
+    fn claim<'a>(
+        &'a self,
+        _: &'a str,
+        _: &'a str,
+        _: std::net::IpAddr,
+    ) -> BoxFuture<'a, Result<(), Refusal>> {
+        Box::pin(async { Err(Refusal::Denied("joins are off in this benchmark".into())) })
+    }
+    fn rotate<'a>(
+        &'a self,
+        _: &'a str,
+        _: &'a str,
+        _: &'a str,
+    ) -> BoxFuture<'a, Result<(), Refusal>> {
+        Box::pin(async { Err(Refusal::Denied("rotation is off in this benchmark".into())) })
+    }
+    fn use_token<'a>(&'a self, _: &'a str) -> BoxFuture<'a, Result<(), Refusal>> {
+        Box::pin(async { Err(Refusal::Denied("tokens are off in this benchmark".into())) })
     }
 }
 

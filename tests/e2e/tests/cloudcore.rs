@@ -90,19 +90,22 @@ impl Harness {
         self.cloud.as_ref().unwrap()
     }
 
-    fn edge(&self, node: &str) -> TestEdge<RecordingStore> {
+    async fn edge(&self, node: &str) -> TestEdge<RecordingStore> {
         self.edge_with(node, true, Arc::new(RecordingStore::default()))
+            .await
     }
 
     /// An edge with a given store; `inventory: false` behaves like a KubeEdge edge (no
     /// inventory offered).
-    fn edge_with(
+    async fn edge_with(
         &self,
         node: &str,
         inventory: bool,
         store: Arc<RecordingStore>,
     ) -> TestEdge<RecordingStore> {
-        let creds = kedge_e2e::cloud::issue_node_credentials(&self.pki.ca, node).unwrap();
+        let creds = kedge_e2e::cloud::cluster_node_credentials(&self.client, &self.pki.ca, node)
+            .await
+            .unwrap();
         let mut settings = fast_settings(self.ws_addr, node);
         settings.inventory = inventory;
         TestEdge::start(settings, creds, store)
@@ -160,8 +163,8 @@ async fn create_cm(client: &kube::Client, name: &str, value: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn referenced_configmaps_and_secrets_arrive_before_the_pod_and_only_on_its_node() {
     let h = Harness::start().await;
-    let mut e1 = h.edge("edge-1");
-    let mut e2 = h.edge("edge-2");
+    let mut e1 = h.edge("edge-1").await;
+    let mut e2 = h.edge("edge-2").await;
     assert!(e1.wait_for(LinkState::Connected, T).await);
     assert!(e2.wait_for(LinkState::Connected, T).await);
     h.wait_edge_node("edge-1").await;
@@ -240,8 +243,8 @@ async fn referenced_configmaps_and_secrets_arrive_before_the_pod_and_only_on_its
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn configmap_updates_reach_only_nodes_whose_pods_use_them_and_unused_ones_are_removed() {
     let h = Harness::start().await;
-    let mut e1 = h.edge("edge-1");
-    let mut e2 = h.edge("edge-2");
+    let mut e1 = h.edge("edge-1").await;
+    let mut e2 = h.edge("edge-2").await;
     assert!(e1.wait_for(LinkState::Connected, T).await);
     assert!(e2.wait_for(LinkState::Connected, T).await);
     h.wait_edge_node("edge-1").await;
@@ -322,7 +325,7 @@ async fn configmap_updates_reach_only_nodes_whose_pods_use_them_and_unused_ones_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn joining_nodes_get_a_labelled_node_and_a_lease_renewed_only_while_connected() {
     let h = Harness::start().await;
-    let mut e = h.edge("edge-l");
+    let mut e = h.edge("edge-l").await;
     assert!(e.wait_for(LinkState::Connected, T).await);
     h.wait_edge_node("edge-l").await;
     let nodes: Api<Node> = Api::all(h.client.clone());
@@ -408,8 +411,8 @@ fn status_report(name: &str, uid: &str, status: serde_json::Value) -> Message {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pod_status_goes_up_foreign_reports_are_refused_and_graceful_deletion_completes() {
     let h = Harness::start().await;
-    let mut e1 = h.edge("edge-1");
-    let mut e2 = h.edge("edge-2");
+    let mut e1 = h.edge("edge-1").await;
+    let mut e2 = h.edge("edge-2").await;
     assert!(e1.wait_for(LinkState::Connected, T).await);
     assert!(e2.wait_for(LinkState::Connected, T).await);
     h.wait_edge_node("edge-1").await;
@@ -533,7 +536,9 @@ async fn restart_converges_for_an_edge_without_inventory_from_the_sync_state() {
 
 async fn restart_converges(inventory: bool) {
     let mut h = Harness::start().await;
-    let mut e = h.edge_with("edge-r", inventory, Arc::new(RecordingStore::default()));
+    let mut e = h
+        .edge_with("edge-r", inventory, Arc::new(RecordingStore::default()))
+        .await;
     assert!(e.wait_for(LinkState::Connected, T).await);
     h.wait_edge_node("edge-r").await;
     let pods: Api<Pod> = Api::default_namespaced(h.client.clone());
@@ -633,7 +638,7 @@ async fn restart_converges(inventory: bool) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn objects_acked_but_unrecorded_when_cloudcore_dies_are_deleted_after_restart() {
     let mut h = Harness::start().await;
-    let mut e = h.edge("edge-w");
+    let mut e = h.edge("edge-w").await;
     assert!(e.wait_for(LinkState::Connected, T).await);
     h.wait_edge_node("edge-w").await;
     create_cm(&h.client, "wcm", "1").await;
@@ -695,7 +700,7 @@ async fn objects_acked_but_unrecorded_when_cloudcore_dies_are_deleted_after_rest
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_edge_that_lost_its_objects_gets_them_again_and_objects_nobody_knows_are_deleted() {
     let h = Harness::start().await;
-    let mut e = h.edge("edge-l");
+    let mut e = h.edge("edge-l").await;
     assert!(e.wait_for(LinkState::Connected, T).await);
     h.wait_edge_node("edge-l").await;
     create_cm(&h.client, "lcm", "1").await;
@@ -742,7 +747,7 @@ async fn an_edge_that_lost_its_objects_gets_them_again_and_objects_nobody_knows_
             .with_resource_version("3"),
         )
         .unwrap();
-    let mut e2 = h.edge_with("edge-l", true, fresh.clone());
+    let mut e2 = h.edge_with("edge-l", true, fresh.clone()).await;
     assert!(e2.wait_for(LinkState::Connected, T).await);
     eventually_async("everything back, the ghost gone", || async {
         fresh.inner.get("default/pod/lpod").is_some()
@@ -760,7 +765,7 @@ async fn an_edge_that_lost_its_objects_gets_them_again_and_objects_nobody_knows_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forced_410s_make_cloudcore_relist_and_still_converge() {
     let h = Harness::start().await;
-    let mut e = h.edge("edge-g");
+    let mut e = h.edge("edge-g").await;
     assert!(e.wait_for(LinkState::Connected, T).await);
     h.wait_edge_node("edge-g").await;
     let pods: Api<Pod> = Api::default_namespaced(h.client.clone());
@@ -801,7 +806,7 @@ async fn forced_410s_make_cloudcore_relist_and_still_converge() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pods_of_a_deleted_edge_node_are_not_left_behind() {
     let h = Harness::start().await;
-    let mut e = h.edge("edge-x");
+    let mut e = h.edge("edge-x").await;
     assert!(e.wait_for(LinkState::Connected, T).await);
     h.wait_edge_node("edge-x").await;
     let pods: Api<Pod> = Api::default_namespaced(h.client.clone());
@@ -849,7 +854,9 @@ async fn pods_of_a_deleted_edge_node_are_not_left_behind() {
 async fn a_nodes_reports_are_applied_in_the_order_it_sent_them() {
     use futures_util::{SinkExt, StreamExt};
     let h = Harness::start().await;
-    let creds = kedge_e2e::cloud::issue_node_credentials(&h.pki.ca, "edge-o").unwrap();
+    let creds = kedge_e2e::cloud::cluster_node_credentials(&h.client, &h.pki.ca, "edge-o")
+        .await
+        .unwrap();
     let mut ws = kedge_e2e::cloud::raw_connect(h.ws_addr, &creds, "edge-o")
         .await
         .unwrap();
@@ -929,8 +936,8 @@ fn twin_report(device: &str, temperature: &str) -> Message {
 async fn devices_go_to_their_node_model_first_move_between_nodes_and_only_the_host_reports() {
     use kedge_common::crd::{Device, DeviceModel, DeviceStatus};
     let h = Harness::start_with(true).await;
-    let mut e1 = h.edge("edge-1");
-    let mut e2 = h.edge("edge-2");
+    let mut e1 = h.edge("edge-1").await;
+    let mut e2 = h.edge("edge-2").await;
     assert!(e1.wait_for(LinkState::Connected, T).await);
     assert!(e2.wait_for(LinkState::Connected, T).await);
     h.wait_edge_node("edge-1").await;

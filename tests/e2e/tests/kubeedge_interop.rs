@@ -247,7 +247,9 @@ async fn a_kubeedge_edgecore_gets_kubeedge_s_replies_from_our_cloudcore() {
         .try_init();
     let cap = capture();
     let (_api, client, pki, cloud, _dir) = start_cloud().await;
-    let creds = kedge_e2e::cloud::issue_node_credentials(&pki.ca, NODE).unwrap();
+    let creds = kedge_e2e::cloud::cluster_node_credentials(&client, &pki.ca, NODE)
+        .await
+        .unwrap();
     let ws = kedge_e2e::cloud::kubeedge_connect(cloud.websocket_addr, &creds, NODE)
         .await
         .unwrap();
@@ -258,10 +260,11 @@ async fn a_kubeedge_edgecore_gets_kubeedge_s_replies_from_our_cloudcore() {
     let nodes: Api<Node> = Api::all(client.clone());
 
     // S1: keepalive and the (never answered) membership/detail request, then the edge
-    // registers its Node: cloudcore made none of its own for a KubeEdge edge.
+    // registers its Node: the join made it (with its ownership record), without a status.
     edge.send(&request_from(&cap, 1, None)).await;
     edge.send(&request_from(&cap, 2, None)).await;
-    assert!(nodes.get_opt(NODE).await.unwrap().is_none());
+    let joined = nodes.get(NODE).await.unwrap();
+    assert!(joined.status.and_then(|s| s.capacity).is_none());
     let r = edge.request(&request_from(&cap, 3, None)).await;
     assert_like(&r, captured_reply(&cap, 3), "node insert");
     let node = nodes.get(NODE).await.unwrap();
@@ -510,8 +513,10 @@ async fn a_kubeedge_edgecore_gets_kubeedge_s_replies_from_our_cloudcore() {
 async fn the_kedge_protocol_header_is_answered_only_for_our_edge() {
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     kedge_common::tls::install_crypto_provider();
-    let (_api, _client, pki, cloud, _dir) = start_cloud().await;
-    let creds = kedge_e2e::cloud::issue_node_credentials(&pki.ca, NODE).unwrap();
+    let (_api, client, pki, cloud, _dir) = start_cloud().await;
+    let creds = kedge_e2e::cloud::cluster_node_credentials(&client, &pki.ca, NODE)
+        .await
+        .unwrap();
     for ours in [true, false] {
         let tls = kedge_e2e::cloud::tls_connect(cloud.websocket_addr, &creds)
             .await
@@ -552,7 +557,9 @@ async fn our_edge_registers_its_node_and_renews_its_lease_the_kubeedge_way() {
     kedge_common::tls::install_crypto_provider();
     let (_api, client, pki, cloud, _dir) = start_cloud().await;
     let node = "edge-kubeedge-way";
-    let creds = kedge_e2e::cloud::issue_node_credentials(&pki.ca, node).unwrap();
+    let creds = kedge_e2e::cloud::cluster_node_credentials(&client, &pki.ca, node)
+        .await
+        .unwrap();
     let mut settings = kedge_e2e::edge::fast_settings(cloud.websocket_addr, node);
     settings.announce_protocol = false;
     settings.inventory = false;
@@ -729,7 +736,9 @@ async fn our_edge_asks_kubeedge_s_cloud_for_the_configmaps_its_pods_use() {
     let store = SqliteStore::open(&dir.path().join("edge.db"))
         .await
         .unwrap();
-    let creds = kedge_e2e::cloud::issue_node_credentials(&pki.ca, node).unwrap();
+    let creds = kedge_e2e::cloud::cluster_node_credentials(&client, &pki.ca, node)
+        .await
+        .unwrap();
     let mut settings = kedge_e2e::edge::fast_settings(cloud.websocket_addr, node);
     settings.announce_protocol = false;
     settings.inventory = false;

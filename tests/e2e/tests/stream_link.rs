@@ -136,7 +136,9 @@ async fn streams_reach_only_the_pods_node_and_only_authorized_callers_get_them()
     let served: Served = Arc::default();
     let mut edges = Vec::new();
     for node in ["node-a", "node-b"] {
-        let creds = kedge_e2e::cloud::issue_node_credentials(&c.pki.ca, node).unwrap();
+        let creds = kedge_e2e::cloud::cluster_node_credentials(&c.client, &c.pki.ca, node)
+            .await
+            .unwrap();
         let (edge, rx) = TestEdge::start_with_streams(
             fast_settings(c.cloud.websocket_addr, node),
             creds,
@@ -223,7 +225,9 @@ async fn ten_followed_logs_do_not_starve_object_traffic() {
     let served: Served = Arc::default();
     let node = "busy";
     let store = Arc::new(RecordingStore::default());
-    let creds = kedge_e2e::cloud::issue_node_credentials(&c.pki.ca, node).unwrap();
+    let creds = kedge_e2e::cloud::cluster_node_credentials(&c.client, &c.pki.ca, node)
+        .await
+        .unwrap();
     let (mut edge, rx) = TestEdge::start_with_streams(
         fast_settings(c.cloud.websocket_addr, node),
         creds,

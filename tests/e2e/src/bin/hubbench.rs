@@ -49,7 +49,13 @@ async fn main() -> anyhow::Result<()> {
         node_cert_validity: Duration::from_secs(86_400),
         upstream_capacity: 65_536,
     };
-    let running = cloudhub::start(pki, opts, shutdown.clone()).await?;
+    let running = cloudhub::start(
+        pki,
+        opts,
+        Arc::new(kedge_e2e::cloud::AnyNodeCertificate),
+        shutdown.clone(),
+    )
+    .await?;
     println!("READY {}", running.websocket_addr);
     let handle = running.handle.clone();
     let mut upstream = running.upstream;

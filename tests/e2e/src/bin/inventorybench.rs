@@ -67,7 +67,7 @@ impl Bench {
             None,
         );
         let cloud = cloudcore::server::start(client.clone(), pki.clone(), opts).await?;
-        let creds = kedge_e2e::cloud::issue_node_credentials(&pki.ca, NODE)?;
+        let creds = kedge_e2e::cloud::cluster_node_credentials(&client, &pki.ca, NODE).await?;
         let store = SqliteStore::open(&dir.path().join("edge.db")).await?;
         let outbox = Arc::new(SqliteOutbox::new(&store).await?);
         Ok(Bench {

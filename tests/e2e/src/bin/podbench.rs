@@ -28,7 +28,7 @@ use k8s_openapi::api::core::v1::{Node, Pod};
 use kedge_common::Message;
 use kedge_common::pki::CertificateAuthority;
 use kedge_e2e::apiserver::TestApiServer;
-use kedge_e2e::cloud::issue_node_credentials;
+use kedge_e2e::cloud::cluster_node_credentials;
 use kedge_e2e::procfs::{free_port, rss_kb};
 use kube::api::{Api, ListParams, PostParams};
 use serde_json::json;
@@ -140,7 +140,7 @@ async fn main() -> anyhow::Result<()> {
     let stop = CancellationToken::new();
     for i in 0..n {
         let node = format!("edge-{i:05}");
-        let creds = issue_node_credentials(&ca, &node)?;
+        let creds = cluster_node_credentials(&client, &ca, &node).await?;
         let mut settings = EdgeHubSettings::new(format!("127.0.0.1:{port}"), node);
         settings.inventory = !args.no_inventory;
         let edge = EdgeHub::new(
