@@ -51,6 +51,12 @@ pub enum OpenError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot make {path} private to edgecore's user (0600): {source}")]
+    Permissions {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot migrate the database {path}: {source}")]
     Migrate {
         path: PathBuf,
@@ -129,6 +135,13 @@ pub struct SqliteStore {
     path: PathBuf,
 }
 
+/// `<path><suffix>`, as SQLite names its -wal and -shm files.
+fn sidecar(path: &Path, suffix: &str) -> std::path::PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(suffix);
+    s.into()
+}
+
 fn storage(e: impl std::fmt::Display) -> StoreError {
     StoreError::Storage(e.to_string())
 }
@@ -141,6 +154,22 @@ impl SqliteStore {
                 path: dir.to_owned(),
                 source,
             })?;
+        }
+        // It holds the node's Secrets: readable by edgecore's user only, and so are the -wal and
+        // -shm files SQLite makes beside it (it copies the database file's permissions).
+        for f in [
+            path.to_owned(),
+            sidecar(path, "-wal"),
+            sidecar(path, "-shm"),
+        ] {
+            if f == path || f.exists() {
+                kedge_common::files::ensure_private_file(&f).map_err(|source| {
+                    OpenError::Permissions {
+                        path: f.clone(),
+                        source,
+                    }
+                })?;
+            }
         }
         let open_err = |source| OpenError::Open {
             path: path.to_owned(),
