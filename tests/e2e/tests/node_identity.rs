@@ -10,6 +10,7 @@
 //! - `cloudcore node revoke` / `reset`.
 //! - Failed bootstrap attempts are rate-limited per address.
 //! - The edge's database and key files are 0600.
+#![allow(clippy::unwrap_used)]
 
 use std::path::Path;
 use std::time::{Duration, Instant};
