@@ -37,3 +37,8 @@ if cargo nextest --version >/dev/null 2>&1; then
 else
   cargo test --workspace --locked --no-fail-fast
 fi
+
+# Every parser of untrusted input, fuzzed briefly from its committed corpus (fuzz/); the
+# instrumented build is separate (fuzz/target) and is most of this step's time.
+echo ">> fuzz targets (10 s each)"
+hack/fuzz.sh 10

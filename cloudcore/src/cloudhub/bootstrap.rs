@@ -44,7 +44,8 @@ pub struct Bootstrap {
     failures: Arc<Mutex<FailureLimiter>>,
 }
 
-type Failure = (StatusCode, String);
+/// A refusal: the HTTP status and why.
+pub type Failure = (StatusCode, String);
 
 impl From<Refusal> for Failure {
     fn from(r: Refusal) -> Failure {
@@ -171,80 +172,16 @@ impl Bootstrap {
         from: IpAddr,
         peer_cert: Option<Vec<u8>>,
     ) -> Result<Vec<u8>, Failure> {
-        let bad = |s: StatusCode, m: &str| (s, m.to_owned());
-        let headers = req.headers();
-        let node = headers
-            .get("NodeName")
-            .and_then(|v| v.to_str().ok())
-            .ok_or_else(|| bad(StatusCode::BAD_REQUEST, "NodeName header missing"))?
-            .to_owned();
-        kedge_common::resource::validate_node_name(&node).map_err(|r| {
-            (
-                StatusCode::BAD_REQUEST,
-                format!("NodeName `{node}` is invalid: it {r}"),
-            )
-        })?;
-
-        // Authenticate: a current node certificate (rotation) or a join token.
-        let authority = match peer_cert {
-            Some(der) => {
-                let cert_node = pki::node_name_from_cert(&der)
-                    .map_err(|e| (StatusCode::FORBIDDEN, format!("client certificate: {e}")))?;
-                if cert_node != node {
-                    return Err((
-                        StatusCode::FORBIDDEN,
-                        format!("client certificate is for node `{cert_node}`, not `{node}`"),
-                    ));
-                }
-                let key = pki::cert_key_id(&der)
-                    .map_err(|e| (StatusCode::FORBIDDEN, format!("client certificate: {e}")))?;
-                Authority::Certificate { key }
-            }
-            None => {
-                let auth = headers
-                    .get(http::header::AUTHORIZATION)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.strip_prefix("Bearer "))
-                    .ok_or_else(|| {
-                        bad(
-                            StatusCode::UNAUTHORIZED,
-                            "Authorization: Bearer <token> missing",
-                        )
-                    })?
-                    .trim();
-                // Accept the bare JWT (KubeEdge's edgecore) or the whole join token.
-                let jwt = if auth.split('.').count() > 3 {
-                    let t = JoinToken::parse(auth)
-                        .map_err(|e| (StatusCode::UNAUTHORIZED, e.to_string()))?;
-                    t.check_ca(self.pki.ca.cert_der())
-                        .map_err(|e| (StatusCode::UNAUTHORIZED, e.to_string()))?;
-                    t.jwt
-                } else {
-                    auth.to_owned()
-                };
-                let claims = pki::verify_jwt(&jwt, self.pki.token_secret())
-                    .map_err(|e| (StatusCode::UNAUTHORIZED, e.to_string()))?;
-                if let Some(bound) = claims.node.as_deref()
-                    && bound != node
-                {
-                    return Err((
-                        StatusCode::FORBIDDEN,
-                        format!("this token joins only node `{bound}`, not `{node}`"),
-                    ));
-                }
-                Authority::Token { jti: claims.jti }
-            }
-        };
-
-        let ext_key_usages: Vec<i64> = match headers.get("ExtKeyUsages") {
-            None => Vec::new(),
-            Some(v) => serde_json::from_slice(v.as_bytes()).map_err(|e| {
-                (
-                    StatusCode::BAD_REQUEST,
-                    format!("ExtKeyUsages is not a JSON list of numbers: {e}"),
-                )
-            })?,
-        };
+        let CertRequest {
+            node,
+            authority,
+            ext_key_usages,
+        } = parse_request(
+            req.headers(),
+            peer_cert.as_deref(),
+            self.pki.ca.cert_der(),
+            self.pki.token_secret(),
+        )?;
         let body = Limited::new(req.into_body(), MAX_CSR_BYTES)
             .collect()
             .await
@@ -255,21 +192,13 @@ impl Bootstrap {
                 )
             })?
             .to_bytes();
-        let cert = self
-            .pki
-            .ca
-            .sign_node_csr(&body, &node, &ext_key_usages, self.cert_validity)
-            .map_err(|e| {
-                let status = match e {
-                    PkiError::CsrSubjectMismatch { .. } | PkiError::ExtKeyUsageNotAllowed(_) => {
-                        StatusCode::FORBIDDEN
-                    }
-                    PkiError::CsrTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-                    PkiError::Generate(_) | PkiError::Random => StatusCode::INTERNAL_SERVER_ERROR,
-                    _ => StatusCode::BAD_REQUEST,
-                };
-                (status, e.to_string())
-            })?;
+        let cert = sign_csr(
+            &self.pki.ca,
+            &body,
+            &node,
+            &ext_key_usages,
+            self.cert_validity,
+        )?;
         let key = pki::cert_key_id(&cert)
             .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
         // The certificate exists only in this function until the record says whose it is.
@@ -290,8 +219,131 @@ impl Bootstrap {
     }
 }
 
+/// A certificate request's head, checked: who asks and on whose authority.
+#[derive(Debug)]
+pub struct CertRequest {
+    pub node: String,
+    pub authority: Authority,
+    /// Go `x509.ExtKeyUsage` numbers, as KubeEdge sends them.
+    pub ext_key_usages: Vec<i64>,
+}
+
+/// Parses and authenticates a certificate request's headers: `NodeName`, then the caller's
+/// current certificate (`peer_cert`, a rotation) or `Authorization: Bearer` with a join token
+/// (bare JWT as KubeEdge's edgecore sends it, or the whole token, whose CA hash must be
+/// `ca_der`'s) signed with `token_secret`; `ExtKeyUsages`. Ownership is checked later, against
+/// the records. Pure, so it is fuzzed (`fuzz/fuzz_targets/bootstrap_request.rs`).
+pub fn parse_request(
+    headers: &http::HeaderMap,
+    peer_cert: Option<&[u8]>,
+    ca_der: &[u8],
+    token_secret: &[u8],
+) -> Result<CertRequest, Failure> {
+    let bad = |s: StatusCode, m: &str| (s, m.to_owned());
+    let node = headers
+        .get("NodeName")
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(|| bad(StatusCode::BAD_REQUEST, "NodeName header missing"))?
+        .to_owned();
+    kedge_common::resource::validate_node_name(&node).map_err(|r| {
+        (
+            StatusCode::BAD_REQUEST,
+            format!("NodeName `{node}` is invalid: it {r}"),
+        )
+    })?;
+
+    // Authenticate: a current node certificate (rotation) or a join token.
+    let authority = match peer_cert {
+        Some(der) => {
+            let cert_node = pki::node_name_from_cert(der)
+                .map_err(|e| (StatusCode::FORBIDDEN, format!("client certificate: {e}")))?;
+            if cert_node != node {
+                return Err((
+                    StatusCode::FORBIDDEN,
+                    format!("client certificate is for node `{cert_node}`, not `{node}`"),
+                ));
+            }
+            let key = pki::cert_key_id(der)
+                .map_err(|e| (StatusCode::FORBIDDEN, format!("client certificate: {e}")))?;
+            Authority::Certificate { key }
+        }
+        None => {
+            let auth = headers
+                .get(http::header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .ok_or_else(|| {
+                    bad(
+                        StatusCode::UNAUTHORIZED,
+                        "Authorization: Bearer <token> missing",
+                    )
+                })?
+                .trim();
+            // Accept the bare JWT (KubeEdge's edgecore) or the whole join token.
+            let jwt = if auth.split('.').count() > 3 {
+                let t = JoinToken::parse(auth)
+                    .map_err(|e| (StatusCode::UNAUTHORIZED, e.to_string()))?;
+                t.check_ca(ca_der)
+                    .map_err(|e| (StatusCode::UNAUTHORIZED, e.to_string()))?;
+                t.jwt
+            } else {
+                auth.to_owned()
+            };
+            let claims = pki::verify_jwt(&jwt, token_secret)
+                .map_err(|e| (StatusCode::UNAUTHORIZED, e.to_string()))?;
+            if let Some(bound) = claims.node.as_deref()
+                && bound != node
+            {
+                return Err((
+                    StatusCode::FORBIDDEN,
+                    format!("this token joins only node `{bound}`, not `{node}`"),
+                ));
+            }
+            Authority::Token { jti: claims.jti }
+        }
+    };
+
+    let ext_key_usages: Vec<i64> = match headers.get("ExtKeyUsages") {
+        None => Vec::new(),
+        Some(v) => serde_json::from_slice(v.as_bytes()).map_err(|e| {
+            (
+                StatusCode::BAD_REQUEST,
+                format!("ExtKeyUsages is not a JSON list of numbers: {e}"),
+            )
+        })?,
+    };
+    Ok(CertRequest {
+        node,
+        authority,
+        ext_key_usages,
+    })
+}
+
+/// Signs a node's CSR (PEM or DER) for `node`, mapping refusals to HTTP statuses.
+pub fn sign_csr(
+    ca: &pki::CertificateAuthority,
+    csr: &[u8],
+    node: &str,
+    ext_key_usages: &[i64],
+    validity: Duration,
+) -> Result<Vec<u8>, Failure> {
+    ca.sign_node_csr(csr, node, ext_key_usages, validity)
+        .map_err(|e| {
+            let status = match e {
+                PkiError::CsrSubjectMismatch { .. } | PkiError::ExtKeyUsageNotAllowed(_) => {
+                    StatusCode::FORBIDDEN
+                }
+                PkiError::CsrTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+                PkiError::Generate(_) | PkiError::Random => StatusCode::INTERNAL_SERVER_ERROR,
+                _ => StatusCode::BAD_REQUEST,
+            };
+            (status, e.to_string())
+        })
+}
+
 /// What vouches for a certificate request.
-enum Authority {
+#[derive(Debug)]
+pub enum Authority {
     /// The node's current certificate (a rotation); `key` is its key id.
     Certificate { key: String },
     /// A join token; `jti` names its use count, if it has one.
