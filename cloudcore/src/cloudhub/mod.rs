@@ -932,6 +932,14 @@ async fn handle_incoming(
             Operation::Response => {
                 let acked = slot.queue().ack(&msg.header.parent_id);
                 if let Some(acked) = acked {
+                    if acked.key.kind == "pod" {
+                        queue::pod_path(
+                            node,
+                            &acked.key,
+                            &acked.resource_version,
+                            "3 acked by the node",
+                        );
+                    }
                     hub.acked.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     slot.wake.notify_one();
                     let _ = hub

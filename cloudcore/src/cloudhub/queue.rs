@@ -146,6 +146,12 @@ pub fn supersedes(rv: &str, is_delete: bool, known_rv: &str, known_delete: bool)
     rv_is_newer(rv, known_rv) || (rv == known_rv && is_delete != known_delete)
 }
 
+/// One step of a pod's way to its node, for `RUST_LOG=pod_path=debug` (README: "Reading one
+/// pod's latency").
+pub(crate) fn pod_path(node: &str, key: &ObjectKey, rv: &str, step: &'static str) {
+    tracing::debug!(target: "pod_path", %node, pod = %format_args!("{}/{}", key.namespace.as_deref().unwrap_or_default(), key.name), uid = %key.uid, %rv, "{step}");
+}
+
 #[derive(Debug)]
 pub struct NodeQueue {
     node: String,
@@ -405,6 +411,14 @@ impl NodeQueue {
             let due = now + backoff.next_plain();
             self.due.insert((due, msg.header.id.clone()));
             self.sent_seq += 1;
+            if key.kind == "pod" {
+                pod_path(
+                    &self.node,
+                    &key,
+                    &msg.header.resource_version,
+                    "2 sent to the node",
+                );
+            }
             self.in_flight.insert(
                 msg.header.id.clone(),
                 InFlight {

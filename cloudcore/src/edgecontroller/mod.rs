@@ -684,6 +684,7 @@ impl Loop {
         }
         let refs = pod_refs(&pod);
         let uid = pod.metadata.uid.clone().unwrap_or_default();
+        tracing::debug!(target: "pod_path", %node, pod = %format_args!("{}/{}", key.0, key.1), %uid, rv = %rv_of(&pod), "1 API event");
         let old = self.pods.remove(&key);
         // A pod with the same name but a new UID is a new pod: the old one is deleted first.
         let old = match old {

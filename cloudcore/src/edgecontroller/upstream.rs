@@ -487,6 +487,10 @@ async fn pod_status(
     match retry("pod status", || api.patch_status(&name, &pp, &merge)).await {
         Ok(pod) => {
             stats.pod_status_applied.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(target: "pod_path", %node, pod = %format_args!("{ns}/{name}"), uid = %pod_uid,
+                phase = pod.status.as_ref().and_then(|s| s.phase.as_deref()).unwrap_or_default(),
+                ready = pod.status.as_ref().and_then(|s| s.conditions.as_ref()).is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True")),
+                "7 status patched");
             if pod.metadata.deletion_timestamp.is_some() && containers_stopped(&pod) {
                 // As the kubelet: the containers are gone, so finish the graceful deletion.
                 let dp = DeleteParams {

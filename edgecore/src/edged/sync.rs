@@ -410,6 +410,8 @@ pub async fn sync_pod<R: Runtime>(
                 .create_container(&sandbox.id, config, sb_config.clone())
                 .await?;
             rt.start_container(&id).await?;
+            tracing::debug!(target: "pod_path", pod = %format_args!("{}/{}", pod.metadata.namespace.as_deref().unwrap_or_default(), pod.metadata.name.as_deref().unwrap_or_default()),
+                %uid, container = %start.name, attempt = start.attempt, "5 container started");
             if let Some(hook) = container
                 .lifecycle
                 .as_ref()

@@ -201,8 +201,15 @@ pub async fn report<O: Outbox>(outbox: &O, pod: &Pod, status: &PodStatus) {
         format!("{ns}/podstatus/{name}"),
         json!({"uid": pod.metadata.uid, "name": name, "status": status}),
     );
-    if let Err(e) = outbox.put(&format!("podstatus/{ns}/{name}"), msg).await {
-        tracing::error!(pod = %format!("{ns}/{name}"), error = %e, "cannot queue pod status");
+    match outbox.put(&format!("podstatus/{ns}/{name}"), msg).await {
+        Ok(_) => {
+            tracing::debug!(target: "pod_path", pod = %format_args!("{ns}/{name}"),
+                uid = pod.metadata.uid.as_deref().unwrap_or_default(),
+                phase = status.phase.as_deref().unwrap_or_default(), "6 status queued for the cloud");
+        }
+        Err(e) => {
+            tracing::error!(pod = %format!("{ns}/{name}"), error = %e, "cannot queue pod status")
+        }
     }
 }
 

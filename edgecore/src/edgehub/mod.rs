@@ -622,6 +622,12 @@ impl<S: ObjectStore, O: Outbox> EdgeHub<S, O> {
                 Ok(applied) => {
                     tracing::debug!(resource = %msg.route.resource, operation = %msg.route.operation,
                         resource_version = %msg.header.resource_version, ?applied, "stored; acking");
+                    if let Ok(p) = kedge_common::ResourcePath::parse_edge(&msg.route.resource)
+                        && p.resource_type() == Some("pod")
+                    {
+                        tracing::debug!(target: "pod_path", pod = %format_args!("{}/{}", p.namespace().unwrap_or_default(), p.name().unwrap_or_default()),
+                            rv = %msg.header.resource_version, operation = %msg.route.operation, "4 stored on the edge");
+                    }
                     msg.response(module::META_MANAGER, "OK".into())
                 }
                 Err(e) => {

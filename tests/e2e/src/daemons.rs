@@ -219,6 +219,34 @@ impl Setup {
         Ok((cloud, edge))
     }
 
+    /// The steps of `pod`'s (`<ns>/<name>`) way through both daemons, from their `pod_path`
+    /// log lines, in log order: (step number, when, the whole line).
+    pub fn pod_path(&self, pod: &str) -> Vec<(u32, time::OffsetDateTime, String)> {
+        let needle = format!("pod={pod} ");
+        let mut steps = Vec::new();
+        for f in ["cloudcore.log", "edgecore.log"] {
+            let text = std::fs::read_to_string(self.dir.join(f)).unwrap_or_default();
+            for line in text.lines() {
+                let Some((_, msg)) = line.split_once(" pod_path: ") else {
+                    continue;
+                };
+                if !format!("{line} ").contains(&needle) {
+                    continue;
+                }
+                let when = line.split_whitespace().next().and_then(|t| {
+                    time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339)
+                        .ok()
+                });
+                let step = msg.split_whitespace().next().and_then(|s| s.parse().ok());
+                if let (Some(step), Some(when)) = (step, when) {
+                    steps.push((step, when, line.to_owned()));
+                }
+            }
+        }
+        steps.sort_by_key(|(_, when, _)| *when);
+        steps
+    }
+
     /// The last `lines` lines of both logs, for failure messages.
     pub fn log_tails(&self, lines: usize) -> String {
         let mut out = String::new();
@@ -279,10 +307,11 @@ impl Daemon {
         let child = cmd
             .arg("--config")
             .arg(&self.config)
-            // KEDGE_DAEMON_LOG: more detail when debugging a test.
+            // KEDGE_DAEMON_LOG: more detail when debugging a test. Pods' steps are logged
+            // (target `pod_path`) so tests can read a pod's way from the logs.
             .env(
                 "RUST_LOG",
-                std::env::var("KEDGE_DAEMON_LOG").unwrap_or_else(|_| "info".into()),
+                std::env::var("KEDGE_DAEMON_LOG").unwrap_or_else(|_| "info,pod_path=debug".into()),
             )
             .stdout(Stdio::null())
             .stderr(log)

@@ -102,6 +102,28 @@ async fn a_partition_keeps_pods_running_and_the_edge_converges_when_it_heals() {
     .await;
     let before = running(&cri).await;
 
+    // One pod's way can be read from the logs: API event → sent → acked → stored → container
+    // started → status queued → status patched.
+    eventually("the pod's way in the logs", &setup, &ctr, || async {
+        let steps: std::collections::BTreeSet<u32> =
+            setup.pod_path("default/keep").iter().map(|s| s.0).collect();
+        steps == (1..=7).collect()
+    })
+    .await;
+    let path = setup.pod_path("default/keep");
+    let first = |n: u32| path.iter().find(|s| s.0 == n).map(|s| s.1);
+    let (Some(created), Some(patched)) = (first(1), first(7)) else {
+        unreachable!("all steps seen")
+    };
+    assert!(
+        patched >= created,
+        "{}",
+        path.iter()
+            .map(|s| s.2.as_str())
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+
     // The link fails; the cluster moves on without the edge.
     host.partition().unwrap();
     cms.patch(
