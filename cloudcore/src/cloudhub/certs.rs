@@ -234,7 +234,8 @@ fn secret_str(secret: &Secret, ns: &str, key: &'static str) -> Result<String, Ce
         })
 }
 
-fn new_secret(name: &str, entries: &[(&str, &[u8])]) -> Secret {
+/// An Opaque Secret labelled as cloudcore's.
+pub(crate) fn new_secret(name: &str, entries: &[(&str, &[u8])]) -> Secret {
     Secret {
         metadata: ObjectMeta {
             name: Some(name.to_owned()),

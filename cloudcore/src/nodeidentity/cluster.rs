@@ -12,7 +12,7 @@ use std::sync::Mutex;
 
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{Node, Secret};
-use kube::api::{Api, ObjectMeta, PostParams};
+use kube::api::{Api, PostParams};
 use serde_json::json;
 
 use super::{
@@ -156,30 +156,13 @@ impl ClusterIdentities {
         uses: u32,
         node: Option<&str>,
     ) -> Result<(), kube::Error> {
-        let mut data = BTreeMap::new();
-        data.insert(
-            USES_LEFT.to_owned(),
-            ByteString(uses.to_string().into_bytes()),
-        );
+        let uses = uses.to_string();
+        let mut entries: Vec<(&str, &[u8])> = vec![(USES_LEFT, uses.as_bytes())];
         if let Some(n) = node {
-            data.insert("node".to_owned(), ByteString(n.as_bytes().to_vec()));
+            entries.push(("node", n.as_bytes()));
         }
-        let secret = Secret {
-            metadata: ObjectMeta {
-                name: Some(format!("{TOKEN_SECRET_PREFIX}{jti}")),
-                labels: Some(
-                    [(
-                        "app.kubernetes.io/managed-by".to_owned(),
-                        "kedge-cloudcore".to_owned(),
-                    )]
-                    .into(),
-                ),
-                ..Default::default()
-            },
-            type_: Some("Opaque".to_owned()),
-            data: Some(data),
-            ..Default::default()
-        };
+        let secret =
+            crate::cloudhub::certs::new_secret(&format!("{TOKEN_SECRET_PREFIX}{jti}"), &entries);
         self.secrets.create(&PostParams::default(), &secret).await?;
         Ok(())
     }

@@ -10,6 +10,13 @@ use super::{
     BoxFuture, Identity, NodeIdentities, Record, Refusal, may_claim, may_connect, rotated,
 };
 
+fn record_in(records: &HashMap<String, Identity>, node: &str) -> Record {
+    records
+        .get(node)
+        .cloned()
+        .map_or(Record::NoNode, Record::Recorded)
+}
+
 #[derive(Default)]
 pub struct MemoryIdentities {
     records: Mutex<HashMap<String, Identity>>,
@@ -22,10 +29,7 @@ impl MemoryIdentities {
     }
 
     fn record(&self, node: &str) -> Record {
-        self.records()
-            .get(node)
-            .cloned()
-            .map_or(Record::NoNode, Record::Recorded)
+        record_in(&self.records(), node)
     }
 
     /// Records `key` as `node`'s owner, as a join would (for certificates a test signs itself).
@@ -78,10 +82,7 @@ impl NodeIdentities for MemoryIdentities {
     ) -> BoxFuture<'a, Result<(), Refusal>> {
         Box::pin(async move {
             let mut records = self.records();
-            let record = records
-                .get(node)
-                .cloned()
-                .map_or(Record::NoNode, Record::Recorded);
+            let record = record_in(&records, node);
             may_claim(node, &record)?;
             records.insert(
                 node.to_owned(),
@@ -101,10 +102,7 @@ impl NodeIdentities for MemoryIdentities {
     ) -> BoxFuture<'a, Result<(), Refusal>> {
         Box::pin(async move {
             let mut records = self.records();
-            let record = records
-                .get(node)
-                .cloned()
-                .map_or(Record::NoNode, Record::Recorded);
+            let record = record_in(&records, node);
             let next = rotated(node, old, new, &record)?;
             records.insert(node.to_owned(), next);
             Ok(())

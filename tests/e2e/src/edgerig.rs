@@ -29,6 +29,24 @@ where
     }
 }
 
+/// Running containers by pod name → container id, as containerd lists them.
+pub async fn running_containers(
+    cri: &edgecore::edged::runtime::CriRuntime,
+) -> std::collections::BTreeMap<String, String> {
+    use edgecore::edged::runtime::{Runtime, api};
+    cri.list_containers(Some(api::ContainerFilter {
+        state: Some(api::ContainerStateValue {
+            state: api::ContainerState::ContainerRunning as i32,
+        }),
+        ..Default::default()
+    }))
+    .await
+    .unwrap_or_default()
+    .into_iter()
+    .filter_map(|c| Some((c.labels.get("io.kubernetes.pod.name")?.clone(), c.id)))
+    .collect()
+}
+
 /// One edge node on a private containerd, with cloudcore against the test API server, up and
 /// registered.
 pub struct Rig {

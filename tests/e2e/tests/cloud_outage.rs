@@ -6,12 +6,11 @@
 //! `KEDGE_OUTAGE_SECONDS` shortens or lengthens the outage (default 60).
 #![allow(clippy::unwrap_used)]
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use edgecore::edged::runtime::{CriRuntime, Runtime, api};
+use edgecore::edged::runtime::CriRuntime;
 use k8s_openapi::api::core::v1::Pod;
-use kedge_e2e::edgerig::{Rig, eventually};
+use kedge_e2e::edgerig::{Rig, eventually, running_containers};
 use kube::api::{Api, PostParams};
 use serde_json::json;
 
@@ -19,21 +18,6 @@ const NODE: &str = "edge-outage";
 const SLEEPERS: [&str; 4] = ["web", "worker", "cache", "agent"];
 /// Exits 0 while the cloud is away (restartPolicy Never): its Succeeded must reach the API.
 const FINISHER: &str = "batch";
-
-/// Running containers: pod name → container id.
-async fn running(cri: &CriRuntime) -> BTreeMap<String, String> {
-    cri.list_containers(Some(api::ContainerFilter {
-        state: Some(api::ContainerStateValue {
-            state: api::ContainerState::ContainerRunning as i32,
-        }),
-        ..Default::default()
-    }))
-    .await
-    .unwrap()
-    .into_iter()
-    .filter_map(|c| Some((c.labels.get("io.kubernetes.pod.name")?.clone(), c.id)))
-    .collect()
-}
 
 fn ready(p: &Pod) -> bool {
     p.status
@@ -94,7 +78,7 @@ async fn a_cloud_outage_with_an_edgecore_restart_restarts_no_container() {
     )
     .await;
     let cri = CriRuntime::connect(&ctr.socket).await.unwrap();
-    let before = running(&cri).await;
+    let before = running_containers(&cri).await;
     assert_eq!(before.len(), 5, "{before:?}");
 
     // The cloud goes away.
@@ -104,7 +88,7 @@ async fn a_cloud_outage_with_an_edgecore_restart_restarts_no_container() {
     let down = Instant::now();
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(
-        running(&cri).await,
+        running_containers(&cri).await,
         before,
         "containers changed when the cloud went"
     );
@@ -114,7 +98,7 @@ async fn a_cloud_outage_with_an_edgecore_restart_restarts_no_container() {
     edge.kill();
     edge.start().unwrap();
     tokio::time::sleep(Duration::from_secs(5)).await;
-    let after_restart = running(&cri).await;
+    let after_restart = running_containers(&cri).await;
     for n in SLEEPERS {
         assert_eq!(
             after_restart.get(n),
@@ -128,7 +112,7 @@ async fn a_cloud_outage_with_an_edgecore_restart_restarts_no_container() {
     if let Some(left) = outage.checked_sub(down.elapsed()) {
         tokio::time::sleep(left).await;
     }
-    let at_end = running(&cri).await;
+    let at_end = running_containers(&cri).await;
     assert!(
         !at_end.contains_key(FINISHER),
         "the finisher still runs: {at_end:?}"
@@ -172,7 +156,7 @@ async fn a_cloud_outage_with_an_edgecore_restart_restarts_no_container() {
         let p = pods.get(n).await.unwrap();
         assert_eq!(restarts(&p), 0, "{n} restarted");
     }
-    let end = running(&cri).await;
+    let end = running_containers(&cri).await;
     for n in SLEEPERS {
         assert_eq!(end.get(n), before.get(n), "{n}'s container changed");
     }

@@ -9,30 +9,13 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod};
 use kedge_e2e::apiserver::TestApiServer;
-use kedge_e2e::daemons::Setup;
+use kedge_e2e::daemons::{Setup, http_text};
 use kube::api::{Api, PostParams};
 use serde_json::json;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 async fn http_get(port: u16, path: &str) -> Option<serde_json::Value> {
     let (_, body) = http_text(port, path).await?;
     serde_json::from_str(&body).ok()
-}
-
-/// Status and body of a plain-text GET.
-async fn http_text(port: u16, path: &str) -> Option<(u16, String)> {
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .ok()?;
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .ok()?;
-    let mut out = Vec::new();
-    s.read_to_end(&mut out).await.ok()?;
-    let text = String::from_utf8_lossy(&out).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n")?;
-    let status = head.split_whitespace().nth(1)?.parse().ok()?;
-    Some((status, body.to_owned()))
 }
 
 async fn eventually<F, Fut>(what: &str, logs: &Path, mut cond: F)

@@ -18,25 +18,11 @@ use std::time::{Duration, Instant};
 use edgecore::edgehub::credentials::{self, CredentialError, CredentialPaths, NodeCredentials};
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kedge_e2e::apiserver::TestApiServer;
-use kedge_e2e::daemons::{Setup, bin};
+use kedge_e2e::daemons::{Setup, bin, http_text};
 use kube::api::{Api, DeleteParams, PostParams};
 use serde_json::json;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const T: Duration = Duration::from_secs(30);
-
-async fn http_text(port: u16, path: &str) -> Option<String> {
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .ok()?;
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .ok()?;
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).await.ok()?;
-    let text = String::from_utf8(buf).ok()?;
-    text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())
-}
 
 async fn eventually<F, Fut>(what: &str, setup: &Setup, within: Duration, mut cond: F) -> Duration
 where
@@ -121,7 +107,7 @@ fn ws_addr(setup: &Setup) -> std::net::SocketAddr {
 }
 
 async fn connected_nodes(setup: &Setup) -> Option<u32> {
-    let text = http_text(setup.observability_port, "/metrics").await?;
+    let (_, text) = http_text(setup.observability_port, "/metrics").await?;
     text.lines()
         .find_map(|l| l.strip_prefix("kedge_cloudcore_connected_nodes "))
         .and_then(|v| v.trim().parse().ok())
@@ -189,7 +175,7 @@ async fn a_join_token_cannot_take_over_a_node_and_deleting_the_node_revokes_it()
     eventually("the pod on edge-owned's MetaServer", &setup, T, || async {
         http_text(meta, "/api/v1/namespaces/default/pods/secret-work")
             .await
-            .is_some_and(|b| b.contains("edge-owned"))
+            .is_some_and(|(_, b)| b.contains("edge-owned"))
     })
     .await;
 

@@ -5,38 +5,19 @@
 //! container was restarted.
 #![allow(clippy::unwrap_used)]
 
-use std::collections::HashMap;
 use std::time::Duration;
 
-use edgecore::edged::runtime::{CriRuntime, Runtime, api};
+use edgecore::edged::runtime::CriRuntime;
 use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod};
 use kedge_e2e::apiserver::TestApiServer;
 use kedge_e2e::containerd::TestContainerd;
 use kedge_e2e::daemons::Setup;
-use kedge_e2e::edgerig::eventually;
+use kedge_e2e::edgerig::{eventually, running_containers};
 use kedge_e2e::netns::EdgeHost;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 
 const NODE: &str = "edge-partitioned";
-
-/// Running containers by pod name.
-async fn running(cri: &CriRuntime) -> HashMap<String, String> {
-    cri.list_containers(Some(api::ContainerFilter {
-        state: Some(api::ContainerStateValue {
-            state: api::ContainerState::ContainerRunning as i32,
-        }),
-        ..Default::default()
-    }))
-    .await
-    .unwrap()
-    .into_iter()
-    .filter_map(|c| {
-        let pod = c.labels.get("io.kubernetes.pod.name")?.clone();
-        Some((pod, c.id))
-    })
-    .collect()
-}
 
 fn node_ready(n: &Node) -> bool {
     n.status
@@ -96,11 +77,11 @@ async fn a_partition_keeps_pods_running_and_the_edge_converges_when_it_heals() {
         pods.create(&pp, &pod(name)).await.unwrap();
     }
     eventually("both pods running on the edge", &setup, &ctr, || async {
-        let r = running(&cri).await;
+        let r = running_containers(&cri).await;
         r.contains_key("keep") && r.contains_key("doomed")
     })
     .await;
-    let before = running(&cri).await;
+    let before = running_containers(&cri).await;
 
     // One pod's way can be read from the logs: API event → sent → acked → stored → container
     // started → status queued → status patched.
@@ -140,7 +121,7 @@ async fn a_partition_keeps_pods_running_and_the_edge_converges_when_it_heals() {
     tokio::time::sleep(Duration::from_secs(10)).await;
     // Meanwhile nothing on the edge changed: the same containers run.
     assert_eq!(
-        running(&cri).await,
+        running_containers(&cri).await,
         before,
         "containers changed during the partition\n{}",
         setup.log_tails(40)
@@ -160,7 +141,7 @@ async fn a_partition_keeps_pods_running_and_the_edge_converges_when_it_heals() {
         &setup,
         &ctr,
         || async {
-            let r = running(&cri).await;
+            let r = running_containers(&cri).await;
             let gone = pods.get_opt("doomed").await.unwrap().is_none();
             let updated = std::process::Command::new("grep")
                 .args([
