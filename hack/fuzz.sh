@@ -5,6 +5,7 @@
 #
 #   hack/fuzz.sh            # CI: 10 s per target
 #   hack/fuzz.sh 3600 twin_payload   # a long run of one target, by hand
+#   KEDGE_FUZZ_WORK=/var/tmp/kedge-fuzz hack/fuzz.sh 600   # keeps the finds for the next run
 #
 # cargo-fuzz passes nightly-only flags (-Z) to rustc; this machine has one stable toolchain,
 # so RUSTC_BOOTSTRAP=1 lets them through. No sanitizer (`-s none`): Rust code is memory safe
@@ -21,8 +22,14 @@ export RUSTC_BOOTSTRAP=1
 cd fuzz
 echo ">> building the fuzz targets"
 cargo fuzz build -s none -O
-scratch=$(mktemp -d)
-trap 'rm -rf "$scratch"' EXIT
+# KEDGE_FUZZ_WORK: keep what the fuzzer finds across runs (long runs by hand).
+if [ -n "${KEDGE_FUZZ_WORK:-}" ]; then
+  scratch=$KEDGE_FUZZ_WORK
+  mkdir -p "$scratch"
+else
+  scratch=$(mktemp -d)
+  trap 'rm -rf "$scratch"' EXIT
+fi
 for target in $(cargo fuzz list); do
   [ -n "$only" ] && [ "$target" != "$only" ] && continue
   mkdir -p "$scratch/$target" "corpus/$target"

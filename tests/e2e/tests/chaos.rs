@@ -395,12 +395,17 @@ async fn random_sigkills_of_both_daemons_leave_the_edge_holding_exactly_the_clus
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     let took = from.elapsed();
-    assert!(
-        want == have,
-        "seed {seed}: the edge did not converge within {CONVERGENCE_LIMIT:?}:\n{}\n{}",
-        diff(&want, &have),
-        setup.log_tails(40)
-    );
+    if want != have {
+        // Both daemons' whole logs and the edge's database stay for a post-mortem.
+        let kept = dir.keep();
+        panic!(
+            "seed {seed}: the edge did not converge within {CONVERGENCE_LIMIT:?}:\n{}\n{}\n\
+             (logs and the edge database kept in {})",
+            diff(&want, &have),
+            setup.log_tails(40),
+            kept.display()
+        );
+    }
     println!(
         "converged {took:?} after the last restart/change: {} objects on the edge, exactly the cluster's",
         have.len()
