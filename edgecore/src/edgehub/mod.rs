@@ -622,7 +622,9 @@ impl<S: ObjectStore, O: Outbox> EdgeHub<S, O> {
                 Ok(applied) => {
                     tracing::debug!(resource = %msg.route.resource, operation = %msg.route.operation,
                         resource_version = %msg.header.resource_version, ?applied, "stored; acking");
-                    if let Ok(p) = kedge_common::ResourcePath::parse_edge(&msg.route.resource)
+                    // Parsing the path costs on every stored message: only when the step is logged.
+                    if tracing::enabled!(target: "pod_path", tracing::Level::DEBUG)
+                        && let Ok(p) = kedge_common::ResourcePath::parse_edge(&msg.route.resource)
                         && p.resource_type() == Some("pod")
                     {
                         tracing::debug!(target: "pod_path", pod = %format_args!("{}/{}", p.namespace().unwrap_or_default(), p.name().unwrap_or_default()),
