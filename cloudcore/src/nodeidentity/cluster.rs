@@ -114,32 +114,30 @@ impl ClusterIdentities {
 
     /// `cloudcore node revoke`: the node's certificates stop working; a join needs a reset.
     pub async fn revoke(&self, node: &str, reason: &str) -> Result<(), Refusal> {
-        self.set(
-            node,
-            Identity::Revoked {
-                reason: reason.to_owned(),
-            },
-        )
-        .await
+        let revoked = Identity::Revoked {
+            reason: reason.to_owned(),
+        };
+        if self.set(node, revoked).await? {
+            Ok(())
+        } else {
+            Err(Refusal::Denied(format!("there is no Node {node}")))
+        }
     }
 
     /// `cloudcore node reset`: the next join (with any valid token) claims the name. `Ok(false)`:
     /// there is no such Node, so a join may claim the name anyway.
     pub async fn reset(&self, node: &str) -> Result<bool, Refusal> {
-        match self.set(node, Identity::Released).await {
-            Ok(()) => Ok(true),
-            Err(Refusal::Denied(_)) => Ok(false),
-            Err(e) => Err(e),
-        }
+        self.set(node, Identity::Released).await
     }
 
-    async fn set(&self, node: &str, identity: Identity) -> Result<(), Refusal> {
+    /// Writes `identity` as `node`'s record; `Ok(false)`: there is no such Node.
+    async fn set(&self, node: &str, identity: Identity) -> Result<bool, Refusal> {
         for _ in 0..WRITE_ATTEMPTS {
             let Some(current) = self.fetch(node).await? else {
-                return Err(Refusal::Denied(format!("there is no Node {node}")));
+                return Ok(false);
             };
             match self.write(current, &identity).await {
-                Ok(()) => return Ok(()),
+                Ok(()) => return Ok(true),
                 Err(e) if is_conflict(&e) => continue,
                 Err(e) => return Err(unavailable(&format!("writing Node {node}"), e)),
             }
