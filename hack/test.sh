@@ -6,6 +6,9 @@ cd "$(dirname "$0")/.."
 source hack/lib.sh
 
 need_cmd cargo "install the Rust toolchain (rustup) first"
+# The build needs ~7 GB (debug target ~4.5 GB, the fuzz build ~2.5 GB); say what there is, so a
+# full disk reads as such.
+df -h . | tail -1 | awk '{print ">> disk: " $4 " free of " $2}'
 cargo fmt --version >/dev/null 2>&1 || { echo "error: rustfmt missing (rustup component add rustfmt)" >&2; exit 1; }
 cargo clippy --version >/dev/null 2>&1 || { echo "error: clippy missing (rustup component add clippy)" >&2; exit 1; }
 # System packages the tests use: a C compiler (ring) and kubectl (the e2e tests drive the test

@@ -6,7 +6,7 @@
 //! missing, nothing stale.
 //!
 //! CI runs it for 60 s with a fixed seed. By hand: `KEDGE_CHAOS_SEED=<n>|random
-//! KEDGE_CHAOS_SECONDS=<s> cargo nextest run -p kedge-e2e --test chaos`. The seed is printed.
+//! KEDGE_CHAOS_SECONDS=<s> cargo nextest run -p kedge-e2e -E 'test(/^chaos::/)'`. The seed is printed.
 #![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeMap;
