@@ -11,7 +11,7 @@ use cloudcore::cloudstream::authz::{AlwaysAllow, Authorizer, SubjectAccessReview
 use cloudcore::config::CloudCoreConfig;
 use cloudcore::edgecontroller::EdgeControllerSettings;
 use cloudcore::nodeidentity::cluster::ClusterIdentities;
-use cloudcore::server::{CloudCoreOptions, StreamServerOptions};
+use cloudcore::server::{CloudCoreOptions, LeaderElectionOptions, StreamServerOptions};
 use k8s_openapi::api::core::v1::ConfigMap;
 use kedge_common::wire::WireCodec;
 use tokio_util::sync::CancellationToken;
@@ -181,6 +181,8 @@ pub async fn run(cfg: CloudCoreConfig) -> anyhow::Result<()> {
             codec: WireCodec::new(hub_cfg.max_message_bytes),
             queue: QueueLimits::default(),
             handshake_timeout: Duration::from_secs(10),
+            queue_retention: Duration::from_secs(120),
+            await_ack_record: true,
         },
         node_cert_validity: Duration::from_secs(hub_cfg.edge_cert_signing_duration * 86_400),
         upstream_capacity: 4096,
@@ -198,6 +200,18 @@ pub async fn run(cfg: CloudCoreConfig) -> anyhow::Result<()> {
             ..EdgeControllerSettings::default()
         },
         stream,
+        leader_election: cfg.modules.leader_election.enable.then(|| {
+            let le = &cfg.modules.leader_election;
+            LeaderElectionOptions {
+                lease_name: le.lease_name.clone(),
+                identity: cloudcore::leader::identity(),
+                timing: cloudcore::leader::ElectionTiming {
+                    lease_duration: Duration::from_secs(le.lease_duration),
+                    renew_deadline: Duration::from_secs(le.renew_deadline),
+                    retry_period: Duration::from_secs(le.retry_period),
+                },
+            }
+        }),
     };
     let running = cloudcore::server::start(client, pki, opts).await?;
     tracing::info!(

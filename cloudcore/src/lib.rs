@@ -7,6 +7,7 @@ pub mod config;
 pub mod devicecontroller;
 pub mod edgecontroller;
 pub mod kubeclient;
+pub mod leader;
 pub mod node_refs;
 pub mod nodeidentity;
 pub mod observability;

@@ -20,6 +20,17 @@ pub struct CloudCoreOptions {
     pub edge: EdgeControllerSettings,
     /// The kubelet API for the API server (kubectl logs/exec/attach/port-forward); `None`: off.
     pub stream: Option<StreamServerOptions>,
+    /// Several replicas: who runs the cluster-wide controllers. `None`: this one, always.
+    pub leader_election: Option<LeaderElectionOptions>,
+}
+
+/// The Lease replicas elect a leader on (in cloudcore's namespace).
+#[derive(Debug, Clone)]
+pub struct LeaderElectionOptions {
+    pub lease_name: String,
+    /// This replica's name in the Lease; unique per process (see [`crate::leader::identity`]).
+    pub identity: String,
+    pub timing: crate::leader::ElectionTiming,
 }
 
 /// How CloudStream listens and whom it lets in.
@@ -60,6 +71,9 @@ pub struct RunningCloudCore {
     pub stream_addr: Option<SocketAddr>,
     pub stats: Arc<Stats>,
     pub sync: Arc<SyncState>,
+    /// Whether this replica leads (always true without an election).
+    pub leader: tokio::sync::watch::Receiver<bool>,
+    election: Option<tokio::task::JoinHandle<()>>,
     shutdown: CancellationToken,
     hub_tasks: tokio::task::JoinSet<()>,
     controller: tokio::task::JoinHandle<()>,
@@ -73,18 +87,36 @@ pub async fn start(
 ) -> Result<RunningCloudCore, StartError> {
     let shutdown = CancellationToken::new();
     let sync = Arc::new(SyncState::new(client.clone(), &opts.namespace));
-    let loaded = sync.load().await?;
-    tracing::info!(objects = loaded, "sync state loaded");
+    // Each KubeEdge node's record is read when it connects (`SyncState::reload`), not all at
+    // start: a replica holds the records of its own nodes only.
     let identities = Arc::new(ClusterIdentities::new(client.clone(), &opts.namespace));
+    // The edgecontroller hands every KubeEdge session its acknowledgement record.
+    let mut hub = opts.hub;
+    hub.settings.await_ack_record = true;
     let mut running =
-        cloudhub::start(pki.clone(), opts.hub, identities.clone(), shutdown.clone()).await?;
+        cloudhub::start(pki.clone(), hub, identities.clone(), shutdown.clone()).await?;
+    let (leader, election) = match &opts.leader_election {
+        Some(le) => {
+            let (rx, task) = crate::leader::spawn(
+                client.clone(),
+                &opts.namespace,
+                &le.lease_name,
+                le.identity.clone(),
+                le.timing,
+                shutdown.clone(),
+            );
+            (rx, Some(task))
+        }
+        None => (tokio::sync::watch::channel(true).1, None),
+    };
     let controller = EdgeController::new(
         client,
         running.handle.clone(),
         sync.clone(),
         opts.edge,
         identities,
-    );
+    )
+    .with_leader(leader.clone());
     let stats = controller.stats.clone();
     let mut stream_addr = None;
     if let Some(so) = opts.stream {
@@ -122,6 +154,8 @@ pub async fn start(
         stream_addr,
         stats,
         sync,
+        leader,
+        election,
         shutdown,
         hub_tasks: running.tasks,
         controller,
@@ -130,9 +164,12 @@ pub async fn start(
 }
 
 impl RunningCloudCore {
-    /// Graceful stop: close sessions, write the sync state a last time.
+    /// Graceful stop: close sessions, write the sync state a last time, give up the leader Lease.
     pub async fn stop(mut self) {
         self.shutdown.cancel();
+        if let Some(e) = self.election.take() {
+            let _ = e.await;
+        }
         let _ = (&mut self.controller).await;
         let _ = (&mut self.sync_task).await;
         while self.hub_tasks.join_next().await.is_some() {}
@@ -140,6 +177,10 @@ impl RunningCloudCore {
 
     /// Like `kill -9`: everything stops at once and nothing more is written.
     pub async fn kill(mut self) {
+        if let Some(e) = self.election.take() {
+            e.abort();
+            let _ = e.await;
+        }
         self.sync_task.abort();
         self.controller.abort();
         self.hub_tasks.abort_all();

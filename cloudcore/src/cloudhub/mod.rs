@@ -152,6 +152,17 @@ pub struct HubSettings {
     pub codec: WireCodec,
     pub queue: QueueLimits,
     pub handshake_timeout: Duration,
+    /// How long the queue of a node that left is kept. A node that comes back within it
+    /// resumes from the queue; after it (the node went to another replica, or is down) the
+    /// queue is dropped and the node's next session starts from its inventory or recorded acks
+    /// (see `edgecontroller::resync`). Queues exist only for nodes connected to this replica, so
+    /// a replica's memory follows the nodes it serves.
+    pub queue_retention: Duration,
+    /// A session without an inventory (a KubeEdge edge) also waits before sending anything
+    /// keyed, until the controllers hand over what the node acknowledged as recorded in the
+    /// cluster ([`CloudHubHandle::apply_ack_record`]). cloudcore always sets it; a hub on its
+    /// own (tests, benchmarks) has nobody to hand a record over and leaves it off.
+    pub await_ack_record: bool,
 }
 
 impl Default for HubSettings {
@@ -162,6 +173,8 @@ impl Default for HubSettings {
             codec: WireCodec::default(),
             queue: QueueLimits::default(),
             handshake_timeout: Duration::from_secs(10),
+            queue_retention: Duration::from_secs(120),
+            await_ack_record: false,
         }
     }
 }
@@ -180,6 +193,10 @@ struct NodeSlot {
     session: Mutex<Option<CurrentSession>>,
     /// The current session's streams; `None` while disconnected or on a KubeEdge session.
     streams: Mutex<Option<Mux>>,
+    /// When its last session ended; `None` while a session holds (or is about to hold) it.
+    /// Changed only under the hub's `nodes` lock, so the sweep never drops a slot a session
+    /// has just taken.
+    left: Mutex<Option<Instant>>,
 }
 
 impl NodeSlot {
@@ -195,6 +212,10 @@ impl NodeSlot {
 
     fn streams(&self) -> MutexGuard<'_, Option<Mux>> {
         self.streams.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn left(&self) -> MutexGuard<'_, Option<Instant>> {
+        self.left.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -220,9 +241,11 @@ pub struct HubCounters {
 }
 
 impl Hub {
-    fn slot(&self, node: &str) -> Arc<NodeSlot> {
+    /// The slot a session of `node` is about to use (made if it has none); not swept while the
+    /// session lasts.
+    fn take_slot(&self, node: &str) -> Arc<NodeSlot> {
         let mut nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
-        nodes
+        let slot = nodes
             .entry(node.to_owned())
             .or_insert_with(|| {
                 Arc::new(NodeSlot {
@@ -230,9 +253,41 @@ impl Hub {
                     wake: Notify::new(),
                     session: Mutex::new(None),
                     streams: Mutex::new(None),
+                    left: Mutex::new(None),
                 })
             })
-            .clone()
+            .clone();
+        *slot.left() = None;
+        slot
+    }
+
+    /// The slot of a node connected here (or recently), if any.
+    fn existing_slot(&self, node: &str) -> Option<Arc<NodeSlot>> {
+        let nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
+        nodes.get(node).cloned()
+    }
+
+    /// `node` no longer uses its slot (its session ended, or its handshake failed) unless a
+    /// session holds it.
+    fn leave_slot(&self, node: &str, now: Instant) {
+        let nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(slot) = nodes.get(node)
+            && slot.session().is_none()
+        {
+            *slot.left() = Some(now);
+        }
+    }
+
+    /// Drops the queues of nodes that left more than `queue_retention` ago.
+    fn sweep(&self, now: Instant) -> usize {
+        let retention = self.settings.queue_retention;
+        let mut nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
+        let before = nodes.len();
+        nodes.retain(|_, slot| {
+            let left = *slot.left();
+            left.is_none_or(|t| now.saturating_duration_since(t) < retention)
+        });
+        before - nodes.len()
     }
 }
 
@@ -255,7 +310,9 @@ impl CloudHubHandle {
         })?;
         let node = path.node().unwrap_or_default().to_owned();
         msg.route.resource = path.edge_str().to_owned();
-        let slot = self.hub.slot(&node);
+        let Some(slot) = self.hub.existing_slot(&node) else {
+            return Ok(Pushed::NotHere);
+        };
         let pushed = slot.queue().push(key, msg)?;
         if pushed == Pushed::Queued {
             slot.wake.notify_one();
@@ -358,7 +415,42 @@ impl CloudHubHandle {
     /// Seeds what `node` is known to hold (from persisted sync state), so unchanged objects are
     /// not sent again.
     pub fn seed_acked(&self, node: &str, key: ObjectKey, rv: String) {
-        self.hub.slot(node).queue().seed_acked(key, rv);
+        if let Some(slot) = self.hub.existing_slot(node) {
+            slot.queue().seed_acked(key, rv);
+        }
+    }
+
+    /// Drops the queues of nodes gone longer than `queue_retention`, every quarter of it (at
+    /// most every 30 s), until `shutdown`.
+    pub async fn sweep_queues(self, shutdown: CancellationToken) {
+        let every = (self.hub.settings.queue_retention / 4)
+            .clamp(Duration::from_millis(100), Duration::from_secs(30));
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(every) => {}
+            }
+            let dropped = self.hub.sweep(Instant::now());
+            if dropped > 0 {
+                tracing::debug!(dropped, "queues of nodes that left dropped");
+            }
+        }
+    }
+
+    /// What a node without an inventory acknowledged, as recorded in the cluster, stands in for
+    /// its inventory: the queue takes it as what the node holds and starts sending (see
+    /// [`HubSettings::await_ack_record`]).
+    pub fn apply_ack_record(&self, node: &str, held: &HashMap<ObjectKey, String>) {
+        if let Some(slot) = self.hub.existing_slot(node) {
+            let applied = slot.queue().apply_inventory(held);
+            slot.wake.notify_one();
+            tracing::info!(%node, objects = held.len(), already_held = applied.already_held, to_send = applied.to_send, "acknowledgement record applied");
+        }
+    }
+
+    /// Whether this replica keeps a queue for `node` (connected, or left within the retention).
+    pub fn has_queue(&self, node: &str) -> bool {
+        self.hub.existing_slot(node).is_some()
     }
 
     /// The resourceVersion `node` last acked for `key`, as far as this process has seen.
@@ -486,6 +578,7 @@ pub async fn start(
     let (hub, upstream) = CloudHub::new(opts.settings, opts.upstream_capacity, identities.clone());
     let handle = hub.handle();
     let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(handle.clone().sweep_queues(shutdown.clone()));
     let ws_tls = pki.websocket_acceptor()?;
     tasks.spawn(hub.serve(ws_listener, ws_tls, shutdown.clone()));
     let mut bootstrap_addr = None;
@@ -560,6 +653,7 @@ async fn handle_connection(
     let offered = offers_inventory.clone();
     let speaks_kedge = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let kedge_peer = speaks_kedge.clone();
+    let mut reserve = Some(hub.clone());
     // The callback's signature is tungstenite's; its error type is an HTTP response.
     #[allow(clippy::result_large_err)]
     let callback = move |req: &Request, mut resp: Response| -> Result<Response, ErrorResponse> {
@@ -594,6 +688,9 @@ async fn handle_connection(
                 "node limit reached",
             ));
         }
+        // Before the edge learns it is connected, so that nothing queued for it from then on
+        // is dropped as "not connected here".
+        drop(reserve.take().map(|hub| hub.take_slot(&expected)));
         if req.headers().get(inventory::PROTOCOL_HEADER).is_some() {
             kedge_peer.store(true, std::sync::atomic::Ordering::Relaxed);
             // So our edge knows it talks to our cloud, not KubeEdge's.
@@ -626,8 +723,15 @@ async fn handle_connection(
         ),
     )
     .await
-    .map_err(|_| "WebSocket handshake timed out".to_owned())?
-    .map_err(|e| format!("WebSocket handshake for {cert_node} refused: {e}"))?;
+    .map_err(|_| "WebSocket handshake timed out".to_owned())
+    .and_then(|r| r.map_err(|e| format!("WebSocket handshake for {cert_node} refused: {e}")));
+    let ws = match ws {
+        Ok(ws) => ws,
+        Err(e) => {
+            hub.leave_slot(&cert_node, Instant::now());
+            return Err(e);
+        }
+    };
 
     let inventory = offers_inventory.load(std::sync::atomic::Ordering::Relaxed);
     let kubeedge = !speaks_kedge.load(std::sync::atomic::Ordering::Relaxed);
@@ -646,7 +750,7 @@ async fn run_session<S>(
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    let slot = hub.slot(&node);
+    let slot = hub.take_slot(&node);
     let session_id = hub
         .next_session
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -666,7 +770,8 @@ where
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
     }
-    slot.queue().session_started(Instant::now(), inventory);
+    slot.queue()
+        .session_started(Instant::now(), inventory || hub.settings.await_ack_record);
     slot.wake.notify_one();
     // Tell the controllers; await so that Connected is ordered before this node's messages.
     let _ = hub
@@ -718,6 +823,9 @@ where
             false
         }
     };
+    if was_current {
+        hub.leave_slot(&node, Instant::now());
+    }
     if was_current {
         hub.connected
             .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);

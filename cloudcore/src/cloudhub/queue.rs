@@ -72,6 +72,9 @@ pub enum Pushed {
     Queued,
     /// Dropped: the node already acked this or a newer version, or a newer one is queued.
     Stale,
+    /// Not queued: the node is not connected to this cloudcore (it may be to another replica).
+    /// What it must hold reaches it when it connects here (see `edgecontroller::resync`).
+    NotHere,
 }
 
 /// An ack matched to what it acknowledged.

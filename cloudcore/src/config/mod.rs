@@ -64,6 +64,32 @@ pub struct Modules {
     pub device_controller: Toggle,
     pub sync_controller: Toggle,
     pub cloud_stream: CloudStreamConfig,
+    pub leader_election: LeaderElectionConfig,
+}
+
+/// Replicas elect one to run the cluster-wide controllers (see `crate::leader`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+pub struct LeaderElectionConfig {
+    pub enable: bool,
+    /// The Lease in `cloudHub.namespace`.
+    pub lease_name: String,
+    /// Seconds.
+    pub lease_duration: u64,
+    pub renew_deadline: u64,
+    pub retry_period: u64,
+}
+
+impl Default for LeaderElectionConfig {
+    fn default() -> Self {
+        LeaderElectionConfig {
+            enable: true,
+            lease_name: "kedge-cloudcore".into(),
+            lease_duration: 15,
+            renew_deadline: 10,
+            retry_period: 2,
+        }
+    }
 }
 
 /// The kubelet API cloudcore serves for its edge nodes (kubectl logs/exec/attach/port-forward).
@@ -236,6 +262,27 @@ impl CloudCoreConfig {
         }
         if k.burst == 0 {
             return Err(bad("kubeAPIConfig.burst", "must be greater than 0".into()));
+        }
+        let le = &self.modules.leader_election;
+        if le.enable {
+            if le.lease_name.is_empty() {
+                return Err(bad(
+                    "modules.leaderElection.leaseName",
+                    "must not be empty".into(),
+                ));
+            }
+            if le.retry_period == 0 || le.renew_deadline <= le.retry_period {
+                return Err(bad(
+                    "modules.leaderElection.renewDeadline",
+                    "must be longer than retryPeriod (at least 1 second)".into(),
+                ));
+            }
+            if le.lease_duration <= le.renew_deadline {
+                return Err(bad(
+                    "modules.leaderElection.leaseDuration",
+                    "must be longer than renewDeadline".into(),
+                ));
+            }
         }
         let hub = &self.modules.cloud_hub;
         if hub.keepalive_interval == 0 {

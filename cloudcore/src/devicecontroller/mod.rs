@@ -375,26 +375,6 @@ impl Devices {
     pub fn model_keys(&self) -> Vec<NsName> {
         self.models.keys().cloned().collect()
     }
-
-    /// Whether `(ns, name, uid)` of `kind` is something `node` must still hold (after a restart,
-    /// for KubeEdge edges whose acks were recorded).
-    pub fn still_wanted(&self, node: &str, kind: &str, key: &NsName, uid: &str) -> bool {
-        match kind {
-            "device" => {
-                self.placed.get(key).is_some_and(|p| p.node == node)
-                    && self
-                        .devices
-                        .get(key)
-                        .and_then(|d| d.metadata.uid.as_deref())
-                        == Some(uid)
-            }
-            "devicemodel" => {
-                self.model_holders.holds(key, node)
-                    && self.models.get(key).and_then(|m| m.metadata.uid.as_deref()) == Some(uid)
-            }
-            _ => true,
-        }
-    }
 }
 
 #[cfg(test)]

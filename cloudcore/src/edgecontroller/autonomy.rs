@@ -192,7 +192,13 @@ impl super::Loop {
     /// Patches the pod's NoExecute tolerations to its node's autonomy when they differ (see
     /// `autonomy`); at most one patch per pod version, conditional on that version (a newer one
     /// arrives through the watch and is looked at again).
+    ///
+    /// Only the leader patches (with several replicas, one patch per pod version in the cluster);
+    /// a replica that becomes leader looks at every pod again.
     pub(super) fn ensure_autonomy(&mut self, key: &NsName) {
+        if !self.leads() {
+            return;
+        }
         let Some(entry) = self.pods.get(key) else {
             return;
         };

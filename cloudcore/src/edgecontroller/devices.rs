@@ -158,6 +158,10 @@ impl Loop {
                     reason,
                 } => {
                     self.stats.invalid_devices.fetch_add(1, Ordering::Relaxed);
+                    // One Event per reason in the cluster, not one per replica.
+                    if !self.leads() {
+                        continue;
+                    }
                     let recorder = self.events.clone();
                     tokio::spawn(async move {
                         let reference = k8s_openapi::api::core::v1::ObjectReference {
@@ -204,19 +208,6 @@ impl Loop {
                 }
             }
         }
-    }
-
-    /// Whether a recorded device object is still wanted on `node` (restart clean-up).
-    pub(super) fn device_still_wanted(
-        &self,
-        node: &str,
-        kind: &str,
-        key: &NsName,
-        uid: &str,
-    ) -> bool {
-        self.devices
-            .as_ref()
-            .is_none_or(|d| d.still_wanted(node, kind, key, uid))
     }
 
     /// Devices and models `node` must hold, as (key, rv, content), models first.

@@ -111,6 +111,11 @@ enum Input {
     Hub(Upstream),
     /// Try again to pick up the pods already bound to a new edge node.
     Adopt(String),
+    /// What a node without an inventory (a KubeEdge edge) acknowledged, as recorded in the
+    /// cluster, read when it connected; `None`: the read failed and is tried again.
+    AckRecord(String, Option<Vec<crate::synccontroller::AckedObject>>),
+    /// This replica became leader (true) or stopped being leader (false); see `crate::leader`.
+    Leader(bool),
 }
 
 type NsName = (String, String);
@@ -164,6 +169,8 @@ pub struct Shared {
     pub kubelet_endpoint: Option<crate::cloudstream::KubeletEndpoint>,
     /// The edge's own addresses last written to each node's annotation (written on change only).
     pub edge_addresses: Mutex<HashMap<String, String>>,
+    /// Every watch has listed once: who hosts which device is known.
+    pub lists_done: std::sync::atomic::AtomicBool,
 }
 
 impl crate::cloudstream::PodLocator for Shared {
@@ -183,6 +190,7 @@ pub struct EdgeController {
     pub stats: Arc<Stats>,
     shared: Arc<Shared>,
     identities: Arc<ClusterIdentities>,
+    leader: tokio::sync::watch::Receiver<bool>,
 }
 
 struct Loop {
@@ -219,6 +227,9 @@ struct Loop {
     /// Re-lists of Devices and DeviceModels.
     device_relists: [Relist; 2],
     events: kube::runtime::events::Recorder,
+    /// Whether this replica runs the controllers that must act once in the cluster: deleting
+    /// the pods of deleted edge Nodes, toleration patches, Events about invalid devices.
+    leader: tokio::sync::watch::Receiver<bool>,
 }
 
 impl EdgeController {
@@ -236,6 +247,7 @@ impl EdgeController {
             sync,
             settings,
             identities,
+            leader: always_leader(),
             stats: Arc::new(Stats::default()),
             shared: Arc::new(Shared {
                 connected: Mutex::new(HashSet::new()),
@@ -244,8 +256,16 @@ impl EdgeController {
                 kubeedge: Mutex::new(HashSet::new()),
                 kubelet_endpoint,
                 edge_addresses: Mutex::new(HashMap::new()),
+                lists_done: std::sync::atomic::AtomicBool::new(false),
             }),
         }
+    }
+
+    /// Runs the cluster-wide controllers only while `leader` says so (several replicas); without
+    /// this call this cloudcore is the only one and always runs them.
+    pub fn with_leader(mut self, leader: tokio::sync::watch::Receiver<bool>) -> Self {
+        self.leader = leader;
+        self
     }
 
     /// Which edge node hosts a pod (for CloudStream's routing).
@@ -255,13 +275,6 @@ impl EdgeController {
 
     /// Runs until `shutdown`. `upstream` is CloudHub's channel.
     pub async fn run(self, mut upstream: mpsc::Receiver<Upstream>, shutdown: CancellationToken) {
-        // What nodes held before a restart: unchanged objects will not be sent again.
-        for node in self.sync.nodes() {
-            for o in self.sync.acked_objects(&node) {
-                self.hub.seed_acked(&node, o.key(), o.rv.clone());
-            }
-        }
-
         let (tx, mut rx) = mpsc::channel::<Input>(1024);
         let strip = |m: &mut kube::api::ObjectMeta| m.managed_fields = None;
         let c = &self.client;
@@ -326,6 +339,24 @@ impl EdgeController {
                 shutdown.clone(),
             );
         }
+        {
+            let (tx, mut leader, stop) = (tx.clone(), self.leader.clone(), shutdown.clone());
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        changed = leader.changed() => {
+                            // The election is over (single replica, or shutting down).
+                            if changed.is_err() { return }
+                        }
+                    }
+                    let leads = *leader.borrow_and_update();
+                    if tx.send(Input::Leader(leads)).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
         let hub_tx = tx.clone();
         let hub_stop = shutdown.clone();
         tokio::spawn(async move {
@@ -381,6 +412,7 @@ impl EdgeController {
                     instance: None,
                 },
             ),
+            leader: self.leader.clone(),
         };
         loop {
             let input = tokio::select! {
@@ -390,6 +422,11 @@ impl EdgeController {
             l.handle(input).await;
         }
     }
+}
+
+/// The election of a cloudcore that runs alone: it always leads.
+fn always_leader() -> tokio::sync::watch::Receiver<bool> {
+    tokio::sync::watch::channel(true).1
 }
 
 fn spawn_watch<K, S>(
@@ -462,6 +499,21 @@ impl Loop {
                     self.adopt_pods_of(&node).await;
                 }
             }
+            Input::AckRecord(node, record) => self.on_ack_record(node, record),
+            Input::Leader(true) => {
+                // What the previous leader may not have done: every pod looked at again.
+                let keys: Vec<NsName> = self.pods.keys().cloned().collect();
+                tracing::info!(
+                    pods = keys.len(),
+                    "leading: running the cluster-wide controllers"
+                );
+                for k in keys {
+                    self.ensure_autonomy(&k);
+                }
+            }
+            Input::Leader(false) => {
+                tracing::info!("no longer leading: cluster-wide controllers paused");
+            }
         }
         if !self.held_pods.is_empty() && self.refs_listed() {
             for ev in std::mem::take(&mut self.held_pods) {
@@ -472,9 +524,14 @@ impl Loop {
             self.devices.is_none() || self.device_relists.iter().all(|r| r.done_once);
         if !self.orphans_checked && devices_listed && self.relists.iter().all(|r| r.done_once) {
             self.orphans_checked = true;
-            self.delete_orphans_after_restart();
+            self.shared.lists_done.store(true, Ordering::Release);
+            self.initial_lists_done();
             self.reconcile_held_inventories();
         }
+    }
+
+    fn leads(&self) -> bool {
+        *self.leader.borrow()
     }
 
     /// Queues one object version (or delete) for a node.
@@ -500,6 +557,9 @@ impl Loop {
             Ok(Pushed::Stale) => {
                 self.stats.unchanged.fetch_add(1, Ordering::Relaxed);
             }
+            // Another replica's node, or one that is away: it gets what it must hold when it
+            // connects here.
+            Ok(Pushed::NotHere) => {}
             Err(e) => tracing::error!(%node, %name, error = %e, "cannot queue for node"),
         }
     }
@@ -616,7 +676,9 @@ impl Loop {
             .filter(|(_, e)| e.node == node)
             .map(|(k, e)| (k.clone(), e.pod.metadata.uid.clone().unwrap_or_default()))
             .collect();
-        if victims.is_empty() {
+        // One replica deletes; a leader that dies before it is done leaves the rest to the
+        // cluster's pod garbage collector (pods bound to a Node that does not exist).
+        if victims.is_empty() || !self.leads() {
             return;
         }
         tracing::info!(%node, pods = victims.len(), "edge node deleted; deleting its pods");
@@ -779,6 +841,7 @@ impl Loop {
                 } else {
                     self.inventory_nodes.remove(&node);
                     self.pending_inventories.remove(&node);
+                    self.read_ack_record(node.clone());
                 }
                 let mut kubeedge_nodes = self
                     .shared

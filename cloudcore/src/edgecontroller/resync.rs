@@ -6,9 +6,14 @@
 //!   must hold and sends what is missing or older, and deletes whatever the node holds that it
 //!   should not — including objects this cloudcore never heard of (deleted while it was down, or
 //!   acked in a session whose ack was lost). This is exact: no orphans, nothing missing.
-//! - **A KubeEdge edge sends none.** For it the synccontroller records acks, and after a restart
-//!   objects it acknowledged that are gone now are sent as deletes (best effort: an ack not yet
-//!   recorded when cloudcore died is not known).
+//! - **A KubeEdge edge sends none.** For it the synccontroller records acks in the cluster, and
+//!   on every connect that record stands in for the inventory: what it lacks is sent, what it
+//!   acknowledged and should not hold is deleted (best effort: an ack not yet recorded when the
+//!   replica serving it died is not known, and is sent again).
+//!
+//! Either way a node can connect to any replica: queues exist only for connected nodes
+//! (`cloudhub::HubSettings::queue_retention`), and a session starts from the node's truth, not
+//! from what this process happened to see.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
@@ -52,79 +57,56 @@ impl WantedObject<'_> {
 }
 
 impl Loop {
-    pub(super) fn delete_orphans_after_restart(&mut self) {
-        let mut deletes = 0;
-        for node in self.sync.nodes() {
-            if self.inventory_nodes.contains(&node) {
-                continue;
-            }
-            for o in self.sync.acked_objects(&node) {
-                let still_wanted = match o.kind.as_str() {
-                    "pod" => self
-                        .pods
-                        .get(&(o.namespace.clone().unwrap_or_default(), o.name.clone()))
-                        .is_some_and(|e| {
-                            e.node == node && e.pod.metadata.uid.as_deref() == Some(o.uid.as_str())
-                        }),
-                    "configmap" | "secret" => {
-                        let kind = if o.kind == "configmap" {
-                            RefKind::ConfigMap
-                        } else {
-                            RefKind::Secret
-                        };
-                        let r = ObjectRef {
-                            kind: kind.clone(),
-                            namespace: o.namespace.clone().unwrap_or_default(),
-                            name: o.name.clone(),
-                        };
-                        let held = self.holders.holds(&r, &node);
-                        let key = (r.namespace.clone(), r.name.clone());
-                        let uid_now = match kind {
-                            RefKind::ConfigMap => self
-                                .configmaps
-                                .get(&key)
-                                .and_then(|c| c.metadata.uid.clone()),
-                            RefKind::Secret => {
-                                self.secrets.get(&key).and_then(|c| c.metadata.uid.clone())
-                            }
-                        };
-                        held && uid_now.as_deref() == Some(o.uid.as_str())
-                    }
-                    "node" => self
-                        .edge_nodes
-                        .get(&node)
-                        .is_some_and(|n| n.metadata.uid.as_deref() == Some(o.uid.as_str())),
-                    "device" | "devicemodel" => self.device_still_wanted(
-                        &node,
-                        &o.kind,
-                        &(o.namespace.clone().unwrap_or_default(), o.name.clone()),
-                        &o.uid,
-                    ),
-                    _ => true,
-                };
-                if still_wanted {
-                    continue;
-                }
-                let rv = o.rv.clone();
-                let content = serde_json::json!({
-                    "metadata": {"name": o.name, "namespace": o.namespace, "uid": o.uid}
-                });
-                self.send(
-                    &node,
-                    obj_key(&o.kind, o.namespace.as_deref(), &o.name, &o.uid),
-                    &rv,
-                    Operation::Delete,
-                    content,
-                );
-                deletes += 1;
-            }
-        }
+    /// The first lists are done: the controller knows what every node must hold.
+    pub(super) fn initial_lists_done(&mut self) {
         self.stats.initial_sync_done.store(true, Ordering::Relaxed);
         tracing::info!(
-            deletes,
-            unchanged = self.stats.unchanged.load(Ordering::Relaxed),
-            "initial sync done; objects deleted while cloudcore was away sent as deletes"
+            pending = self.pending_inventories.len(),
+            "initial lists done; nodes that connected meanwhile are reconciled now"
         );
+    }
+
+    /// A node without an inventory (a KubeEdge edge) connected: read what it acknowledged, as
+    /// recorded in the cluster by whichever replica served it last, and treat that as its
+    /// inventory. Read fresh on every connect: another replica may have written it since.
+    pub(super) fn read_ack_record(&self, node: String) {
+        let (sync, tx) = (self.sync.clone(), self.retry_tx.clone());
+        tokio::spawn(async move {
+            let record = match sync.reload(&node).await {
+                Ok(objects) => Some(objects),
+                Err(e) => {
+                    tracing::warn!(%node, error = %e, "cannot read what the node acknowledged; retrying in 2 s");
+                    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+                    None
+                }
+            };
+            if let Some(tx) = tx.upgrade() {
+                let _ = tx.send(super::Input::AckRecord(node, record)).await;
+            }
+        });
+    }
+
+    pub(super) fn on_ack_record(
+        &mut self,
+        node: String,
+        record: Option<Vec<crate::synccontroller::AckedObject>>,
+    ) {
+        // Gone again, or it sends inventories now: nothing to do.
+        if !self.hub.is_connected(&node) || self.inventory_nodes.contains(&node) {
+            return;
+        }
+        let Some(objects) = record else {
+            self.read_ack_record(node);
+            return;
+        };
+        let held: HashMap<ObjectKey, String> =
+            objects.into_iter().map(|o| (o.key(), o.rv)).collect();
+        self.hub.apply_ack_record(&node, &held);
+        if self.orphans_checked {
+            self.reconcile_inventory(&node, held);
+        } else {
+            self.pending_inventories.insert(node, held);
+        }
     }
 
     /// Everything `node` must hold now, references first (the order they are sent in).

@@ -95,7 +95,7 @@ pub async fn ensure_node(client: kube::Client, node: String) {
 }
 
 /// Now as a Kubernetes `MicroTime` (RFC 3339, microseconds, UTC).
-fn micro_time_now() -> String {
+pub(crate) fn micro_time_now() -> String {
     let dt = time::OffsetDateTime::now_utc();
     format!(
         "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z",
@@ -566,6 +566,11 @@ async fn device_report(
         .cloned();
     let uid = match owner {
         Some((owner, uid)) if owner == node => uid,
+        // Before Devices and DeviceModels are first listed (cloudcore just started) nobody is
+        // known to host anything: the report waits on the edge instead of being refused.
+        _ if !shared.lists_done.load(std::sync::atomic::Ordering::Acquire) => {
+            return Some(Outcome::RetryLater);
+        }
         other => {
             tracing::warn!(%node, namespace = %key.0, device = %key.1, host = ?other.map(|o| o.0),
                 "device report from a node that does not host the device; refused");

@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::ConfigMap;
 use kedge_common::Operation;
-use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::api::{Api, Patch, PatchParams};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
@@ -78,6 +78,15 @@ fn map_key(k: &ObjectKey) -> String {
     )
 }
 
+/// The acknowledged objects a record holds.
+fn parse(cm: &ConfigMap) -> Result<Vec<AckedObject>, String> {
+    cm.data
+        .as_ref()
+        .and_then(|d| d.get(DATA_KEY))
+        .ok_or_else(|| format!("no `{DATA_KEY}` key"))
+        .and_then(|text| serde_json::from_str::<Vec<AckedObject>>(text).map_err(|e| e.to_string()))
+}
+
 pub fn configmap_name(node: &str) -> String {
     format!("kedge-sync-{node}")
 }
@@ -107,47 +116,43 @@ impl SyncState {
         }
     }
 
-    /// Reads every node's persisted state. A corrupt ConfigMap is reported and skipped (its node
-    /// then gets everything again, which is safe).
-    pub async fn load(&self) -> Result<usize, SyncError> {
-        let list = self
+    /// Reads `node`'s record afresh (a KubeEdge edge just connected here; another replica may
+    /// have served it since) and makes it the one acks are recorded into. A corrupt record is
+    /// reported and read as empty: the node then gets everything again, which is safe.
+    pub async fn reload(&self, node: &str) -> Result<Vec<AckedObject>, SyncError> {
+        let name = configmap_name(node);
+        let cm = self
             .api
-            .list(&ListParams::default().labels(&format!("{SYNC_LABEL}=true")))
+            .get_opt(&name)
             .await
             .map_err(|source| SyncError::Load {
                 namespace: self.api.namespace().unwrap_or_default().to_owned(),
                 source,
             })?;
-        let mut acked = self.acked.lock().unwrap_or_else(|p| p.into_inner());
-        let mut count = 0;
-        for cm in list.items {
-            let name = cm.metadata.name.clone().unwrap_or_default();
-            let Some(node) = name.strip_prefix("kedge-sync-").map(str::to_owned) else {
-                continue;
-            };
-            lock(&self.persisted).insert(node.clone());
-            let parsed = cm
-                .data
-                .as_ref()
-                .and_then(|d| d.get(DATA_KEY))
-                .ok_or_else(|| format!("no `{DATA_KEY}` key"))
-                .and_then(|text| {
-                    serde_json::from_str::<Vec<AckedObject>>(text).map_err(|e| e.to_string())
-                });
-            match parsed {
-                Ok(objects) => {
-                    count += objects.len();
-                    let entry = acked.entry(node).or_default();
-                    for o in objects {
-                        entry.insert(map_key(&o.key()), o);
+        let objects = match cm {
+            None => Vec::new(),
+            Some(cm) => {
+                lock(&self.persisted).insert(node.to_owned());
+                match parse(&cm) {
+                    Ok(objects) => objects,
+                    Err(reason) => {
+                        tracing::error!(error = %SyncError::Corrupt { name, reason }, "sync state");
+                        Vec::new()
                     }
                 }
-                Err(reason) => {
-                    tracing::error!(error = %SyncError::Corrupt { name, reason }, "sync state");
-                }
             }
+        };
+        // Acks recorded here but not yet written are newer than what was read.
+        let unwritten = lock(&self.dirty).contains(node);
+        let mut all = lock(&self.acked);
+        let entry = all.entry(node.to_owned()).or_default();
+        if !unwritten {
+            entry.clear();
         }
-        Ok(count)
+        for o in &objects {
+            entry.entry(map_key(&o.key())).or_insert_with(|| o.clone());
+        }
+        Ok(entry.values().cloned().collect())
     }
 
     /// Records an ack from the edge.

@@ -126,8 +126,6 @@ impl Drop for TestCloud {
     }
 }
 
-/// A node identity (key, certificate valid for a day, CA) signed directly by `ca`, as the
-/// bootstrap endpoint would sign it.
 /// cloudcore as the in-process tests run it: WebSocket on `websocket_addr`, no bootstrap
 /// endpoint (tests issue node certificates directly), namespace `kubeedge`.
 pub fn cloudcore_options(
@@ -146,6 +144,7 @@ pub fn cloudcore_options(
         namespace: "kubeedge".into(),
         edge,
         stream,
+        leader_election: None,
     }
 }
 

@@ -96,3 +96,54 @@ impl Drop for ChaosProxy {
         self.stop.cancel();
     }
 }
+
+/// A TCP load balancer on 127.0.0.1, as a Service in front of cloudcore replicas: each new
+/// connection goes to the next backend in turn; a backend that refuses is skipped.
+pub struct LoadBalancer {
+    addr: SocketAddr,
+    stop: CancellationToken,
+}
+
+impl LoadBalancer {
+    pub async fn start(backends: Vec<SocketAddr>) -> std::io::Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let stop = CancellationToken::new();
+        let stop2 = stop.clone();
+        let next = Arc::new(AtomicUsize::new(0));
+        tokio::spawn(async move {
+            loop {
+                let (mut client, _) = tokio::select! {
+                    _ = stop2.cancelled() => return,
+                    a = listener.accept() => match a { Ok(x) => x, Err(_) => continue },
+                };
+                let (backends, next, stop3) = (backends.clone(), next.clone(), stop2.clone());
+                tokio::spawn(async move {
+                    let first = next.fetch_add(1, Ordering::SeqCst);
+                    for i in 0..backends.len() {
+                        let target = backends[(first + i) % backends.len()];
+                        let Ok(mut server) = TcpStream::connect(target).await else {
+                            continue;
+                        };
+                        tokio::select! {
+                            _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                            _ = stop3.cancelled() => {}
+                        }
+                        return;
+                    }
+                });
+            }
+        });
+        Ok(LoadBalancer { addr, stop })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+impl Drop for LoadBalancer {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}

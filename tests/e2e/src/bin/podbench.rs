@@ -9,7 +9,13 @@
 //! cargo build --release -p cloudcore -p kedge-e2e --bins
 //! ./target/release/podbench --nodes 1000 --pods-per-node 10
 //! ./target/release/podbench --nodes 1000 --pods-per-node 10 --no-inventory   # edges like KubeEdge's
+//! ./target/release/podbench --nodes 10000 --pods-per-node 1 --replicas 2 --kill-one
 //! ```
+//!
+//! With `--replicas R` the edges reach R cloudcore processes through a round-robin TCP load
+//! balancer (as a Service would). `--kill-one` then SIGKILLs the first replica, creates one more
+//! pod per node at once, and clocks until every node has stored it: the killed replica's nodes
+//! must first be back on another replica with their state reconciled.
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
@@ -47,6 +53,67 @@ struct Args {
     /// ConfigMaps, as it did for every edge before inventories.
     #[arg(long)]
     no_inventory: bool,
+    /// cloudcore processes behind a round-robin load balancer.
+    #[arg(long, default_value_t = 1)]
+    replicas: usize,
+    /// After the pods: kill the first replica, then one more pod per node.
+    #[arg(long)]
+    kill_one: bool,
+}
+
+/// One cloudcore process.
+struct Replica {
+    child: std::process::Child,
+    pid: u32,
+    port: u16,
+}
+
+/// Starts cloudcore `i` against the test API server, with its own ports and the shared PKI in
+/// `cert_dir`; returns once it listens.
+fn start_replica(
+    bin: &std::path::Path,
+    kubeconfig: &std::path::Path,
+    cert_dir: &std::path::Path,
+    dir: &std::path::Path,
+    i: usize,
+) -> anyhow::Result<Replica> {
+    let (port, stream_port, obs_port) = (free_port()?, free_port()?, free_port()?);
+    let config = dir.join(format!("cloudcore-{i}.yaml"));
+    std::fs::write(
+        &config,
+        format!(
+            "kubeAPIConfig:\n  kubeConfig: {}\nmodules:\n  cloudHub:\n    certDir: {}\n    websocket: {{address: 127.0.0.1, port: {port}}}\n    https: {{enable: false}}\n  cloudStream: {{address: 127.0.0.1, port: {stream_port}}}\nobservability: {{address: 127.0.0.1, port: {obs_port}}}\n",
+            kubeconfig.display(),
+            cert_dir.display()
+        ),
+    )?;
+    let mut child = Command::new(bin)
+        .args(["--config"])
+        .arg(&config)
+        .env(
+            "RUST_LOG",
+            "warn,cloudcore::daemon=info,cloudcore::leader=info",
+        )
+        .env("POD_NAME", format!("cloudcore-{i}"))
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {}", bin.display()))?;
+    let pid = child.id();
+    let mut lines = BufReader::new(child.stderr.take().context("stderr")?).lines();
+    loop {
+        let line = lines.next().context("cloudcore exited")??;
+        if line.contains("cloudhub listening") {
+            break;
+        }
+    }
+    std::thread::spawn(move || {
+        for line in lines.map_while(Result::ok) {
+            if line.contains("leader election") {
+                eprintln!("[cloudcore-{i}] {line}");
+            }
+        }
+    });
+    Ok(Replica { child, pid, port })
 }
 
 /// A store that counts pods stored, across all simulated nodes.
@@ -101,34 +168,31 @@ async fn main() -> anyhow::Result<()> {
 
     let dir = tempfile::tempdir()?;
     let cert_dir = dir.path().join("certs");
-    let port = free_port()?;
-    let config = dir.path().join("cloudcore.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "kubeAPIConfig:\n  kubeConfig: {}\nmodules:\n  cloudHub:\n    certDir: {}\n    websocket: {{address: 127.0.0.1, port: {port}}}\n    https: {{enable: false}}\n",
-            server.kubeconfig_path().display(),
-            cert_dir.display()
-        ),
-    )?;
-    let mut child = Command::new(&cloudcore_bin)
-        .args(["--config"])
-        .arg(&config)
-        .env("RUST_LOG", "warn,cloudcore::daemon=info")
-        .stderr(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("starting {}", cloudcore_bin.display()))?;
-    let pid = child.id();
-    let mut lines = BufReader::new(child.stderr.take().context("stderr")?).lines();
-    loop {
-        let line = lines.next().context("cloudcore exited")??;
-        if line.contains("cloudhub listening") {
-            break;
-        }
+    // The first replica creates the PKI in cert_dir, the others load it.
+    let mut replicas = Vec::new();
+    for i in 0..args.replicas.max(1) {
+        replicas.push(start_replica(
+            &cloudcore_bin,
+            server.kubeconfig_path(),
+            &cert_dir,
+            dir.path(),
+            i,
+        )?);
     }
-    std::thread::spawn(move || for _ in lines.by_ref() {});
+    let backends: Vec<std::net::SocketAddr> = replicas
+        .iter()
+        .map(|r| std::net::SocketAddr::from(([127, 0, 0, 1], r.port)))
+        .collect();
+    let lb = if replicas.len() > 1 {
+        Some(kedge_e2e::proxy::LoadBalancer::start(backends.clone()).await?)
+    } else {
+        None
+    };
+    let edge_addr = lb.as_ref().map_or(backends[0], |lb| lb.addr());
     println!(
-        "cloudcore pid {pid} on 127.0.0.1:{port}; {n} nodes x {per} pods; edges {} inventories",
+        "{} cloudcore process(es) (pids {:?}); edges connect to {edge_addr}; {n} nodes x {per} pods; edges {} inventories",
+        replicas.len(),
+        replicas.iter().map(|r| r.pid).collect::<Vec<_>>(),
         if args.no_inventory { "without" } else { "with" }
     );
 
@@ -141,7 +205,7 @@ async fn main() -> anyhow::Result<()> {
     for i in 0..n {
         let node = format!("edge-{i:05}");
         let creds = cluster_node_credentials(&client, &ca, &node).await?;
-        let mut settings = EdgeHubSettings::new(format!("127.0.0.1:{port}"), node);
+        let mut settings = EdgeHubSettings::new(edge_addr.to_string(), node);
         settings.inventory = !args.no_inventory;
         let edge = EdgeHub::new(
             settings,
@@ -173,7 +237,7 @@ async fn main() -> anyhow::Result<()> {
     );
     // Let the initial node objects settle before counting.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let (rss_before, _) = rss_kb(pid);
+    let rss_before: Vec<u64> = replicas.iter().map(|r| rss_kb(r.pid).0).collect();
 
     let before = server.requests().snapshot();
     let t = Instant::now();
@@ -206,7 +270,7 @@ async fn main() -> anyhow::Result<()> {
     }
     let all_acked = t.elapsed();
     let after = server.requests().snapshot();
-    let (rss, hwm) = rss_kb(pid);
+    let rss: Vec<(u64, u64)> = replicas.iter().map(|r| rss_kb(r.pid)).collect();
     let mut delta: Vec<u64> = after
         .iter()
         .zip(before.iter())
@@ -228,12 +292,14 @@ async fn main() -> anyhow::Result<()> {
         created.as_secs_f64(),
         all_acked.as_secs_f64()
     );
-    println!(
-        "cloudcore RSS {} MiB before the pods, {} MiB after (peak {} MiB)",
-        rss_before / 1024,
-        rss / 1024,
-        hwm / 1024
-    );
+    for (i, (before, (rss, hwm))) in rss_before.iter().zip(&rss).enumerate() {
+        println!(
+            "cloudcore-{i} RSS {} MiB before the pods, {} MiB after (peak {} MiB)",
+            before / 1024,
+            rss / 1024,
+            hwm / 1024
+        );
+    }
     println!(
         "cloudcore API requests during the {:.1} s window: {} ({})",
         all_acked.as_secs_f64(),
@@ -255,8 +321,56 @@ async fn main() -> anyhow::Result<()> {
         whole.iter().sum::<u64>(),
         by_verb.join(", ")
     );
+    if args.kill_one && replicas.len() > 1 {
+        let mut victim = replicas.remove(0);
+        let t = Instant::now();
+        victim.child.kill()?;
+        victim.child.wait()?;
+        // One more pod per node, created at once: the victim's nodes get theirs only once
+        // they are back on a survivor with their state reconciled.
+        let wave = stored.load(Ordering::Relaxed);
+        futures_util::stream::iter(0..n)
+            .for_each_concurrent(64, |i| {
+                let pods = pods.clone();
+                async move {
+                    let pod: Pod = serde_json::from_value(json!({
+                        "metadata": {"name": format!("after-kill-{i:06}")},
+                        "spec": {"nodeName": format!("edge-{i:05}"), "containers": [{"name": "c", "image": "busybox"}]}
+                    }))
+                    .unwrap_or_default();
+                    if let Err(e) = pods.create(&PostParams::default(), &pod).await {
+                        eprintln!("create after-kill-{i}: {e}");
+                    }
+                }
+            })
+            .await;
+        while stored.load(Ordering::Relaxed) < wave + n {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            if t.elapsed() > Duration::from_secs(600) {
+                anyhow::bail!(
+                    "after the kill only {} of {n} new pods reached their nodes",
+                    stored.load(Ordering::Relaxed) - wave
+                );
+            }
+        }
+        println!(
+            "killed cloudcore-0; all {n} nodes stored a pod created right after the kill at {:.2} s",
+            t.elapsed().as_secs_f64()
+        );
+        for r in &replicas {
+            let (rss, hwm) = rss_kb(r.pid);
+            println!(
+                "surviving cloudcore RSS {} MiB (peak {} MiB)",
+                rss / 1024,
+                hwm / 1024
+            );
+        }
+    }
     stop.cancel();
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(lb);
+    for mut r in replicas {
+        let _ = r.child.kill();
+        let _ = r.child.wait();
+    }
     Ok(())
 }

@@ -213,7 +213,14 @@ fn every_template_renders_kubernetes_objects_and_every_value_is_used() {
     assert_eq!(container["imagePullPolicy"], "Always");
     assert_eq!(container["resources"]["requests"]["cpu"], "250m");
     assert_eq!(container["resources"]["limits"]["memory"], "300Mi");
-    assert_eq!(container["env"][1]["value"], "debug");
+    let env = container["env"].as_array().unwrap();
+    let rust_log = env.iter().find(|e| e["name"] == "RUST_LOG").unwrap();
+    assert_eq!(rust_log["value"], "debug");
+    let pod_name = env.iter().find(|e| e["name"] == "POD_NAME").unwrap();
+    assert_eq!(
+        pod_name["valueFrom"]["fieldRef"]["fieldPath"],
+        "metadata.name"
+    );
     let service = find(&rendered, "Service", "cloudcore");
     assert_eq!(service["spec"]["type"], "LoadBalancer");
     assert_eq!(service["spec"]["ports"][0]["nodePort"], 30000);

@@ -20,5 +20,6 @@ mod metamanager;
 mod node_identity;
 mod packaging;
 mod partition;
+mod replicas;
 mod stream_link;
 mod streams;
