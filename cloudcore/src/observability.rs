@@ -86,6 +86,12 @@ impl Collector for CloudCoreCollector {
         )?;
         gauge(
             &mut encoder,
+            "kedge_cloudcore_leader",
+            "1 while this replica runs the cluster-wide controllers (leader election).",
+            i64::from(s.leader.load(Ordering::Relaxed)),
+        )?;
+        gauge(
+            &mut encoder,
             "kedge_cloudcore_ready",
             "1 once the controllers finished their first lists.",
             i64::from(s.initial_sync_done.load(Ordering::Relaxed)),

@@ -74,6 +74,8 @@ pub struct Stats {
     pub device_reports_refused: AtomicU64,
     /// The first lists finished and what nodes missed meanwhile was queued (`/readyz`).
     pub initial_sync_done: std::sync::atomic::AtomicBool,
+    /// This replica runs the cluster-wide controllers (see `crate::leader`).
+    pub leader: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug, Clone)]
@@ -414,6 +416,7 @@ impl EdgeController {
             ),
             leader: self.leader.clone(),
         };
+        l.stats.leader.store(l.leads(), Ordering::Relaxed);
         loop {
             let input = tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -500,20 +503,11 @@ impl Loop {
                 }
             }
             Input::AckRecord(node, record) => self.on_ack_record(node, record),
-            Input::Leader(true) => {
-                // What the previous leader may not have done: every pod looked at again.
-                let keys: Vec<NsName> = self.pods.keys().cloned().collect();
-                tracing::info!(
-                    pods = keys.len(),
-                    "leading: running the cluster-wide controllers"
-                );
-                for k in keys {
-                    self.ensure_autonomy(&k);
-                }
+            Input::Leader(leads) if leads != self.stats.leader.load(Ordering::Relaxed) => {
+                self.stats.leader.store(leads, Ordering::Relaxed);
+                self.leadership_changed(leads);
             }
-            Input::Leader(false) => {
-                tracing::info!("no longer leading: cluster-wide controllers paused");
-            }
+            Input::Leader(_) => {}
         }
         if !self.held_pods.is_empty() && self.refs_listed() {
             for ev in std::mem::take(&mut self.held_pods) {
@@ -532,6 +526,22 @@ impl Loop {
 
     fn leads(&self) -> bool {
         *self.leader.borrow()
+    }
+
+    fn leadership_changed(&mut self, leads: bool) {
+        if !leads {
+            tracing::info!("no longer leading: cluster-wide controllers paused");
+            return;
+        }
+        // What the previous leader may not have done: every pod looked at again.
+        let keys: Vec<NsName> = self.pods.keys().cloned().collect();
+        tracing::info!(
+            pods = keys.len(),
+            "leading: running the cluster-wide controllers"
+        );
+        for k in keys {
+            self.ensure_autonomy(&k);
+        }
     }
 
     /// Queues one object version (or delete) for a node.

@@ -98,9 +98,11 @@ impl Drop for ChaosProxy {
 }
 
 /// A TCP load balancer on 127.0.0.1, as a Service in front of cloudcore replicas: each new
-/// connection goes to the next backend in turn; a backend that refuses is skipped.
+/// connection goes to the next backend in turn; a backend that refuses is skipped. Backends can
+/// be changed while it runs (a rolling update adds the new replica's endpoint).
 pub struct LoadBalancer {
     addr: SocketAddr,
+    backends: Arc<std::sync::Mutex<Vec<SocketAddr>>>,
     stop: CancellationToken,
 }
 
@@ -111,13 +113,16 @@ impl LoadBalancer {
         let stop = CancellationToken::new();
         let stop2 = stop.clone();
         let next = Arc::new(AtomicUsize::new(0));
+        let backends = Arc::new(std::sync::Mutex::new(backends));
+        let shared = backends.clone();
         tokio::spawn(async move {
             loop {
                 let (mut client, _) = tokio::select! {
                     _ = stop2.cancelled() => return,
                     a = listener.accept() => match a { Ok(x) => x, Err(_) => continue },
                 };
-                let (backends, next, stop3) = (backends.clone(), next.clone(), stop2.clone());
+                let backends = shared.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                let (next, stop3) = (next.clone(), stop2.clone());
                 tokio::spawn(async move {
                     let first = next.fetch_add(1, Ordering::SeqCst);
                     for i in 0..backends.len() {
@@ -134,11 +139,20 @@ impl LoadBalancer {
                 });
             }
         });
-        Ok(LoadBalancer { addr, stop })
+        Ok(LoadBalancer {
+            addr,
+            backends,
+            stop,
+        })
     }
 
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Where new connections go from now on.
+    pub fn set_backends(&self, backends: Vec<SocketAddr>) {
+        *self.backends.lock().unwrap_or_else(|p| p.into_inner()) = backends;
     }
 }
 
