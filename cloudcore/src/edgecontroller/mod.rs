@@ -19,7 +19,9 @@ mod devices;
 mod holders;
 pub mod kubeedge;
 pub use kedge_common::refs;
+mod nodes;
 mod resync;
+mod sessions;
 mod tokens;
 pub mod upstream;
 
@@ -31,9 +33,9 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Secret};
 use kedge_common::{Message, Operation};
-use kube::api::{Api, DeleteParams, ListParams, Preconditions};
+use kube::Resource;
+use kube::api::Api;
 use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Resource, ResourceExt};
 use serde::Serialize;
 use serde_json::Value;
 use tokio::sync::mpsc;
@@ -113,6 +115,8 @@ enum Input {
     Hub(Upstream),
     /// Try again to pick up the pods already bound to a new edge node.
     Adopt(String),
+    /// The pods bound to a new edge node when it became one.
+    Adoptable(String, Vec<Pod>),
     /// What a node without an inventory (a KubeEdge edge) acknowledged, as recorded in the
     /// cluster, read when it connected; `None`: the read failed and is tried again.
     AckRecord(String, Option<Vec<crate::synccontroller::AckedObject>>),
@@ -221,6 +225,9 @@ struct Loop {
     pending_inventories: HashMap<String, HashMap<ObjectKey, String>>,
     /// Per node, the worker that applies its reports in order.
     report_workers: HashMap<String, upstream::ReportSender>,
+    /// New edge nodes whose pods are being listed, with the pods deleted meanwhile (the list may
+    /// predate the deletion).
+    adopting: HashMap<String, HashSet<NsName>>,
     /// The pod version whose tolerations were last patched (one patch per version at most).
     autonomy_patched: HashMap<NsName, String>,
     retry_tx: mpsc::WeakSender<Input>,
@@ -404,6 +411,7 @@ impl EdgeController {
             pending_inventories: HashMap::new(),
             report_workers: HashMap::new(),
             autonomy_patched: HashMap::new(),
+            adopting: HashMap::new(),
             retry_tx,
             devices: devices.then(devicecontroller::Devices::default),
             device_relists: Default::default(),
@@ -499,9 +507,10 @@ impl Loop {
             Input::Hub(ev) => self.on_hub(ev),
             Input::Adopt(node) => {
                 if self.edge_nodes.contains_key(&node) {
-                    self.adopt_pods_of(&node).await;
+                    self.adopt_pods_of(&node);
                 }
             }
+            Input::Adoptable(node, pods) => self.adopt(&node, pods).await,
             Input::AckRecord(node, record) => self.on_ack_record(node, record),
             Input::Leader(leads) if leads != self.stats.leader.load(Ordering::Relaxed) => {
                 self.stats.leader.store(leads, Ordering::Relaxed);
@@ -575,145 +584,6 @@ impl Loop {
     }
 
     // ---------------------------------------------------------------------------------------
-    // Nodes
-
-    async fn on_nodes(&mut self, ev: watcher::Event<Node>) {
-        match ev {
-            watcher::Event::Apply(n) | watcher::Event::InitApply(n) => {
-                let name = n.name_any();
-                self.relists[0].saw((String::new(), name.clone()));
-                let keys = self.identities.observe(&n);
-                self.hub.close_unless_key(&name, &keys);
-                let new = !self.edge_nodes.contains_key(&name);
-                let autonomy_changed = self
-                    .edge_nodes
-                    .get(&name)
-                    .is_some_and(|old| autonomy::autonomy_of(old) != autonomy::autonomy_of(&n));
-                self.edge_nodes.insert(name.clone(), n.clone());
-                if autonomy_changed {
-                    let keys: Vec<NsName> = self
-                        .pods
-                        .iter()
-                        .filter(|(_, e)| e.node == name)
-                        .map(|(k, _)| k.clone())
-                        .collect();
-                    tracing::info!(node = %name, pods = keys.len(), autonomy = ?autonomy::autonomy_of(&n), "node autonomy changed");
-                    for k in keys {
-                        self.ensure_autonomy(&k);
-                    }
-                }
-                // The node gets its own Node object (for its local API).
-                self.send(
-                    &name,
-                    obj_key(
-                        "node",
-                        None,
-                        &name,
-                        n.metadata.uid.as_deref().unwrap_or_default(),
-                    ),
-                    &rv_of(&n),
-                    Operation::Update,
-                    to_json(&n),
-                );
-                // A node that becomes an edge node later: pick up pods already bound to it. During
-                // the initial list the pod watch delivers them anyway.
-                if new && self.relists[0].done_once {
-                    self.adopt_pods_of(&name).await;
-                }
-                if new {
-                    self.edge_nodes_changed();
-                }
-            }
-            watcher::Event::Delete(n) => self.node_gone(&n.name_any()),
-            watcher::Event::Init => self.relists[0].init(),
-            watcher::Event::InitDone => {
-                let seen = self.relists[0].done();
-                let gone: Vec<String> = self
-                    .edge_nodes
-                    .keys()
-                    .filter(|n| !seen.contains(&(String::new(), (*n).clone())))
-                    .cloned()
-                    .collect();
-                for n in gone {
-                    self.node_gone(&n);
-                }
-            }
-        }
-    }
-
-    /// A node became an edge node: pick up the pods already bound to it (one list call).
-    async fn adopt_pods_of(&mut self, node: &str) {
-        let api: Api<Pod> = Api::all(self.client.clone());
-        match api
-            .list(&ListParams::default().fields(&format!("spec.nodeName={node}")))
-            .await
-        {
-            Ok(list) => {
-                for mut p in list.items {
-                    p.metadata.managed_fields = None;
-                    if !self.pods.contains_key(&ns_name(&p)) {
-                        self.pod_applied(p).await;
-                    }
-                }
-            }
-            Err(e) => {
-                // Pods that do not change would otherwise never reach the node: try again.
-                tracing::warn!(%node, error = %e, "cannot list the pods of a new edge node; retrying in 2 s");
-                let (tx, node) = (self.retry_tx.clone(), node.to_owned());
-                tokio::spawn(async move {
-                    tokio::time::sleep(Duration::from_secs(2)).await;
-                    if let Some(tx) = tx.upgrade() {
-                        let _ = tx.send(Input::Adopt(node)).await;
-                    }
-                });
-            }
-        }
-    }
-
-    /// An edge node's Node object is gone: its pods must not be left behind (as the pod GC).
-    fn node_gone(&mut self, node: &str) {
-        // Its certificates die with it.
-        self.identities.forget(node);
-        self.hub.close_unless_key(node, &[]);
-        if self.edge_nodes.remove(node).is_some() {
-            self.edge_nodes_changed();
-        }
-        // Its worker finishes what it has and stops.
-        self.report_workers.remove(node);
-        let victims: Vec<(NsName, String)> = self
-            .pods
-            .iter()
-            .filter(|(_, e)| e.node == node)
-            .map(|(k, e)| (k.clone(), e.pod.metadata.uid.clone().unwrap_or_default()))
-            .collect();
-        // One replica deletes; a leader that dies before it is done leaves the rest to the
-        // cluster's pod garbage collector (pods bound to a Node that does not exist).
-        if victims.is_empty() || !self.leads() {
-            return;
-        }
-        tracing::info!(%node, pods = victims.len(), "edge node deleted; deleting its pods");
-        let client = self.client.clone();
-        tokio::spawn(async move {
-            for ((ns, name), uid) in victims {
-                let api: Api<Pod> = Api::namespaced(client.clone(), &ns);
-                let dp = DeleteParams {
-                    grace_period_seconds: Some(0),
-                    preconditions: Some(Preconditions {
-                        uid: Some(uid),
-                        resource_version: None,
-                    }),
-                    ..DeleteParams::default()
-                };
-                if let Err(e) = api.delete(&name, &dp).await
-                    && !matches!(&e, kube::Error::Api(s) if s.code == 404)
-                {
-                    tracing::warn!(%ns, %name, error = %e, "cannot delete pod of a deleted node");
-                }
-            }
-        });
-    }
-
-    // ---------------------------------------------------------------------------------------
     // Pods
 
     async fn on_pods(&mut self, ev: watcher::Event<Pod>) {
@@ -723,7 +593,13 @@ impl Loop {
                 self.relists[1].saw(ns_name(&p));
                 self.pod_applied(p).await;
             }
-            watcher::Event::Delete(p) => self.pod_deleted(&ns_name(&p), Some(p)),
+            watcher::Event::Delete(p) => {
+                let node = p.spec.as_ref().and_then(|s| s.node_name.as_deref());
+                if let Some(deleted) = node.and_then(|n| self.adopting.get_mut(n)) {
+                    deleted.insert(ns_name(&p));
+                }
+                self.pod_deleted(&ns_name(&p), Some(p))
+            }
             watcher::Event::Init => self.relists[1].init(),
             watcher::Event::InitDone => {
                 let seen = self.relists[1].done();
@@ -826,99 +702,6 @@ impl Loop {
         );
         for r in &entry.refs {
             self.release(&entry.node, r);
-        }
-    }
-
-    // ---------------------------------------------------------------------------------------
-    // ConfigMaps and Secrets
-
-    fn on_hub(&mut self, ev: Upstream) {
-        match ev {
-            Upstream::Connected {
-                node,
-                inventory,
-                kubeedge,
-            } => {
-                self.shared
-                    .connected
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(node.clone());
-                if inventory {
-                    // Acks need no recording for a node that says what it holds.
-                    self.sync.forget(&node);
-                    self.inventory_nodes.insert(node.clone());
-                } else {
-                    self.inventory_nodes.remove(&node);
-                    self.pending_inventories.remove(&node);
-                    self.read_ack_record(node.clone());
-                }
-                let mut kubeedge_nodes = self
-                    .shared
-                    .kubeedge
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner());
-                if kubeedge {
-                    // It inserts its Node (with status) and renews its Lease itself; a Node
-                    // made here first would be a status-less one it could see and reject pods by.
-                    kubeedge_nodes.insert(node);
-                } else {
-                    kubeedge_nodes.remove(&node);
-                    tokio::spawn(upstream::ensure_node(self.client.clone(), node));
-                }
-            }
-            Upstream::Disconnected { node } => {
-                self.shared
-                    .connected
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(&node);
-            }
-            Upstream::Acked { node, acked } => {
-                if !self.inventory_nodes.contains(&node) {
-                    self.sync.record(&node, &acked);
-                }
-            }
-            Upstream::Inventory { node, held } => {
-                if self.orphans_checked {
-                    self.reconcile_inventory(&node, held);
-                } else {
-                    self.pending_inventories.insert(node, held);
-                }
-            }
-            Upstream::Message { node, message, ack } if kubeedge::is_object_query(&message) => {
-                drop(ack);
-                self.object_query(node, *message);
-            }
-            Upstream::Message { node, message, ack } if tokens::is_token_query(&message) => {
-                drop(ack);
-                self.token_query(node, *message);
-            }
-            Upstream::Message { node, message, ack } => {
-                // One worker per node applies its reports in the order they came: two status
-                // reports of one pod applied concurrently could leave the older one in the API.
-                let worker = self.report_workers.entry(node.clone()).or_insert_with(|| {
-                    upstream::spawn_report_worker(
-                        self.client.clone(),
-                        self.hub.clone(),
-                        self.shared.clone(),
-                        self.stats.clone(),
-                        node.clone(),
-                    )
-                });
-                if let Err(mpsc::error::SendError((message, ack))) = worker.send((message, ack)) {
-                    // The worker is gone (it never stops on its own): start another.
-                    let worker = upstream::spawn_report_worker(
-                        self.client.clone(),
-                        self.hub.clone(),
-                        self.shared.clone(),
-                        self.stats.clone(),
-                        node.clone(),
-                    );
-                    let _ = worker.send((message, ack));
-                    self.report_workers.insert(node, worker);
-                }
-            }
         }
     }
 }

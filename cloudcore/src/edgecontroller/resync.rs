@@ -195,7 +195,10 @@ impl Loop {
                 .collect();
             for w in &wanted {
                 let op = match held.get(&w.key) {
-                    Some(h) if !rv_is_newer(&w.rv, h) => continue,
+                    Some(h) if !rv_is_newer(&w.rv, h) => {
+                        self.stats.unchanged.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
                     Some(_) => Operation::Update,
                     None => Operation::Insert,
                 };

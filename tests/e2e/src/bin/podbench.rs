@@ -59,6 +59,37 @@ struct Args {
     /// After the pods: kill the first replica, then one more pod per node.
     #[arg(long)]
     kill_one: bool,
+    /// Internal: run only a load balancer in front of these backends (a child process, so that
+    /// its two sockets per connection do not count against this process's descriptor limit).
+    #[arg(long, hide = true)]
+    serve_lb: Vec<std::net::SocketAddr>,
+    /// Seconds between node Lease renewals (`nodeUpdateFrequency`; kubelet's 10). At 10,000
+    /// nodes the default is 1,000 Lease writes a second, more than the test API server here
+    /// sustains beside the pods.
+    #[arg(long, default_value_t = 10)]
+    lease_seconds: u64,
+}
+
+/// Edges per load balancer process: each proxied connection costs it two descriptors.
+const EDGES_PER_LB: usize = 4000;
+
+/// A load balancer in a child process; returns it and where it listens.
+fn spawn_lb(
+    backends: &[std::net::SocketAddr],
+) -> anyhow::Result<(std::process::Child, std::net::SocketAddr)> {
+    let mut cmd = Command::new(std::env::current_exe()?);
+    for b in backends {
+        cmd.arg("--serve-lb").arg(b.to_string());
+    }
+    let mut child = cmd.stdout(Stdio::piped()).spawn()?;
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().context("stdout")?).read_line(&mut line)?;
+    let addr = line
+        .trim()
+        .strip_prefix("lb ")
+        .context("load balancer did not start")?
+        .parse()?;
+    Ok((child, addr))
 }
 
 /// One cloudcore process.
@@ -71,6 +102,7 @@ struct Replica {
 /// Starts cloudcore `i` against the test API server, with its own ports and the shared PKI in
 /// `cert_dir`; returns once it listens.
 fn start_replica(
+    lease_seconds: u64,
     bin: &std::path::Path,
     kubeconfig: &std::path::Path,
     cert_dir: &std::path::Path,
@@ -82,7 +114,7 @@ fn start_replica(
     std::fs::write(
         &config,
         format!(
-            "kubeAPIConfig:\n  kubeConfig: {}\nmodules:\n  cloudHub:\n    certDir: {}\n    websocket: {{address: 127.0.0.1, port: {port}}}\n    https: {{enable: false}}\n  cloudStream: {{address: 127.0.0.1, port: {stream_port}}}\nobservability: {{address: 127.0.0.1, port: {obs_port}}}\n",
+            "kubeAPIConfig:\n  kubeConfig: {}\nmodules:\n  cloudHub:\n    certDir: {}\n    websocket: {{address: 127.0.0.1, port: {port}}}\n    https: {{enable: false}}\n  edgeController: {{nodeUpdateFrequency: {lease_seconds}}}\n  cloudStream: {{address: 127.0.0.1, port: {stream_port}}}\nobservability: {{address: 127.0.0.1, port: {obs_port}}}\n",
             kubeconfig.display(),
             cert_dir.display()
         ),
@@ -151,6 +183,11 @@ impl ObjectStore for CountingStore {
 async fn main() -> anyhow::Result<()> {
     kedge_common::tls::install_crypto_provider();
     let args = Args::parse();
+    if !args.serve_lb.is_empty() {
+        let lb = kedge_e2e::proxy::LoadBalancer::start(args.serve_lb.clone()).await?;
+        println!("lb {}", lb.addr());
+        std::future::pending::<()>().await;
+    }
     let (n, per) = (args.nodes, args.pods_per_node);
     let total = n * per;
     let cloudcore_bin = match args.cloudcore {
@@ -172,6 +209,7 @@ async fn main() -> anyhow::Result<()> {
     let mut replicas = Vec::new();
     for i in 0..args.replicas.max(1) {
         replicas.push(start_replica(
+            args.lease_seconds,
             &cloudcore_bin,
             server.kubeconfig_path(),
             &cert_dir,
@@ -183,16 +221,24 @@ async fn main() -> anyhow::Result<()> {
         .iter()
         .map(|r| std::net::SocketAddr::from(([127, 0, 0, 1], r.port)))
         .collect();
-    let lb = if replicas.len() > 1 {
-        Some(kedge_e2e::proxy::LoadBalancer::start(backends.clone()).await?)
-    } else {
-        None
+    let mut lbs = Vec::new();
+    if replicas.len() > 1 {
+        for _ in 0..n.div_ceil(EDGES_PER_LB) {
+            lbs.push(spawn_lb(&backends)?);
+        }
+    }
+    let edge_addr = |i: usize| {
+        if lbs.is_empty() {
+            backends[0]
+        } else {
+            lbs[i % lbs.len()].1
+        }
     };
-    let edge_addr = lb.as_ref().map_or(backends[0], |lb| lb.addr());
     println!(
-        "{} cloudcore process(es) (pids {:?}); edges connect to {edge_addr}; {n} nodes x {per} pods; edges {} inventories",
+        "{} cloudcore process(es) (pids {:?}) behind {} round-robin load balancer process(es); {n} nodes x {per} pods; edges {} inventories",
         replicas.len(),
         replicas.iter().map(|r| r.pid).collect::<Vec<_>>(),
+        lbs.len(),
         if args.no_inventory { "without" } else { "with" }
     );
 
@@ -201,11 +247,12 @@ async fn main() -> anyhow::Result<()> {
         &std::fs::read_to_string(cert_dir.join("ca.key"))?,
     )?;
     let stored = Arc::new(AtomicUsize::new(0));
+    let mut links = Vec::with_capacity(n);
     let stop = CancellationToken::new();
     for i in 0..n {
         let node = format!("edge-{i:05}");
         let creds = cluster_node_credentials(&client, &ca, &node).await?;
-        let mut settings = EdgeHubSettings::new(edge_addr.to_string(), node);
+        let mut settings = EdgeHubSettings::new(edge_addr(i).to_string(), node);
         settings.inventory = !args.no_inventory;
         let edge = EdgeHub::new(
             settings,
@@ -216,8 +263,19 @@ async fn main() -> anyhow::Result<()> {
             }),
             Arc::new(MemoryOutbox::new()),
         );
+        links.push(edge.link_state());
         tokio::spawn(edge.run(stop.clone()));
     }
+    // Every session up before the clock starts: the pods measure fan-out, not the TLS storm.
+    let t = Instant::now();
+    for link in links.iter_mut() {
+        link.wait_for(|s| *s == edgecore::edgehub::LinkState::Connected)
+            .await?;
+    }
+    println!(
+        "{n} edge nodes connected in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
     let nodes: Api<Node> = Api::all(client.clone());
     let t = Instant::now();
     loop {
@@ -367,7 +425,10 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     stop.cancel();
-    drop(lb);
+    for (mut lb, _) in lbs {
+        let _ = lb.kill();
+        let _ = lb.wait();
+    }
     for mut r in replicas {
         let _ = r.child.kill();
         let _ = r.child.wait();

@@ -621,7 +621,8 @@ async fn restart_converges(inventory: bool) {
         );
     }
     if !inventory {
-        // Without an inventory, skipping unchanged objects relies on the recorded acks.
+        // Without an inventory, skipping unchanged objects relies on the recorded acks (read
+        // when the node connects, compared with what it must hold).
         let unchanged = h.cloud().stats.unchanged.load(Ordering::Relaxed);
         assert!(unchanged >= 30, "unchanged objects counted: {unchanged}");
     }
