@@ -219,7 +219,16 @@ impl NodeQueue {
                 m.route.operation == Operation::Delete,
             )
         });
-        let acked = entry.last_acked_rv.clone().map(|r| (r, false));
+        // A delete not yet acknowledged (a ConfigMap released because no pod on the node needs
+        // it) is about to remove the acknowledged version: an upsert at that same version (the
+        // ConfigMap needed again) must then be sent, not dropped as already held.
+        let delete_unacked = entry.in_flight_rv.as_ref().is_some_and(|(_, d)| *d)
+            || pending.as_ref().is_some_and(|(_, d)| *d);
+        let acked = entry
+            .last_acked_rv
+            .clone()
+            .filter(|_| is_delete || !delete_unacked)
+            .map(|r| (r, false));
         if !beats(acked) || !beats(entry.in_flight_rv.clone()) || !beats(pending) {
             return Ok(Pushed::Stale);
         }
@@ -614,6 +623,41 @@ mod tests {
         assert_eq!(new.header.resource_version, "2");
         assert!(q.ack(&old.header.id).is_none(), "superseded ack ignored");
         assert_eq!(q.ack(&new.header.id).unwrap().resource_version, "2");
+    }
+
+    #[test]
+    fn an_object_released_and_needed_again_before_the_delete_is_acked_is_sent_again() {
+        let t = Instant::now();
+        // The delete still pending, or already in flight: either way the node must end up
+        // holding version 1.
+        for delete_sent in [false, true] {
+            let mut q = NodeQueue::new("n1", limits());
+            q.push(Some(key("cm")), msg("cm", 1)).unwrap();
+            let first = q.next_to_send(t).unwrap();
+            q.ack(&first.header.id).unwrap();
+            q.push(Some(key("cm")), del("cm", 1)).unwrap();
+            if delete_sent {
+                let d = q.next_to_send(t).unwrap();
+                assert_eq!(d.route.operation, Operation::Delete);
+            }
+            assert_eq!(
+                q.push(Some(key("cm")), msg("cm", 1)).unwrap(),
+                Pushed::Queued,
+                "delete sent: {delete_sent}"
+            );
+            let last = std::iter::from_fn(|| q.next_to_send(t)).last().unwrap();
+            assert_eq!(last.route.operation, Operation::Update);
+            assert_eq!(last.header.resource_version, "1");
+        }
+        // Without a delete in the way, the held version is not sent again.
+        let mut q = NodeQueue::new("n1", limits());
+        q.push(Some(key("cm")), msg("cm", 1)).unwrap();
+        let first = q.next_to_send(t).unwrap();
+        q.ack(&first.header.id).unwrap();
+        assert_eq!(
+            q.push(Some(key("cm")), msg("cm", 1)).unwrap(),
+            Pushed::Stale
+        );
     }
 
     #[test]
