@@ -699,6 +699,9 @@ pub struct SqliteOutbox {
     pool: SqlitePool,
     writer: mpsc::UnboundedSender<WriterOp>,
     next: AtomicU64,
+    /// Held while a report takes its sequence number and is queued to the writer, so that
+    /// reports are committed in sequence order (see [`Outbox::put`]).
+    put_order: std::sync::Mutex<()>,
     latest: watch::Sender<u64>,
 }
 
@@ -716,6 +719,7 @@ impl SqliteOutbox {
             pool: store.pool.clone(),
             writer: store.writer.clone(),
             next: AtomicU64::new(max.max(0) as u64),
+            put_order: std::sync::Mutex::new(()),
             latest: watch::channel(max.max(0) as u64).0,
         })
     }
@@ -743,14 +747,31 @@ impl SqliteOutbox {
 
 impl Outbox for SqliteOutbox {
     async fn put(&self, key: &str, msg: Message) -> Result<u64, OutboxError> {
-        let seq = self.next.fetch_add(1, Ordering::AcqRel) + 1;
         let text = serde_json::to_string(&msg).map_err(outbox_err)?;
-        self.write(OutboxWrite::Put {
-            key: key.to_owned(),
-            seq,
-            text,
-        })
-        .await?;
+        // Sequence number and place in the writer's queue under one lock: the writer commits in
+        // queue order, so no reader ever sees report N+1 committed while N is still on its way.
+        // (EdgeHub reads everything after the last sequence it sent; a report committed behind a
+        // later one was skipped for the whole session — a pod whose Running status never reached
+        // the cloud.)
+        let (tx, rx) = oneshot::channel();
+        let seq = {
+            let _order = self.put_order.lock().unwrap_or_else(|p| p.into_inner());
+            let seq = self.next.fetch_add(1, Ordering::AcqRel) + 1;
+            self.writer
+                .send(WriterOp::Outbox(
+                    OutboxWrite::Put {
+                        key: key.to_owned(),
+                        seq,
+                        text,
+                    },
+                    tx,
+                ))
+                .map_err(|_| OutboxError::Storage("the database writer stopped".into()))?;
+            seq
+        };
+        rx.await
+            .map_err(|_| OutboxError::Storage("the database writer stopped".into()))?
+            .map_err(outbox_err)?;
         self.latest.send_modify(|l| *l = (*l).max(seq));
         Ok(seq)
     }
@@ -908,6 +929,55 @@ mod tests {
         assert_eq!(rows.len(), 2000);
         assert_eq!(seq, 2000);
         assert_eq!(again.seq(), 2000);
+    }
+
+    /// Reports become visible in sequence order, whoever puts them: a reader that takes
+    /// everything after the last sequence it saw (as EdgeHub does) never finds a gap that fills
+    /// in later — the report in that gap would be skipped for the whole session.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn reports_are_committed_in_sequence_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(&dir).await;
+        let outbox = Arc::new(SqliteOutbox::new(&s).await.unwrap());
+        let mut tasks = Vec::new();
+        for w in 0..8u64 {
+            let outbox = outbox.clone();
+            tasks.push(tokio::spawn(async move {
+                for i in 0..100u64 {
+                    let name = format!("w{w}-{i}");
+                    // Reports of different sizes take different times to encode.
+                    let mut msg = m(Operation::Update, &name, 1);
+                    msg.content = serde_json::json!({"pad": "x".repeat(((w * 37 + i * 11) % 64) as usize * 64)});
+                    outbox.put(&format!("podstatus/{name}"), msg).await.unwrap();
+                }
+            }));
+        }
+        let reader = {
+            let outbox = outbox.clone();
+            tokio::spawn(async move {
+                let mut seen = 0u64;
+                while seen < 800 {
+                    for e in outbox.pending_after(seen).await.unwrap() {
+                        assert_eq!(
+                            e.seq,
+                            seen + 1,
+                            "report {} became visible after {}",
+                            seen + 1,
+                            e.seq
+                        );
+                        seen = e.seq;
+                    }
+                    tokio::task::yield_now().await;
+                }
+            })
+        };
+        for t in tasks {
+            t.await.unwrap();
+        }
+        tokio::time::timeout(std::time::Duration::from_secs(30), reader)
+            .await
+            .unwrap()
+            .unwrap();
     }
 
     /// Many reporters and the store's writes at once (20 pod workers starting together): no
