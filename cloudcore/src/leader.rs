@@ -151,11 +151,6 @@ impl Elector {
             *self = Elector::Following { seen: None };
         }
     }
-
-    /// Time passed without any successful renewal (the API server did not answer at all).
-    pub fn tick(&mut self, now: Instant, timing: &ElectionTiming) {
-        self.write_failed(now, timing);
-    }
 }
 
 impl Default for Elector {
@@ -212,7 +207,8 @@ pub fn spawn(
             )
             .await;
             if round.is_err() {
-                elector.tick(Instant::now(), &timing);
+                // The API server did not answer at all: as a failed write.
+                elector.write_failed(Instant::now(), &timing);
             }
             let leads = elector.is_leader();
             tx.send_if_modified(|was| {
@@ -405,7 +401,7 @@ mod tests {
         e.written(t0);
         e.write_failed(t0 + Duration::from_secs(5), &t);
         assert!(e.is_leader(), "within the renew deadline it still leads");
-        e.tick(t0 + t.renew_deadline, &t);
+        e.write_failed(t0 + t.renew_deadline, &t);
         assert!(!e.is_leader());
         assert!(t.renew_deadline < t.lease_duration);
     }

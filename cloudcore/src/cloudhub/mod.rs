@@ -412,14 +412,6 @@ impl CloudHubHandle {
         nodes.get(node).map_or(0, |s| s.queue().outstanding())
     }
 
-    /// Seeds what `node` is known to hold (from persisted sync state), so unchanged objects are
-    /// not sent again.
-    pub fn seed_acked(&self, node: &str, key: ObjectKey, rv: String) {
-        if let Some(slot) = self.hub.existing_slot(node) {
-            slot.queue().seed_acked(key, rv);
-        }
-    }
-
     /// Drops the queues of nodes gone longer than `queue_retention`, every quarter of it (at
     /// most every 30 s), until `shutdown`.
     pub async fn sweep_queues(self, shutdown: CancellationToken) {
@@ -446,11 +438,6 @@ impl CloudHubHandle {
             slot.wake.notify_one();
             tracing::info!(%node, objects = held.len(), already_held = applied.already_held, to_send = applied.to_send, "acknowledgement record applied");
         }
-    }
-
-    /// Whether this replica keeps a queue for `node` (connected, or left within the retention).
-    pub fn has_queue(&self, node: &str) -> bool {
-        self.hub.existing_slot(node).is_some()
     }
 
     /// The resourceVersion `node` last acked for `key`, as far as this process has seen.

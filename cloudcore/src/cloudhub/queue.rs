@@ -507,8 +507,9 @@ impl NodeQueue {
                 .count()
     }
 
-    /// Records that the node already holds `key` at `rv` (known from persisted sync state after
-    /// a cloudcore restart), so pushing that version again is [`Pushed::Stale`].
+    /// Test set-up: the queue believes the node holds `key` at `rv`, so pushing that version
+    /// again is [`Pushed::Stale`]. (Sessions learn this from inventories and ack records.)
+    #[cfg(test)]
     pub fn seed_acked(&mut self, key: ObjectKey, rv: String) {
         let entry = self.entries.entry(key).or_default();
         let newer = entry

@@ -199,11 +199,6 @@ impl SyncState {
             .unwrap_or_default()
     }
 
-    pub fn nodes(&self) -> Vec<String> {
-        let all = self.acked.lock().unwrap_or_else(|p| p.into_inner());
-        all.keys().cloned().collect()
-    }
-
     /// Writes the state of every node that changed since the last flush, and deletes the state
     /// of forgotten nodes.
     pub async fn flush(&self) {
