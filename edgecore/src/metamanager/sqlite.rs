@@ -34,8 +34,16 @@ use crate::edgehub::outbox::{Outbox, OutboxEntry, OutboxError};
 
 /// How many queued writes one transaction takes at most.
 const MAX_BATCH: usize = 1024;
-/// Changes kept in memory for watches to resume from.
+/// Changes kept in memory for watches to resume from: at most this many...
 const HISTORY: usize = 10_000;
+/// ...and at most this much JSON text (object and previous object). Kept as text: a decoded pod
+/// takes several times its JSON, and ten thousand decoded pods held for a watch that may never
+/// resume was most of edgecore's heap. A watch asking for an older version gets 410 Gone and
+/// relists, as against an API server whose watch cache moved on.
+const HISTORY_BYTES: usize = 1 << 20;
+/// Changes buffered for subscribers that have not read them yet (slots are preallocated; a
+/// subscriber that falls this far behind re-reads the store or, for a watch, resumes).
+const FEED_CAPACITY: usize = 4096;
 
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
@@ -122,8 +130,70 @@ enum BatchOp {
 struct Shared {
     seq: AtomicU64,
     changes: broadcast::Sender<Arc<Change>>,
-    history: Mutex<VecDeque<Arc<Change>>>,
+    history: Mutex<History>,
     stats: StoreStats,
+}
+
+/// A committed change as the writer knows it: the change without its object (moved in from the
+/// message afterwards), and the texts the history keeps.
+struct Committed {
+    seq: u64,
+    kind: String,
+    namespace: String,
+    name: String,
+    deleted: bool,
+    text: String,
+    old_text: Option<String>,
+    old: Option<Value>,
+}
+
+/// A change as the history keeps it: JSON text, decoded again only for a watch that resumes.
+struct Recorded {
+    seq: u64,
+    kind: String,
+    namespace: String,
+    name: String,
+    deleted: bool,
+    object: Box<str>,
+    old: Option<Box<str>>,
+}
+
+impl Recorded {
+    fn bytes(&self) -> usize {
+        self.object.len() + self.old.as_ref().map_or(0, |o| o.len())
+    }
+
+    fn decode(&self) -> Result<Change, serde_json::Error> {
+        Ok(Change {
+            seq: self.seq,
+            kind: self.kind.clone(),
+            namespace: self.namespace.clone(),
+            name: self.name.clone(),
+            deleted: self.deleted,
+            object: serde_json::from_str(&self.object)?,
+            old: self.old.as_deref().map(serde_json::from_str).transpose()?,
+        })
+    }
+}
+
+/// The newest changes within [`HISTORY`] entries and [`HISTORY_BYTES`].
+#[derive(Default)]
+struct History {
+    entries: VecDeque<Recorded>,
+    bytes: usize,
+}
+
+impl History {
+    fn push(&mut self, r: Recorded) {
+        self.bytes += r.bytes();
+        self.entries.push_back(r);
+        while self.entries.len() > HISTORY || (self.bytes > HISTORY_BYTES && self.entries.len() > 1)
+        {
+            if let Some(old) = self.entries.pop_front() {
+                self.bytes -= old.bytes();
+            }
+        }
+    }
 }
 
 /// The SQLite object store. Cheap to clone.
@@ -204,8 +274,8 @@ impl SqliteStore {
             .map_err(open_err)?;
         let shared = Arc::new(Shared {
             seq: AtomicU64::new(max_seq.max(0) as u64),
-            changes: broadcast::channel(1 << 14).0,
-            history: Mutex::new(VecDeque::new()),
+            changes: broadcast::channel(FEED_CAPACITY).0,
+            history: Mutex::new(History::default()),
             stats: StoreStats::default(),
         });
         let (tx, rx) = mpsc::unbounded_channel();
@@ -247,11 +317,23 @@ impl SqliteStore {
             .history
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        let oldest = h.front().map_or(self.seq() + 1, |c| c.seq);
+        let oldest = h.entries.front().map_or(self.seq() + 1, |c| c.seq);
         if seq + 1 < oldest {
             return None;
         }
-        Some(h.iter().filter(|c| c.seq > seq).cloned().collect())
+        let mut out = Vec::new();
+        for r in h.entries.iter().filter(|c| c.seq > seq) {
+            match r.decode() {
+                Ok(c) => out.push(Arc::new(c)),
+                Err(e) => {
+                    // Cannot happen (the text was written from a value); if it did, the watch
+                    // relists rather than missing a change.
+                    tracing::error!(seq = r.seq, kind = %r.kind, namespace = %r.namespace, name = %r.name, error = %e, "a remembered change does not decode");
+                    return None;
+                }
+            }
+        }
+        Some(out)
     }
 
     /// Live rows (kind, namespace, name, resource_version, content) from one read transaction,
@@ -470,7 +552,7 @@ async fn writer(
                 Err(_) => break,
             }
         }
-        let mut results: Vec<Result<(Applied, Option<Change>), StoreError>> =
+        let mut results: Vec<Result<(Applied, Option<Committed>), StoreError>> =
             Vec::with_capacity(batch.len());
         let outcome: Result<(), StoreError> = async {
             let mut tx = conn.begin().await.map_err(storage)?;
@@ -500,22 +582,34 @@ async fn writer(
             Ok(()) => {
                 let mut history = shared.history.lock().unwrap_or_else(|p| p.into_inner());
                 for (op, r) in batch.into_iter().zip(results) {
-                    let reply = match op {
-                        BatchOp::Apply(_, reply) => reply,
+                    let (msg, reply) = match op {
+                        BatchOp::Apply(msg, reply) => (msg, reply),
                         BatchOp::Outbox(_, reply) => {
                             let _ = reply.send(r.map(|_| ()));
                             continue;
                         }
                     };
-                    let r = r.map(|(applied, change)| {
-                        if let Some(c) = change {
-                            let c = Arc::new(c);
-                            history.push_back(c.clone());
-                            if history.len() > HISTORY {
-                                history.pop_front();
-                            }
+                    let r = r.map(|(applied, committed)| {
+                        if let Some(c) = committed {
                             let seq = c.seq;
-                            let _ = shared.changes.send(c);
+                            history.push(Recorded {
+                                seq,
+                                kind: c.kind.clone(),
+                                namespace: c.namespace.clone(),
+                                name: c.name.clone(),
+                                deleted: c.deleted,
+                                object: c.text.into_boxed_str(),
+                                old: c.old_text.map(String::into_boxed_str),
+                            });
+                            let _ = shared.changes.send(Arc::new(Change {
+                                seq,
+                                kind: c.kind,
+                                namespace: c.namespace,
+                                name: c.name,
+                                deleted: c.deleted,
+                                object: msg.content,
+                                old: c.old,
+                            }));
                             // Visible only after it was published: whoever reads `seq` and then
                             // drains the feed has seen every change up to it.
                             shared.seq.store(seq, Ordering::Release);
@@ -600,7 +694,7 @@ async fn apply_one(
     tx: &mut SqliteConnection,
     msg: &Message,
     seq: u64,
-) -> Result<(Applied, Option<Change>), StoreError> {
+) -> Result<(Applied, Option<Committed>), StoreError> {
     let path = ResourcePath::parse_edge(&msg.route.resource)?;
     let (Some(namespace), Some(kind), Some(name)) =
         (path.namespace_segment(), path.resource_type(), path.name())
@@ -623,7 +717,7 @@ async fn apply_one(
         .fetch_optional(&mut *tx)
         .await
         .map_err(storage)?;
-    let mut old = None;
+    let (mut old, mut old_text) = (None, None);
     if let Some(row) = &existing {
         let stored_rv: String = row.get(0);
         let stored_deleted: i64 = row.get(1);
@@ -633,6 +727,7 @@ async fn apply_one(
         if stored_deleted == 0 {
             let text: String = row.get(2);
             old = serde_json::from_str(&text).ok();
+            old_text = old.is_some().then_some(text);
         }
     }
     let uid = msg
@@ -667,18 +762,19 @@ async fn apply_one(
     .bind(uid)
     .bind(&rv)
     .bind(i64::from(is_delete))
-    .bind(content)
+    .bind(content.as_str())
     .bind(seq as i64)
     .execute(&mut *tx)
     .await
     .map_err(storage)?;
-    let change = Change {
+    let change = Committed {
         seq,
         kind: kind.to_owned(),
         namespace: namespace.to_owned(),
         name: name.to_owned(),
         deleted: is_delete,
-        object: msg.content.clone(),
+        text: content,
+        old_text,
         old,
     };
     Ok((
@@ -1047,6 +1143,42 @@ mod tests {
         assert!(c1.seq > seq && !c1.deleted && c1.old.is_some());
         assert!(c2.deleted);
         assert_eq!(s.changes_since(seq).unwrap().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn the_change_history_is_kept_as_text_within_its_byte_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(&dir).await;
+        let start = s.seq();
+        s.apply(&m(Operation::Insert, "a", 1)).await.unwrap();
+        s.apply(&m(Operation::Update, "a", 2)).await.unwrap();
+        // Replayed changes are the stored objects (apiVersion and kind completed) and carry the
+        // previous object, as the live feed does.
+        let replay = s.changes_since(start).unwrap();
+        assert_eq!(replay.len(), 2);
+        assert_eq!(replay[1].object["v"], 2);
+        assert_eq!(replay[1].object["kind"], "Pod");
+        assert_eq!(replay[1].old.as_ref().unwrap()["v"], 1);
+        assert!(replay[0].old.is_none());
+        // Big objects push the oldest changes out once the texts pass the budget: a watch from
+        // before them must relist (None = 410 Gone), one from a recent version still resumes.
+        let big = "x".repeat(HISTORY_BYTES / 8);
+        for rv in 3..20u64 {
+            let mut msg = m(Operation::Update, "a", rv);
+            msg.content["pad"] = json!(big);
+            s.apply(&msg).await.unwrap();
+        }
+        assert!(s.changes_since(start).is_none());
+        let h = s.shared.history.lock().unwrap();
+        assert!(h.bytes <= HISTORY_BYTES, "{} bytes kept", h.bytes);
+        assert_eq!(
+            h.bytes,
+            h.entries.iter().map(Recorded::bytes).sum::<usize>()
+        );
+        let oldest = h.entries.front().unwrap().seq;
+        drop(h);
+        let recent = s.changes_since(oldest).unwrap();
+        assert_eq!(recent.last().unwrap().object["v"], 19);
     }
 
     #[tokio::test]
