@@ -51,6 +51,9 @@ struct Args {
 }
 
 const NODE: &str = "edge-devices";
+/// The baseline node (no EventBus): a name of its own, since a joined name is owned by its first
+/// machine and a second join with a token is refused.
+const BASELINE_NODE: &str = "edge-baseline";
 
 fn dev_name(i: usize) -> String {
     format!("thermo-{i:03}")
@@ -82,10 +85,11 @@ async fn rss(d: &Daemon) -> anyhow::Result<u64> {
 async fn start(
     server: &TestApiServer,
     dir: &std::path::Path,
+    node: &str,
     eventbus: bool,
     external: Option<u16>,
 ) -> anyhow::Result<(Setup, Daemon, Daemon)> {
-    let setup = Setup::write(dir, server.kubeconfig_path(), NODE)?;
+    let setup = Setup::write(dir, server.kubeconfig_path(), node)?;
     if let Some(port) = external {
         setup.use_external_broker(port)?;
     }
@@ -103,7 +107,7 @@ async fn start(
     let (cloud, edge) = setup.start_both().await?;
     let nodes: Api<Node> = Api::all(server.client()?);
     let t = Instant::now();
-    while nodes.get_opt(NODE).await?.is_none() {
+    while nodes.get_opt(node).await?.is_none() {
         if t.elapsed() > Duration::from_secs(30) {
             bail!("node not registered\n{}", setup.log_tails(30));
         }
@@ -126,7 +130,7 @@ async fn main() -> anyhow::Result<()> {
 
     // Baseline: the same node without EventBus and devices.
     let base_dir = tempfile::tempdir()?;
-    let (_s, mut c0, mut e0) = start(&server, base_dir.path(), false, None).await?;
+    let (_s, mut c0, mut e0) = start(&server, base_dir.path(), BASELINE_NODE, false, None).await?;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let rss_base = rss(&e0).await?;
     e0.kill();
@@ -148,7 +152,7 @@ async fn main() -> anyhow::Result<()> {
     } else {
         None
     };
-    let (setup, _cloud, edge) = start(&server, dir.path(), true, external).await?;
+    let (setup, _cloud, edge) = start(&server, dir.path(), NODE, true, external).await?;
     let broker_port = external.unwrap_or(setup.mqtt_port);
     let models: Api<DeviceModel> = Api::namespaced(client.clone(), "default");
     let devices: Api<Device> = Api::namespaced(client.clone(), "default");
