@@ -9,6 +9,8 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
+    // Before any thread starts (see the module's docs for why and what it saves).
+    edgecore::memory::use_one_arena();
     let cli = cli::Cli::parse();
     match cli::run(cli) {
         Ok(code) => code,

@@ -22,6 +22,12 @@ pub enum Error {
     KeepAlive(#[from] Elapsed),
 }
 
+/// Initial size of the read and write buffers.
+const BUFFER_BYTES: usize = 10 * 1024;
+/// kedge: a drained buffer larger than this (grown by a burst) is replaced by a fresh one, so
+/// a burst does not stay resident for the life of the connection.
+const KEEP_BUFFER_BYTES: usize = 8 * BUFFER_BYTES;
+
 /// Network transforms packets <-> frames efficiently. It takes
 /// advantage of pre-allocation, buffering and vectorization when
 /// appropriate to achieve performance
@@ -51,8 +57,8 @@ impl<P: Protocol> Network<P> {
     ) -> Network<P> {
         Network {
             socket,
-            read: BytesMut::with_capacity(10 * 1024),
-            write: BytesMut::with_capacity(10 * 1024),
+            read: BytesMut::with_capacity(BUFFER_BYTES),
+            write: BytesMut::with_capacity(BUFFER_BYTES),
             max_incoming_size,
             max_connection_buffer_len,
             // Overwritten by keepalive value in connect packet, otherwise we
@@ -125,7 +131,12 @@ impl<P: Protocol> Network<P> {
                         return Ok(connection_buffer_length);
                     }
                 }
-                Err(protocol::Error::InsufficientBytes(_)) => return Ok(packets.len()),
+                Err(protocol::Error::InsufficientBytes(_)) => {
+                    if self.read.is_empty() && self.read.capacity() > KEEP_BUFFER_BYTES {
+                        self.read = BytesMut::with_capacity(BUFFER_BYTES);
+                    }
+                    return Ok(packets.len());
+                }
                 Err(e) => return Err(io::Error::new(ErrorKind::InvalidData, e.to_string()).into()),
             }
         }
@@ -144,6 +155,9 @@ impl<P: Protocol> Network<P> {
         }
         self.socket.write_all(&self.write).await?;
         self.write.clear();
+        if self.write.capacity() > KEEP_BUFFER_BYTES {
+            self.write = BytesMut::with_capacity(BUFFER_BYTES);
+        }
         Ok(())
     }
 }

@@ -160,6 +160,7 @@ impl<P: Protocol> RemoteLink<P> {
 
                     }
                     self.network.writev(packets).await?;
+                    crate::router::shrink_drained(&mut self.notifications, crate::router::MAX_CHANNEL_CAPACITY);
                     if unscheduled {
                         self.link_rx.wake().await?;
                     }

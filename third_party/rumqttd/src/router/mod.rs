@@ -33,6 +33,16 @@ pub use waiters::Waiters;
 pub const MAX_SCHEDULE_ITERATIONS: usize = 100;
 pub const MAX_CHANNEL_CAPACITY: usize = 200;
 
+/// kedge: gives a drained queue's memory back once it has grown well past `keep` entries.
+/// `VecDeque` never shrinks on its own, and the broker's per-connection queues are swapped back
+/// and forth between the links and the router, so a single burst left every one of them at the
+/// burst's size for the life of the connection (megabytes on an edge node).
+pub(crate) fn shrink_drained<T>(queue: &mut VecDeque<T>, keep: usize) {
+    if queue.is_empty() && queue.capacity() > 2 * keep {
+        queue.shrink_to(keep);
+    }
+}
+
 pub(crate) type FilterIdx = usize;
 
 #[derive(Debug)]

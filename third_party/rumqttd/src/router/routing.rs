@@ -876,6 +876,7 @@ impl Router {
             }
         }
 
+        super::shrink_drained(&mut packets, MAX_CHANNEL_CAPACITY);
         self.cache = Some(packets);
 
         // Prepare AcksRequest in tracker if router is operating in a
