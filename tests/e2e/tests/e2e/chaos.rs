@@ -1,11 +1,15 @@
-//! Randomized chaos with the real binaries: while pods (with ConfigMap and Secret references),
+//! Randomized chaos with the real binaries (the second test below adds real containers): while pods (with ConfigMap and Secret references),
 //! ConfigMaps and Secrets bound to one edge node are created, updated and deleted, cloudcore and
 //! edgecore are each killed with SIGKILL and restarted at random moments. Afterwards the edge's
 //! database holds exactly what the node must hold — the node's pods and the ConfigMaps/Secrets
 //! they reference, at the cluster's UIDs and resourceVersions — within 10 s: no orphans, nothing
 //! missing, nothing stale.
 //!
-//! CI runs it for 60 s with a fixed seed. By hand: `KEDGE_CHAOS_SEED=<n>|random
+//! `link_cuts_during_churn_leave_exactly_the_clusters_containers` does the same on a private
+//! containerd with cloudcore killed and restarted (link cuts), and checks the containers: none of
+//! a deleted pod, one running for every pod, each seeing its ConfigMap's latest value.
+//!
+//! CI runs the first for 60 s and the second for 30 s, with a fixed seed. By hand: `KEDGE_CHAOS_SEED=<n>|random
 //! KEDGE_CHAOS_SECONDS=<s> cargo nextest run -p kedge-e2e -E 'test(/^chaos::/)'`. The seed is printed.
 #![allow(clippy::unwrap_used)]
 
@@ -302,9 +306,9 @@ async fn churn<K>(
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn random_sigkills_of_both_daemons_leave_the_edge_holding_exactly_the_clusters_state() {
-    let seed = match std::env::var("KEDGE_CHAOS_SEED").ok().as_deref() {
+/// `KEDGE_CHAOS_SEED`: a number, `random`, or unset for the fixed CI seed.
+fn seed() -> u64 {
+    match std::env::var("KEDGE_CHAOS_SEED").ok().as_deref() {
         None | Some("") => DEFAULT_SEED,
         Some("random") => std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -313,7 +317,12 @@ async fn random_sigkills_of_both_daemons_leave_the_edge_holding_exactly_the_clus
         Some(s) => s
             .parse()
             .expect("KEDGE_CHAOS_SEED must be a number or `random`"),
-    };
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_sigkills_of_both_daemons_leave_the_edge_holding_exactly_the_clusters_state() {
+    let seed = seed();
     let seconds: u64 = std::env::var("KEDGE_CHAOS_SECONDS")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -410,4 +419,212 @@ async fn random_sigkills_of_both_daemons_leave_the_edge_holding_exactly_the_clus
         "converged {took:?} after the last restart/change: {} objects on the edge, exactly the cluster's",
         have.len()
     );
+}
+
+/// Link chaos with real containers: while pods (each mounting one of three ConfigMaps) are
+/// created and deleted and the ConfigMaps change, cloudcore is killed and restarted again and
+/// again, cutting the link. Afterwards, within 90 s: the API holds exactly the pods that were not
+/// deleted, each Running; containerd holds containers of exactly those pods (no orphans, none
+/// missing); every container sees its ConfigMap's latest value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn link_cuts_during_churn_leave_exactly_the_clusters_containers() {
+    use edgecore::edged::runtime::{CriRuntime, Runtime};
+    use kedge_e2e::edgerig::{Rig, eventually};
+    use std::collections::BTreeSet;
+
+    const NODE: &str = "edge-cchaos";
+    const CONFIGMAPS: u64 = 3;
+    const MAX_PODS: usize = 6;
+    let seed = seed();
+    let seconds: u64 = std::env::var("KEDGE_CHAOS_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(30);
+    println!("container chaos seed {seed}, {seconds} s");
+    let mut rng = Rng(seed);
+    let rig = Rig::start(NODE).await;
+    let (ctr, setup) = (&rig.ctr, &rig.setup);
+    let pods: Api<Pod> = Api::default_namespaced(rig.client.clone());
+    let cms: Api<ConfigMap> = Api::default_namespaced(rig.client.clone());
+    let mut cm_value = BTreeMap::new();
+    for i in 0..CONFIGMAPS {
+        cms.create(
+            &PostParams::default(),
+            &serde_json::from_value(
+                json!({"metadata": {"name": format!("cm-{i}")}, "data": {"v": "0"}}),
+            )
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+        cm_value.insert(i, 0u64);
+    }
+    // Pod name → the ConfigMap it mounts.
+    let mut live: BTreeMap<String, u64> = BTreeMap::new();
+    let mut next_pod = 0u64;
+    let mut cloud = rig.cloud;
+    let _edge = rig.edge;
+    let (mut cuts, mut restart_at) = (0u32, None::<Instant>);
+    let mut next_cut = Instant::now() + rng.millis(2_000, 4_000);
+    let end = Instant::now() + Duration::from_secs(seconds);
+    while Instant::now() < end {
+        let now = Instant::now();
+        if now >= next_cut && cloud.is_running() {
+            cloud.kill();
+            cuts += 1;
+            restart_at = Some(now + rng.millis(500, 2_500));
+            next_cut = now + rng.millis(3_000, 6_000);
+        }
+        if restart_at.is_some_and(|t| now >= t) {
+            restart_at = None;
+            cloud.start().unwrap();
+        }
+        let roll = rng.below(100);
+        if live.is_empty() || (live.len() < MAX_PODS && roll < 45) {
+            let name = format!("p-{next_pod}");
+            let cm = rng.below(CONFIGMAPS);
+            next_pod += 1;
+            pods.create(
+                &PostParams::default(),
+                &serde_json::from_value(json!({
+                    "metadata": {"name": name},
+                    "spec": {"nodeName": NODE, "terminationGracePeriodSeconds": 1,
+                        "containers": [{"name": "main", "image": ctr.busybox_image,
+                            "command": ["sh", "-c", "exec sleep 3600"],
+                            "volumeMounts": [{"name": "config", "mountPath": "/etc/app"}]}],
+                        "volumes": [{"name": "config", "configMap": {"name": format!("cm-{cm}")}}]}
+                }))
+                .unwrap(),
+            )
+            .await
+            .unwrap();
+            live.insert(name, cm);
+        } else if roll < 75 {
+            let victim = live
+                .keys()
+                .nth(rng.below(live.len() as u64) as usize)
+                .cloned()
+                .unwrap();
+            pods.delete(&victim, &DeleteParams::default())
+                .await
+                .unwrap();
+            live.remove(&victim);
+        } else {
+            let i = rng.below(CONFIGMAPS);
+            let v = cm_value[&i] + 1;
+            cm_value.insert(i, v);
+            cms.patch(
+                &format!("cm-{i}"),
+                &PatchParams::default(),
+                &Patch::Merge(json!({"data": {"v": v.to_string()}})),
+            )
+            .await
+            .unwrap();
+        }
+        tokio::time::sleep(rng.millis(200, 600)).await;
+    }
+    // A last cut with a change of each kind made while the link is down, so what follows
+    // measures convergence after the cloud returns.
+    if cloud.is_running() {
+        cloud.kill();
+        cuts += 1;
+    }
+    if let Some(victim) = live.keys().next().cloned() {
+        pods.delete(&victim, &DeleteParams::default())
+            .await
+            .unwrap();
+        live.remove(&victim);
+    }
+    let name = format!("p-{next_pod}");
+    next_pod += 1;
+    pods.create(
+        &PostParams::default(),
+        &serde_json::from_value(json!({
+            "metadata": {"name": name},
+            "spec": {"nodeName": NODE, "terminationGracePeriodSeconds": 1,
+                "containers": [{"name": "main", "image": ctr.busybox_image,
+                    "command": ["sh", "-c", "exec sleep 3600"],
+                    "volumeMounts": [{"name": "config", "mountPath": "/etc/app"}]}],
+                "volumes": [{"name": "config", "configMap": {"name": "cm-0"}}]}
+        }))
+        .unwrap(),
+    )
+    .await
+    .unwrap();
+    live.insert(name, 0);
+    let v = cm_value[&0] + 1;
+    cm_value.insert(0, v);
+    cms.patch(
+        "cm-0",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"data": {"v": v.to_string()}})),
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    cloud.start().unwrap();
+    println!(
+        "{next_pod} pods created, {} left, {cuts} link cuts",
+        live.len()
+    );
+    assert!(cuts >= 3 || seconds < 20, "too few link cuts: {cuts}");
+
+    let cri = CriRuntime::connect(&ctr.socket).await.unwrap();
+    let want: BTreeSet<String> = live.keys().cloned().collect();
+    let settled = Instant::now();
+    let deadline = settled + Duration::from_secs(90);
+    loop {
+        let listed = pods.list(&ListParams::default()).await.unwrap().items;
+        let in_api: BTreeSet<String> = listed
+            .iter()
+            .filter_map(|p| p.metadata.name.clone())
+            .collect();
+        let all_running = listed.iter().all(|p| {
+            p.metadata.deletion_timestamp.is_none()
+                && p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
+        });
+        // Every container in containerd, in any state: none may belong to a deleted pod.
+        let containers: BTreeSet<String> = cri
+            .list_containers(None)
+            .await
+            .unwrap()
+            .into_iter()
+            .filter_map(|c| c.labels.get("io.kubernetes.pod.name").cloned())
+            .collect();
+        let running = kedge_e2e::edgerig::running_containers(&cri).await;
+        let running: BTreeSet<String> = running.into_keys().collect();
+        if in_api == want && all_running && containers == want && running == want {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "seed {seed}: not converged after 90 s\nwant {want:?}\nAPI {in_api:?} (all Running: {all_running})\n\
+             containers {containers:?}\nrunning {running:?}\n{}",
+            setup.log_tails(60)
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    println!(
+        "pods and containers converged {:?} after cloudcore came back",
+        settled.elapsed()
+    );
+    let by_pod = kedge_e2e::edgerig::running_containers(&cri).await;
+    for (pod, cm) in &live {
+        let id = by_pod[pod].clone();
+        let latest = cm_value[cm].to_string();
+        eventually(
+            &format!("{pod} sees cm-{cm} = {latest}"),
+            setup,
+            ctr,
+            || {
+                let (cri, id, latest) = (cri.clone(), id.clone(), latest.clone());
+                async move {
+                    cri.exec_sync(&id, vec!["cat".into(), "/etc/app/v".into()], 5)
+                        .await
+                        .is_ok_and(|r| String::from_utf8_lossy(&r.stdout) == latest)
+                }
+            },
+        )
+        .await;
+    }
 }
