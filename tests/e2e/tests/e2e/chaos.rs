@@ -1,4 +1,4 @@
-//! Randomized chaos with the real binaries (the second test below adds real containers): while pods (with ConfigMap and Secret references),
+//! Randomized chaos with the real binaries: while pods (with ConfigMap and Secret references),
 //! ConfigMaps and Secrets bound to one edge node are created, updated and deleted, cloudcore and
 //! edgecore are each killed with SIGKILL and restarted at random moments. Afterwards the edge's
 //! database holds exactly what the node must hold — the node's pods and the ConfigMaps/Secrets
@@ -9,8 +9,9 @@
 //! containerd with cloudcore killed and restarted (link cuts), and checks the containers: none of
 //! a deleted pod, one running for every pod, each seeing its ConfigMap's latest value.
 //!
-//! CI runs the first for 60 s and the second for 30 s, with a fixed seed. By hand: `KEDGE_CHAOS_SEED=<n>|random
-//! KEDGE_CHAOS_SECONDS=<s> cargo nextest run -p kedge-e2e -E 'test(/^chaos::/)'`. The seed is printed.
+//! CI runs the first for 60 s and the second for 30 s, with a fixed seed. By hand:
+//! `KEDGE_CHAOS_SEED=<n>|random KEDGE_CHAOS_SECONDS=<s> cargo nextest run -p kedge-e2e
+//! -E 'test(/^chaos::/)'`. The seed is printed.
 #![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeMap;
