@@ -422,6 +422,37 @@ async fn random_sigkills_of_both_daemons_leave_the_edge_holding_exactly_the_clus
     );
 }
 
+/// A pod on `node` that sleeps with ConfigMap `cm-<cm>` mounted at /etc/app.
+async fn create_sleeper(pods: &Api<Pod>, image: &str, node: &str, name: &str, cm: u64) {
+    pods.create(
+        &PostParams::default(),
+        &serde_json::from_value(json!({
+            "metadata": {"name": name},
+            "spec": {"nodeName": node, "terminationGracePeriodSeconds": 1,
+                "containers": [{"name": "main", "image": image,
+                    "command": ["sh", "-c", "exec sleep 3600"],
+                    "volumeMounts": [{"name": "config", "mountPath": "/etc/app"}]}],
+                "volumes": [{"name": "config", "configMap": {"name": format!("cm-{cm}")}}]}
+        }))
+        .unwrap(),
+    )
+    .await
+    .unwrap();
+}
+
+/// Sets ConfigMap `cm-<i>`'s `v` to its next value.
+async fn bump(cms: &Api<ConfigMap>, values: &mut BTreeMap<u64, u64>, i: u64) {
+    let v = values[&i] + 1;
+    values.insert(i, v);
+    cms.patch(
+        &format!("cm-{i}"),
+        &PatchParams::default(),
+        &Patch::Merge(json!({"data": {"v": v.to_string()}})),
+    )
+    .await
+    .unwrap();
+}
+
 /// Link chaos with real containers: while pods (each mounting one of three ConfigMaps) are
 /// created and deleted and the ConfigMaps change, cloudcore is killed and restarted again and
 /// again, cutting the link. Afterwards, within 90 s: the API holds exactly the pods that were not
@@ -485,20 +516,7 @@ async fn link_cuts_during_churn_leave_exactly_the_clusters_containers() {
             let name = format!("p-{next_pod}");
             let cm = rng.below(CONFIGMAPS);
             next_pod += 1;
-            pods.create(
-                &PostParams::default(),
-                &serde_json::from_value(json!({
-                    "metadata": {"name": name},
-                    "spec": {"nodeName": NODE, "terminationGracePeriodSeconds": 1,
-                        "containers": [{"name": "main", "image": ctr.busybox_image,
-                            "command": ["sh", "-c", "exec sleep 3600"],
-                            "volumeMounts": [{"name": "config", "mountPath": "/etc/app"}]}],
-                        "volumes": [{"name": "config", "configMap": {"name": format!("cm-{cm}")}}]}
-                }))
-                .unwrap(),
-            )
-            .await
-            .unwrap();
+            create_sleeper(&pods, ctr.busybox_image.as_str(), NODE, &name, cm).await;
             live.insert(name, cm);
         } else if roll < 75 {
             let victim = live
@@ -511,16 +529,7 @@ async fn link_cuts_during_churn_leave_exactly_the_clusters_containers() {
                 .unwrap();
             live.remove(&victim);
         } else {
-            let i = rng.below(CONFIGMAPS);
-            let v = cm_value[&i] + 1;
-            cm_value.insert(i, v);
-            cms.patch(
-                &format!("cm-{i}"),
-                &PatchParams::default(),
-                &Patch::Merge(json!({"data": {"v": v.to_string()}})),
-            )
-            .await
-            .unwrap();
+            bump(&cms, &mut cm_value, rng.below(CONFIGMAPS)).await;
         }
         tokio::time::sleep(rng.millis(200, 600)).await;
     }
@@ -538,30 +547,9 @@ async fn link_cuts_during_churn_leave_exactly_the_clusters_containers() {
     }
     let name = format!("p-{next_pod}");
     next_pod += 1;
-    pods.create(
-        &PostParams::default(),
-        &serde_json::from_value(json!({
-            "metadata": {"name": name},
-            "spec": {"nodeName": NODE, "terminationGracePeriodSeconds": 1,
-                "containers": [{"name": "main", "image": ctr.busybox_image,
-                    "command": ["sh", "-c", "exec sleep 3600"],
-                    "volumeMounts": [{"name": "config", "mountPath": "/etc/app"}]}],
-                "volumes": [{"name": "config", "configMap": {"name": "cm-0"}}]}
-        }))
-        .unwrap(),
-    )
-    .await
-    .unwrap();
+    create_sleeper(&pods, ctr.busybox_image.as_str(), NODE, &name, 0).await;
     live.insert(name, 0);
-    let v = cm_value[&0] + 1;
-    cm_value.insert(0, v);
-    cms.patch(
-        "cm-0",
-        &PatchParams::default(),
-        &Patch::Merge(json!({"data": {"v": v.to_string()}})),
-    )
-    .await
-    .unwrap();
+    bump(&cms, &mut cm_value, 0).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     cloud.start().unwrap();
     println!(
