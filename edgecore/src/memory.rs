@@ -13,8 +13,9 @@
 //! core), each with its own free lists, fragmentation and top padding. edgecore's allocations are
 //! small and few next to its pods', but spread over the runtime's workers, the SQLite threads and
 //! the embedded broker's threads, so [`use_one_arena`] keeps them in one: with the embedded broker
-//! and 100 devices that is 1.1–1.5 MiB less resident memory (BENCHMARKS.md, devices), at no
-//! measurable cost in throughput (each thread keeps glibc's per-thread cache of small blocks).
+//! and 100 devices that is 1.1–1.5 MiB less resident memory (BENCHMARKS.md, devices); twin and
+//! pod throughput stayed within the benches' run-to-run noise (each thread keeps glibc's
+//! per-thread cache of small blocks, which needs no arena lock).
 //!
 //! This is the one place edgecore calls C directly; on other C libraries it does nothing.
 
