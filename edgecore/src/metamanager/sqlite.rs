@@ -822,10 +822,24 @@ impl SqliteOutbox {
 
     /// Hands a write to the store's single writer and waits for its commit.
     async fn write(&self, w: OutboxWrite) -> Result<(), OutboxError> {
+        let committed = self.queue_write(w)?;
+        Self::committed(committed).await
+    }
+
+    /// Hands `w` to the writer (which commits in queue order); the receiver answers once it is
+    /// committed.
+    fn queue_write(
+        &self,
+        w: OutboxWrite,
+    ) -> Result<oneshot::Receiver<Result<(), StoreError>>, OutboxError> {
         let (tx, rx) = oneshot::channel();
         self.writer
             .send(WriterOp::Outbox(w, tx))
             .map_err(|_| OutboxError::Storage("the database writer stopped".into()))?;
+        Ok(rx)
+    }
+
+    async fn committed(rx: oneshot::Receiver<Result<(), StoreError>>) -> Result<(), OutboxError> {
         rx.await
             .map_err(|_| OutboxError::Storage("the database writer stopped".into()))?
             .map_err(outbox_err)
@@ -849,25 +863,17 @@ impl Outbox for SqliteOutbox {
         // (EdgeHub reads everything after the last sequence it sent; a report committed behind a
         // later one was skipped for the whole session — a pod whose Running status never reached
         // the cloud.)
-        let (tx, rx) = oneshot::channel();
-        let seq = {
+        let (seq, committed) = {
             let _order = self.put_order.lock().unwrap_or_else(|p| p.into_inner());
             let seq = self.next.fetch_add(1, Ordering::AcqRel) + 1;
-            self.writer
-                .send(WriterOp::Outbox(
-                    OutboxWrite::Put {
-                        key: key.to_owned(),
-                        seq,
-                        text,
-                    },
-                    tx,
-                ))
-                .map_err(|_| OutboxError::Storage("the database writer stopped".into()))?;
-            seq
+            let committed = self.queue_write(OutboxWrite::Put {
+                key: key.to_owned(),
+                seq,
+                text,
+            })?;
+            (seq, committed)
         };
-        rx.await
-            .map_err(|_| OutboxError::Storage("the database writer stopped".into()))?
-            .map_err(outbox_err)?;
+        Self::committed(committed).await?;
         self.latest.send_modify(|l| *l = (*l).max(seq));
         Ok(seq)
     }
