@@ -100,6 +100,11 @@ impl LabelSelector {
         Ok(LabelSelector(reqs))
     }
 
+    /// Whether it selects everything (no requirements).
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
     pub fn matches(&self, obj: &Value) -> bool {
         let labels = obj.pointer("/metadata/labels").and_then(Value::as_object);
         let get = |k: &str| labels.and_then(|l| l.get(k)).and_then(Value::as_str);
@@ -144,6 +149,11 @@ impl FieldSelector {
             reqs.push((field.to_owned(), eq, value.trim().to_owned()));
         }
         Ok(FieldSelector(reqs))
+    }
+
+    /// Whether it selects everything (no requirements).
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
     }
 
     pub fn matches(&self, obj: &Value) -> bool {

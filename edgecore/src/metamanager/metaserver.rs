@@ -372,8 +372,6 @@ async fn resource(
         Ok(s) => s,
         Err(e) => return status(400, "BadRequest", &e),
     };
-    let unfiltered = q(&params, "labelSelector").unwrap_or("").is_empty()
-        && q(&params, "fieldSelector").unwrap_or("").is_empty();
     let filter = Filter {
         served,
         namespace: db_ns,
@@ -400,7 +398,7 @@ async fn resource(
             ));
             let mut first = true;
             for r in &rows {
-                if !unfiltered {
+                if !filter.selects_all() {
                     let matched =
                         serde_json::from_str::<Value>(r.get()).is_ok_and(|o| filter.matches(&o));
                     if !matched {
@@ -445,6 +443,11 @@ impl Filter {
         self.labels.matches(obj) && self.fields.matches(obj)
     }
 
+    /// No selectors: every object of the type (and namespace) matches.
+    fn selects_all(&self) -> bool {
+        self.labels.is_empty() && self.fields.is_empty()
+    }
+
     /// How a change looks to this watcher (selector transitions become ADDED/DELETED).
     fn event(&self, c: &Change) -> Option<&'static str> {
         if c.kind != self.served.wire
@@ -453,7 +456,11 @@ impl Filter {
             return None;
         }
         let now = !c.deleted && self.matches(&c.object);
-        let before = c.old.as_ref().is_some_and(|o| self.matches(o));
+        // Without selectors every live object matches: the previous one need not be decoded
+        // (the common watch). One that does not decode counts as not matching.
+        let before = c.old.as_deref().is_some_and(|o| {
+            self.selects_all() || serde_json::from_str::<Value>(o).is_ok_and(|o| self.matches(&o))
+        });
         match (before, now, c.deleted) {
             (true, _, true) => Some("DELETED"),
             (false, _, true) => None,
@@ -603,5 +610,63 @@ async fn stream_watch(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(app: &str) -> Value {
+        json!({"metadata": {"name": "p", "namespace": "default", "labels": {"app": app}}})
+    }
+
+    fn change(old: Option<&str>, new_app: &str, deleted: bool) -> Change {
+        Change {
+            seq: 1,
+            kind: "pod".into(),
+            namespace: "default".into(),
+            name: "p".into(),
+            deleted,
+            object: pod(new_app),
+            old: old.map(Arc::from),
+        }
+    }
+
+    fn filter(labels: &str) -> Filter {
+        Filter {
+            served: RESOURCES[0],
+            namespace: None,
+            labels: LabelSelector::parse(labels).unwrap(),
+            fields: FieldSelector::default(),
+        }
+    }
+
+    #[test]
+    fn selector_transitions_read_the_previous_object_from_its_text() {
+        let web = pod("web").to_string();
+        let db = pod("db").to_string();
+        let f = filter("app=web");
+        assert_eq!(f.event(&change(Some(&web), "db", false)), Some("DELETED"));
+        assert_eq!(f.event(&change(Some(&db), "web", false)), Some("ADDED"));
+        assert_eq!(f.event(&change(Some(&web), "web", false)), Some("MODIFIED"));
+        assert_eq!(f.event(&change(Some(&db), "db", false)), None);
+        assert_eq!(f.event(&change(None, "web", false)), Some("ADDED"));
+        assert_eq!(f.event(&change(Some(&web), "web", true)), Some("DELETED"));
+        assert_eq!(f.event(&change(Some(&db), "db", true)), None);
+        // A previous row that does not decode counts as not matching.
+        assert_eq!(
+            f.event(&change(Some("{not json"), "web", false)),
+            Some("ADDED")
+        );
+        // Without selectors the previous object is never decoded: any live one means MODIFIED.
+        let all = filter("");
+        assert!(all.selects_all());
+        assert_eq!(
+            all.event(&change(Some("{not json"), "db", false)),
+            Some("MODIFIED")
+        );
+        assert_eq!(all.event(&change(None, "db", false)), Some("ADDED"));
+        assert_eq!(all.event(&change(Some(&db), "db", true)), Some("DELETED"));
     }
 }

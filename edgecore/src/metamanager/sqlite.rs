@@ -82,8 +82,9 @@ pub struct Change {
     pub name: String,
     pub deleted: bool,
     pub object: Value,
-    /// The object before the change, if there was a live one.
-    pub old: Option<Value>,
+    /// The object before the change, if there was a live one, as stored (JSON). Left encoded:
+    /// only a watch with selectors needs it decoded, and the history shares it.
+    pub old: Option<Arc<str>>,
 }
 
 /// A live object read from the database.
@@ -134,28 +135,17 @@ struct Shared {
     stats: StoreStats,
 }
 
-/// A committed change as the writer knows it: the change without its object (moved in from the
-/// message afterwards), and the texts the history keeps.
-struct Committed {
-    seq: u64,
-    kind: String,
-    namespace: String,
-    name: String,
-    deleted: bool,
-    text: String,
-    old_text: Option<String>,
-    old: Option<Value>,
-}
-
-/// A change as the history keeps it: JSON text, decoded again only for a watch that resumes.
+/// A committed change as the history keeps it: JSON text, decoded again only for a watch that
+/// resumes. The writer publishes it as a [`Change`] with the message's own object.
+#[derive(Clone)]
 struct Recorded {
     seq: u64,
     kind: String,
     namespace: String,
     name: String,
     deleted: bool,
-    object: Box<str>,
-    old: Option<Box<str>>,
+    object: Arc<str>,
+    old: Option<Arc<str>>,
 }
 
 impl Recorded {
@@ -164,15 +154,19 @@ impl Recorded {
     }
 
     fn decode(&self) -> Result<Change, serde_json::Error> {
-        Ok(Change {
+        Ok(self.change(serde_json::from_str(&self.object)?))
+    }
+
+    fn change(&self, object: Value) -> Change {
+        Change {
             seq: self.seq,
             kind: self.kind.clone(),
             namespace: self.namespace.clone(),
             name: self.name.clone(),
             deleted: self.deleted,
-            object: serde_json::from_str(&self.object)?,
-            old: self.old.as_deref().map(serde_json::from_str).transpose()?,
-        })
+            object,
+            old: self.old.clone(),
+        }
     }
 }
 
@@ -312,17 +306,22 @@ impl SqliteStore {
     /// Changes after `seq` still in memory, or `None` when some have been forgotten (the caller
     /// must re-read the store: a watch answers 410 Gone).
     pub fn changes_since(&self, seq: u64) -> Option<Vec<Arc<Change>>> {
-        let h = self
-            .shared
-            .history
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        let oldest = h.entries.front().map_or(self.seq() + 1, |c| c.seq);
-        if seq + 1 < oldest {
-            return None;
-        }
-        let mut out = Vec::new();
-        for r in h.entries.iter().filter(|c| c.seq > seq) {
+        // Copied out under the lock (the texts are shared), decoded after it: the writer takes
+        // this lock for every commit.
+        let recorded: Vec<Recorded> = {
+            let h = self
+                .shared
+                .history
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            let oldest = h.entries.front().map_or(self.seq() + 1, |c| c.seq);
+            if seq + 1 < oldest {
+                return None;
+            }
+            h.entries.iter().filter(|c| c.seq > seq).cloned().collect()
+        };
+        let mut out = Vec::with_capacity(recorded.len());
+        for r in &recorded {
             match r.decode() {
                 Ok(c) => out.push(Arc::new(c)),
                 Err(e) => {
@@ -552,7 +551,7 @@ async fn writer(
                 Err(_) => break,
             }
         }
-        let mut results: Vec<Result<(Applied, Option<Committed>), StoreError>> =
+        let mut results: Vec<Result<(Applied, Option<Recorded>), StoreError>> =
             Vec::with_capacity(batch.len());
         let outcome: Result<(), StoreError> = async {
             let mut tx = conn.begin().await.map_err(storage)?;
@@ -589,27 +588,12 @@ async fn writer(
                             continue;
                         }
                     };
-                    let r = r.map(|(applied, committed)| {
-                        if let Some(c) = committed {
-                            let seq = c.seq;
-                            history.push(Recorded {
-                                seq,
-                                kind: c.kind.clone(),
-                                namespace: c.namespace.clone(),
-                                name: c.name.clone(),
-                                deleted: c.deleted,
-                                object: c.text.into_boxed_str(),
-                                old: c.old_text.map(String::into_boxed_str),
-                            });
-                            let _ = shared.changes.send(Arc::new(Change {
-                                seq,
-                                kind: c.kind,
-                                namespace: c.namespace,
-                                name: c.name,
-                                deleted: c.deleted,
-                                object: msg.content,
-                                old: c.old,
-                            }));
+                    let r = r.map(|(applied, recorded)| {
+                        if let Some(rec) = recorded {
+                            let seq = rec.seq;
+                            let change = rec.change(msg.content);
+                            history.push(rec);
+                            let _ = shared.changes.send(Arc::new(change));
                             // Visible only after it was published: whoever reads `seq` and then
                             // drains the feed has seen every change up to it.
                             shared.seq.store(seq, Ordering::Release);
@@ -694,7 +678,7 @@ async fn apply_one(
     tx: &mut SqliteConnection,
     msg: &Message,
     seq: u64,
-) -> Result<(Applied, Option<Committed>), StoreError> {
+) -> Result<(Applied, Option<Recorded>), StoreError> {
     let path = ResourcePath::parse_edge(&msg.route.resource)?;
     let (Some(namespace), Some(kind), Some(name)) =
         (path.namespace_segment(), path.resource_type(), path.name())
@@ -717,7 +701,7 @@ async fn apply_one(
         .fetch_optional(&mut *tx)
         .await
         .map_err(storage)?;
-    let (mut old, mut old_text) = (None, None);
+    let mut old = None;
     if let Some(row) = &existing {
         let stored_rv: String = row.get(0);
         let stored_deleted: i64 = row.get(1);
@@ -726,8 +710,7 @@ async fn apply_one(
         }
         if stored_deleted == 0 {
             let text: String = row.get(2);
-            old = serde_json::from_str(&text).ok();
-            old_text = old.is_some().then_some(text);
+            old = Some(Arc::from(text));
         }
     }
     let uid = msg
@@ -767,14 +750,13 @@ async fn apply_one(
     .execute(&mut *tx)
     .await
     .map_err(storage)?;
-    let change = Committed {
+    let change = Recorded {
         seq,
         kind: kind.to_owned(),
         namespace: namespace.to_owned(),
         name: name.to_owned(),
         deleted: is_delete,
-        text: content,
-        old_text,
+        object: Arc::from(content),
         old,
     };
     Ok((
@@ -1164,7 +1146,8 @@ mod tests {
         assert_eq!(replay.len(), 2);
         assert_eq!(replay[1].object["v"], 2);
         assert_eq!(replay[1].object["kind"], "Pod");
-        assert_eq!(replay[1].old.as_ref().unwrap()["v"], 1);
+        let old: Value = serde_json::from_str(replay[1].old.as_deref().unwrap()).unwrap();
+        assert_eq!(old["v"], 1);
         assert!(replay[0].old.is_none());
         // Big objects push the oldest changes out once the texts pass the budget: a watch from
         // before them must relist (None = 410 Gone), one from a recent version still resumes.
