@@ -145,7 +145,7 @@ impl<P: Protocol> Network<P> {
     pub async fn write(&mut self, packet: Packet) -> Result<(), Error> {
         Protocol::write(&self.protocol, packet, &mut self.write)?;
         self.socket.write_all(&self.write).await?;
-        self.write.clear();
+        self.written();
         Ok(())
     }
 
@@ -154,11 +154,17 @@ impl<P: Protocol> Network<P> {
             Protocol::write(&self.protocol, packet, &mut self.write)?;
         }
         self.socket.write_all(&self.write).await?;
+        self.written();
+        Ok(())
+    }
+
+    /// kedge: empties the write buffer after a write, replacing it when a burst or one large
+    /// packet grew it past [`KEEP_BUFFER_BYTES`].
+    fn written(&mut self) {
         self.write.clear();
         if self.write.capacity() > KEEP_BUFFER_BYTES {
             self.write = BytesMut::with_capacity(BUFFER_BYTES);
         }
-        Ok(())
     }
 }
 
