@@ -321,13 +321,18 @@ fn seed() -> u64 {
     }
 }
 
+/// `KEDGE_CHAOS_SECONDS`, or `default`.
+fn seconds(default: u64) -> u64 {
+    std::env::var("KEDGE_CHAOS_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_sigkills_of_both_daemons_leave_the_edge_holding_exactly_the_clusters_state() {
     let seed = seed();
-    let seconds: u64 = std::env::var("KEDGE_CHAOS_SECONDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(DEFAULT_SECONDS);
+    let seconds = seconds(DEFAULT_SECONDS);
     println!("chaos seed {seed}, {seconds} s (replay: KEDGE_CHAOS_SEED={seed})");
     let mut rng = Rng(seed);
 
@@ -468,10 +473,7 @@ async fn link_cuts_during_churn_leave_exactly_the_clusters_containers() {
     const CONFIGMAPS: u64 = 3;
     const MAX_PODS: usize = 6;
     let seed = seed();
-    let seconds: u64 = std::env::var("KEDGE_CHAOS_SECONDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(30);
+    let seconds = seconds(30);
     println!("container chaos seed {seed}, {seconds} s");
     let mut rng = Rng(seed);
     let rig = Rig::start(NODE).await;
@@ -562,7 +564,7 @@ async fn link_cuts_during_churn_leave_exactly_the_clusters_containers() {
     let want: BTreeSet<String> = live.keys().cloned().collect();
     let settled = Instant::now();
     let deadline = settled + Duration::from_secs(90);
-    loop {
+    let by_pod = loop {
         let listed = pods.list(&ListParams::default()).await.unwrap().items;
         let in_api: BTreeSet<String> = listed
             .iter()
@@ -580,10 +582,10 @@ async fn link_cuts_during_churn_leave_exactly_the_clusters_containers() {
             .into_iter()
             .filter_map(|c| c.labels.get("io.kubernetes.pod.name").cloned())
             .collect();
-        let running = kedge_e2e::edgerig::running_containers(&cri).await;
-        let running: BTreeSet<String> = running.into_keys().collect();
+        let by_pod = kedge_e2e::edgerig::running_containers(&cri).await;
+        let running: BTreeSet<String> = by_pod.keys().cloned().collect();
         if in_api == want && all_running && containers == want && running == want {
-            break;
+            break by_pod;
         }
         assert!(
             Instant::now() < deadline,
@@ -592,12 +594,11 @@ async fn link_cuts_during_churn_leave_exactly_the_clusters_containers() {
             setup.log_tails(60)
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    };
     println!(
         "pods and containers converged {:?} after cloudcore came back",
         settled.elapsed()
     );
-    let by_pod = kedge_e2e::edgerig::running_containers(&cri).await;
     for (pod, cm) in &live {
         let id = by_pod[pod].clone();
         let latest = cm_value[cm].to_string();
