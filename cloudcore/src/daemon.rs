@@ -165,7 +165,9 @@ async fn cloud_stream(
 
 pub async fn run(cfg: CloudCoreConfig) -> anyhow::Result<()> {
     let hub_cfg = &cfg.modules.cloud_hub;
-    let client = cloudcore::kubeclient::client(&cfg.kube_api_config).await?;
+    let api_requests = Arc::new(cloudcore::kubeclient::ApiRequests::default());
+    let client =
+        cloudcore::kubeclient::counted_client(&cfg.kube_api_config, api_requests.clone()).await?;
     let pki = Arc::new(load_pki(&cfg).await?);
     tracing::info!(ca_hash = %pki.ca.cert_hash(), "PKI ready");
     let hub = CloudHubOptions {
@@ -228,8 +230,11 @@ pub async fn run(cfg: CloudCoreConfig) -> anyhow::Result<()> {
             .with_context(|| format!("observability: cannot listen on {addr}"))?;
         cloudcore::observability::serve(
             listener,
-            running.stats.clone(),
-            running.hub.clone(),
+            cloudcore::observability::Observed {
+                stats: running.stats.clone(),
+                hub: running.hub.clone(),
+                api: api_requests,
+            },
             observe.clone(),
         );
         tracing::info!(%addr, "serving /healthz, /readyz and /metrics");

@@ -22,12 +22,22 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cloudhub::CloudHubHandle;
 use crate::edgecontroller::Stats;
+use crate::kubeclient::ApiRequests;
+
+/// What `/metrics` reads: the controllers' counters, CloudHub's, and the Kubernetes client's.
+#[derive(Clone)]
+pub struct Observed {
+    pub stats: Arc<Stats>,
+    pub hub: CloudHubHandle,
+    pub api: Arc<ApiRequests>,
+}
 
 /// Reads cloudcore's counters at scrape time.
 #[derive(Clone)]
 struct CloudCoreCollector {
     stats: Arc<Stats>,
     hub: CloudHubHandle,
+    api: Arc<ApiRequests>,
 }
 
 impl std::fmt::Debug for CloudCoreCollector {
@@ -149,14 +159,54 @@ impl Collector for CloudCoreCollector {
             "Edge node sessions started.",
             &[(&[], hub.sessions)],
         )?;
+        let requests: Vec<(&'static str, String, u64)> = self
+            .api
+            .snapshot()
+            .into_iter()
+            .map(|(method, code, n)| {
+                let code = code.map_or_else(|| "<error>".to_owned(), |c| c.to_string());
+                (method, code, n)
+            })
+            .collect();
+        let labels: Vec<[(&str, &str); 2]> = requests
+            .iter()
+            .map(|(method, code, _)| [("method", *method), ("code", code.as_str())])
+            .collect();
+        let series: Vec<(&[(&str, &str)], u64)> = labels
+            .iter()
+            .zip(&requests)
+            .map(|(l, (_, _, n))| (l.as_slice(), *n))
+            .collect();
+        counter(
+            &mut encoder,
+            "kedge_cloudcore_api_requests",
+            "Requests to the Kubernetes API by method (a watch is WATCH) and response code \
+             (<error> when no response came).",
+            &series,
+        )?;
+        counter(
+            &mut encoder,
+            "kedge_cloudcore_api_throttled_requests",
+            "Requests that waited for the client-side rate limit (kubeAPIConfig.qps/burst).",
+            &[(&[], get(&self.api.throttled))],
+        )?;
+        let waited = get(&self.api.throttled_micros);
+        let metric = encoder.encode_descriptor(
+            "kedge_cloudcore_api_throttled_seconds",
+            "Time requests waited for the client-side rate limit.",
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        ConstCounter::new(waited as f64 / 1e6).encode(metric)?;
         Ok(())
     }
 }
 
 /// The `/metrics` text for the current counters.
-pub fn render_metrics(stats: Arc<Stats>, hub: CloudHubHandle) -> Result<String, std::fmt::Error> {
+pub fn render_metrics(observed: Observed) -> Result<String, std::fmt::Error> {
+    let Observed { stats, hub, api } = observed;
     let mut registry = Registry::default();
-    registry.register_collector(Box::new(CloudCoreCollector { stats, hub }));
+    registry.register_collector(Box::new(CloudCoreCollector { stats, hub, api }));
     let mut out = String::new();
     prometheus_client::encoding::text::encode(&mut out, &registry)?;
     Ok(out)
@@ -175,12 +225,12 @@ fn text(status: StatusCode, body: String, content_type: &'static str) -> Respons
 /// Serves `/healthz`, `/readyz` and `/metrics` on `listener` until `shutdown`.
 pub fn serve(
     listener: TcpListener,
-    stats: Arc<Stats>,
-    hub: CloudHubHandle,
+    observed: Observed,
     shutdown: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
     kedge_common::http::serve(listener, shutdown, move |req| {
-        let (stats, hub) = (stats.clone(), hub.clone());
+        let observed = observed.clone();
+        let stats = observed.stats.clone();
         async move {
             match req.uri().path() {
                 "/healthz" | "/livez" => text(StatusCode::OK, "ok\n".into(), "text/plain"),
@@ -195,7 +245,7 @@ pub fn serve(
                         )
                     }
                 }
-                "/metrics" => match render_metrics(stats, hub) {
+                "/metrics" => match render_metrics(observed) {
                     Ok(body) => text(
                         StatusCode::OK,
                         body,
@@ -233,7 +283,15 @@ mod tests {
         let stats = Arc::new(Stats::default());
         stats.queued.fetch_add(7, Ordering::Relaxed);
         stats.pod_status_refused.fetch_add(2, Ordering::Relaxed);
-        let text = render_metrics(stats.clone(), hub.handle()).unwrap();
+        let api = Arc::new(ApiRequests::default());
+        api.throttled.fetch_add(3, Ordering::Relaxed);
+        api.throttled_micros.fetch_add(1_500_000, Ordering::Relaxed);
+        let observed = Observed {
+            stats: stats.clone(),
+            hub: hub.handle(),
+            api,
+        };
+        let text = render_metrics(observed.clone()).unwrap();
         for line in [
             "# TYPE kedge_cloudcore_connected_nodes gauge",
             "kedge_cloudcore_connected_nodes 0",
@@ -242,6 +300,9 @@ mod tests {
             "kedge_cloudcore_messages_total{result=\"queued\"} 7",
             "kedge_cloudcore_reports_total{kind=\"podstatus\",result=\"refused\"} 2",
             "kedge_cloudcore_sessions_total 0",
+            "# TYPE kedge_cloudcore_api_requests counter",
+            "kedge_cloudcore_api_throttled_requests_total 3",
+            "kedge_cloudcore_api_throttled_seconds_total 1.5",
             "# EOF",
         ] {
             assert!(
@@ -250,7 +311,7 @@ mod tests {
             );
         }
         stats.initial_sync_done.store(true, Ordering::Relaxed);
-        let text = render_metrics(stats, hub.handle()).unwrap();
+        let text = render_metrics(observed).unwrap();
         assert!(text.lines().any(|l| l == "kedge_cloudcore_ready 1"));
     }
 }

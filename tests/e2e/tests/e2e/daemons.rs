@@ -131,4 +131,17 @@ async fn cloudcore_and_edgecore_binaries_deliver_a_pod_to_the_edge_api() {
         ),
         "{metrics}"
     );
+    // The Kubernetes client's requests, counted through the rate-limited stack: the
+    // controllers' watches and the Lease it created.
+    for prefix in [
+        "kedge_cloudcore_api_requests_total{method=\"WATCH\",code=\"200\"} ",
+        "kedge_cloudcore_api_requests_total{method=\"POST\",code=\"201\"} ",
+    ] {
+        assert!(
+            metrics
+                .lines()
+                .any(|l| l.starts_with(prefix) && !l.ends_with(" 0")),
+            "{prefix} missing in:\n{metrics}"
+        );
+    }
 }

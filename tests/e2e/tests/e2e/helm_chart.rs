@@ -174,6 +174,10 @@ fn every_template_renders_kubernetes_objects_and_every_value_is_used() {
     assert_eq!(cfg.modules.cloud_hub.namespace, "kubeedge");
     assert!(cfg.modules.cloud_hub.advertise_address.is_empty());
     assert_eq!(cfg.observability.port, 10351);
+    assert_eq!(
+        (cfg.kube_api_config.qps, cfg.kube_api_config.burst),
+        (100.0, 200)
+    );
 
     // Every value is referenced by a template, and changing it changes the output.
     let templates: String = std::fs::read_dir(chart().join("templates"))

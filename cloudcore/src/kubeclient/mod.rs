@@ -1,7 +1,15 @@
 //! Building the Kubernetes client from `kubeAPIConfig`: a kubeconfig file, or in-cluster /
-//! `$KUBECONFIG` inference when none is given.
+//! `$KUBECONFIG` inference when none is given; its requests held to `qps`/`burst` and counted
+//! (`requests`).
+
+pub mod requests;
+
+use std::sync::Arc;
 
 use kube::config::{KubeConfigOptions, Kubeconfig};
+
+pub use requests::ApiRequests;
+use requests::{ApiRequestLayer, RateLimitError, TokenBucket};
 
 use crate::config::KubeApiConfig;
 
@@ -19,9 +27,20 @@ pub enum KubeClientError {
     BadMaster(String),
     #[error("cannot build the Kubernetes client: {0}")]
     Client(#[source] kube::Error),
+    #[error(transparent)]
+    RateLimit(#[from] RateLimitError),
 }
 
+/// A client whose request counts nobody reads (the one-shot CLI commands).
 pub async fn client(cfg: &KubeApiConfig) -> Result<kube::Client, KubeClientError> {
+    counted_client(cfg, Arc::new(ApiRequests::default())).await
+}
+
+/// The client, its requests counted in `counts`.
+pub async fn counted_client(
+    cfg: &KubeApiConfig,
+    counts: Arc<ApiRequests>,
+) -> Result<kube::Client, KubeClientError> {
     let mut config = if cfg.kube_config.is_empty() {
         kube::Config::infer()
             .await
@@ -46,5 +65,9 @@ pub async fn client(cfg: &KubeApiConfig) -> Result<kube::Client, KubeClientError
             .parse()
             .map_err(|_| KubeClientError::BadMaster(cfg.master.clone()))?;
     }
-    kube::Client::try_from(config).map_err(KubeClientError::Client)
+    let limit = ApiRequestLayer::new(TokenBucket::new(cfg.qps, cfg.burst)?, counts);
+    Ok(kube::client::ClientBuilder::try_from(config)
+        .map_err(KubeClientError::Client)?
+        .with_layer(&limit)
+        .build())
 }
