@@ -9,6 +9,7 @@ pub mod devices;
 pub mod files;
 pub mod http;
 pub mod inventory;
+pub mod labels;
 pub mod logging;
 pub mod message;
 pub mod pki;

@@ -346,7 +346,10 @@ async fn run_edged(
     };
     tracing::info!(runtime = %runtime_name, version = %runtime_version, %endpoint, "edged connected to the container runtime");
     let host_ip = edgecore::edged::node::host_ip();
-    let facts = NodeFacts::gather(&node, &host_ip, &runtime_name, &runtime_version);
+    let facts = NodeFacts {
+        labels: cfg.modules.edged.node_labels.clone(),
+        ..NodeFacts::gather(&node, &host_ip, &runtime_name, &runtime_version)
+    };
     // With KubeEdge's cloudcore the edge registers its Node and renews its Lease itself.
     tokio::spawn(edgecore::edged::kubeedge_node::run(
         facts.clone(),

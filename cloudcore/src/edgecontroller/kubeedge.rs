@@ -362,7 +362,16 @@ async fn insert_node(api: &Api<Node>, node: &str, content: Value) -> Result<Node
             .boxed(),
         ));
     }
-    content["metadata"]["labels"][super::EDGE_ROLE_LABEL] = json!("");
+    let (mut labels, refused) = super::node_labels::self_set(
+        content
+            .pointer("/metadata/labels")
+            .and_then(Value::as_object),
+    );
+    if !refused.is_empty() {
+        tracing::warn!(%node, ?refused, "labels a node may not set on itself (NodeRestriction) are not applied");
+    }
+    labels.insert(super::EDGE_ROLE_LABEL.into(), json!(""));
+    content["metadata"]["labels"] = Value::Object(labels);
     // The ownership record is the cloud's, never the edge's to write.
     if let Some(a) = content
         .pointer_mut("/metadata/annotations")

@@ -19,6 +19,7 @@ mod devices;
 mod holders;
 pub mod kubeedge;
 pub use kedge_common::refs;
+mod node_labels;
 mod nodes;
 mod resync;
 mod sessions;
@@ -175,6 +176,8 @@ pub struct Shared {
     pub kubelet_endpoint: Option<crate::cloudstream::KubeletEndpoint>,
     /// The edge's own addresses last written to each node's annotation (written on change only).
     pub edge_addresses: Mutex<HashMap<String, String>>,
+    /// The labels last applied for each node from its status reports (patched on change only).
+    pub node_labels: Mutex<HashMap<String, serde_json::Map<String, serde_json::Value>>>,
     /// Every watch has listed once: who hosts which device is known.
     pub lists_done: std::sync::atomic::AtomicBool,
 }
@@ -265,6 +268,7 @@ impl EdgeController {
                 kubeedge: Mutex::new(HashSet::new()),
                 kubelet_endpoint,
                 edge_addresses: Mutex::new(HashMap::new()),
+                node_labels: Mutex::new(HashMap::new()),
                 lists_done: std::sync::atomic::AtomicBool::new(false),
             }),
         }

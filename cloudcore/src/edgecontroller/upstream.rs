@@ -363,13 +363,6 @@ async fn node_status(
         tracing::warn!(%node, error = %e, "cannot patch node status");
         return outcome_of(&e);
     }
-    // Architecture and OS labels come from the node's own report.
-    let arch = status
-        .pointer("/nodeInfo/architecture")
-        .and_then(Value::as_str);
-    let os = status
-        .pointer("/nodeInfo/operatingSystem")
-        .and_then(Value::as_str);
     let own_addresses = own_addresses
         .flatten()
         .map(|v| v.to_string())
@@ -395,15 +388,17 @@ async fn node_status(
             .unwrap_or_else(|p| p.into_inner())
             .insert(node.to_owned(), own);
     }
-    if arch.is_some() || os.is_some() {
-        let mut labels = serde_json::Map::new();
-        if let Some(a) = arch {
-            labels.insert("kubernetes.io/arch".into(), json!(a));
-            labels.insert("beta.kubernetes.io/arch".into(), json!(a));
-        }
-        if let Some(o) = os {
-            labels.insert("kubernetes.io/os".into(), json!(o));
-            labels.insert("beta.kubernetes.io/os".into(), json!(o));
+    // Architecture, OS and the node's configured labels, patched when they change.
+    let (labels, refused) = super::node_labels::from_status_report(content);
+    let written = shared
+        .node_labels
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(node)
+        == Some(&labels);
+    if !labels.is_empty() && !written {
+        if !refused.is_empty() {
+            tracing::warn!(%node, ?refused, "labels a node may not set on itself (NodeRestriction) are not applied");
         }
         let p = json!({"metadata": {"labels": labels}});
         if let Err(e) = api
@@ -413,6 +408,11 @@ async fn node_status(
             tracing::warn!(%node, error = %e, "cannot label node");
             return outcome_of(&e);
         }
+        shared
+            .node_labels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(node.to_owned(), labels);
     }
     Outcome::Done
 }

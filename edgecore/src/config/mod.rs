@@ -375,6 +375,21 @@ impl EdgeCoreConfig {
                 format!("`{name}` is not a valid node name: it {reason}"),
             ));
         }
+        for (key, value) in &self.modules.edged.node_labels {
+            if let Err(reason) = kedge_common::labels::validate(key, value) {
+                return Err(bad("modules.edged.nodeLabels", reason));
+            }
+            if !kedge_common::labels::node_may_set(key) {
+                return Err(bad(
+                    "modules.edged.nodeLabels",
+                    format!(
+                        "a node may not set `{key}` on itself (NodeRestriction: no \
+                         node-restriction.kubernetes.io labels, and only the kubelet's own \
+                         kubernetes.io/k8s.io labels); an administrator labels the Node instead"
+                    ),
+                ));
+            }
+        }
         let ms = &self.modules.meta_manager.meta_server;
         if ms.enable && ms.server.parse::<std::net::SocketAddr>().is_err() {
             return Err(bad(
@@ -498,5 +513,18 @@ mod tests {
             field_of("modules:\n  edged:\n    nodeLabels: [a]\n"),
             "modules.edged.nodeLabels"
         );
+        for labels in [
+            "node-restriction.kubernetes.io/pool: trusted",
+            "node-role.kubernetes.io/control-plane: \"\"",
+            "zone: not valid",
+        ] {
+            assert_eq!(
+                field_of(&format!(
+                    "modules:\n  edged:\n    nodeLabels:\n      {labels}\n"
+                )),
+                "modules.edged.nodeLabels",
+                "{labels}"
+            );
+        }
     }
 }

@@ -42,7 +42,7 @@ impl Default for Timing {
 
 /// The Node the edge registers: its labels as a kubelet (and KubeEdge's edged) sets them.
 pub fn node_object(facts: &NodeFacts, status: &k8s_openapi::api::core::v1::NodeStatus) -> Value {
-    json!({
+    let mut node = json!({
         "metadata": {
             "name": facts.name,
             "labels": {
@@ -57,7 +57,11 @@ pub fn node_object(facts: &NodeFacts, status: &k8s_openapi::api::core::v1::NodeS
         },
         "spec": {},
         "status": status,
-    })
+    });
+    for (key, value) in &facts.labels {
+        node["metadata"]["labels"][key] = json!(value);
+    }
+    node
 }
 
 /// A request as KubeEdge's edged sends it: source `edged`, group `meta`.
@@ -366,11 +370,18 @@ mod tests {
 
     #[test]
     fn the_node_carries_its_status_and_edge_labels() {
-        let facts = NodeFacts::gather("edge-1", "192.0.2.10", "containerd", "1.6.20");
+        let facts = NodeFacts {
+            labels: [("zone".to_owned(), "a".to_owned())].into(),
+            ..NodeFacts::gather("edge-1", "192.0.2.10", "containerd", "1.6.20")
+        };
         let status = node_status(&facts, &now());
         let n = node_object(&facts, &status);
         assert_eq!(n["metadata"]["name"], "edge-1");
         assert_eq!(n["metadata"]["labels"]["node-role.kubernetes.io/edge"], "");
+        assert_eq!(
+            n["metadata"]["labels"]["zone"], "a",
+            "modules.edged.nodeLabels"
+        );
         assert_eq!(n["status"]["capacity"]["pods"], "110");
     }
 }

@@ -31,6 +31,9 @@ pub struct NodeFacts {
     pub boot_id: String,
     /// `containerd://1.6.20`
     pub container_runtime_version: String,
+    /// `modules.edged.nodeLabels`: added to the Node's labels (never removed, as a kubelet's
+    /// `--node-labels`; cloudcore applies only those a node may set on itself).
+    pub labels: BTreeMap<String, String>,
 }
 
 fn read_trimmed(path: &str) -> String {
@@ -67,6 +70,7 @@ impl NodeFacts {
             machine_id: read_trimmed("/etc/machine-id"),
             boot_id: read_trimmed("/proc/sys/kernel/random/boot_id"),
             container_runtime_version: format!("{runtime}://{runtime_version}"),
+            labels: BTreeMap::new(),
         }
     }
 }
@@ -169,7 +173,15 @@ fn carry_transitions(previous: Option<&NodeStatus>, status: &mut NodeStatus) {
     }
 }
 
-/// Reports the node status every `every` (and at start) until `shutdown`.
+/// The content of a `nodestatus` report: the status, and the configured labels if any.
+fn status_report(facts: &NodeFacts, status: &NodeStatus) -> serde_json::Value {
+    if facts.labels.is_empty() {
+        json!({"status": status})
+    } else {
+        json!({"metadata": {"labels": facts.labels}, "status": status})
+    }
+}
+
 /// Reports the node's status every `every`, and at once whenever the cloud link comes back:
 /// after an outage the cluster sees the node Ready again right away (its last heartbeat is
 /// old, so the node lifecycle controller has marked it Unknown), not a period later.
@@ -211,7 +223,7 @@ pub async fn report<O: Outbox>(
             "resource",
             Operation::Update,
             format!("null/nodestatus/{}", facts.name),
-            json!({"status": status}),
+            status_report(&facts, &status),
         );
         match outbox.put("nodestatus", msg).await {
             Ok(_) => previous = Some(status),

@@ -112,6 +112,25 @@ impl Setup {
         Ok(())
     }
 
+    /// Sets `modules.edged.nodeLabels`.
+    pub fn set_node_labels(&self, labels: &[(&str, &str)]) -> anyhow::Result<()> {
+        let text = std::fs::read_to_string(&self.edgecore_config)?;
+        let entries: Vec<String> = labels
+            .iter()
+            .map(|(k, v)| format!("\"{k}\": \"{v}\""))
+            .collect();
+        let text = text.replacen(
+            "    hostnameOverride: ",
+            &format!(
+                "    nodeLabels: {{{}}}\n    hostnameOverride: ",
+                entries.join(", ")
+            ),
+            1,
+        );
+        std::fs::write(&self.edgecore_config, text)?;
+        Ok(())
+    }
+
     /// Uses an external MQTT broker only (`mqttMode: 2`) instead of the embedded one.
     pub fn use_external_broker(&self, port: u16) -> anyhow::Result<()> {
         let text = std::fs::read_to_string(&self.edgecore_config)?;

@@ -60,6 +60,9 @@ pub struct Rig {
     pub _dir: tempfile::TempDir,
 }
 
+/// A label every rig's edgecore configures (`modules.edged.nodeLabels`).
+pub const RIG_LABEL: (&str, &str) = ("example.com/rack", "r1");
+
 impl Rig {
     pub async fn start(node: &str) -> Rig {
         kedge_common::tls::install_crypto_provider();
@@ -71,6 +74,9 @@ impl Rig {
         let setup = Setup::write(dir.path(), server.kubeconfig_path(), node).unwrap();
         setup
             .use_container_runtime(&ctr.socket, &ctr.cgroup_parent)
+            .unwrap();
+        setup
+            .set_node_labels(&[(RIG_LABEL.0, RIG_LABEL.1)])
             .unwrap();
         let (cloud, edge) = setup.start_both().await.unwrap();
         let nodes: Api<Node> = Api::all(client.clone());

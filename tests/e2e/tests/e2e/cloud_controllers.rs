@@ -384,6 +384,31 @@ async fn joining_nodes_get_a_labelled_node_and_a_lease_renewed_only_while_connec
                 .is_some_and(|l| l.get("kubernetes.io/arch").map(String::as_str) == Some("arm64"))
     })
     .await;
+    // Our edge's report carries its configured labels: those a node may set on itself are
+    // applied, the NodeRestriction ones are not.
+    let report = Message::new(
+        "edged",
+        "resource",
+        Operation::Update,
+        "null/nodestatus/edge-l",
+        json!({"metadata": {"labels": {"example.com/rack": "r7",
+                "node-restriction.kubernetes.io/pool": "trusted",
+                "node-role.kubernetes.io/control-plane": ""}},
+            "status": {"nodeInfo": {"architecture": "arm64", "operatingSystem": "linux", "kubeletVersion": "v1.33.0-kedge",
+            "machineID": "", "systemUUID": "", "bootID": "", "kernelVersion": "", "osImage": "", "containerRuntimeVersion": "", "kubeProxyVersion": ""}}}),
+    );
+    e.outbox.put("nodestatus", report).await.unwrap();
+    eventually_async("configured label applied", || async {
+        let labels = nodes.get("edge-l").await.unwrap().metadata.labels.unwrap();
+        labels.get("example.com/rack").map(String::as_str) == Some("r7")
+    })
+    .await;
+    let labels = nodes.get("edge-l").await.unwrap().metadata.labels.unwrap();
+    assert!(
+        !labels.contains_key("node-restriction.kubernetes.io/pool")
+            && !labels.contains_key("node-role.kubernetes.io/control-plane"),
+        "{labels:?}"
+    );
 
     // Link cut: renewals stop.
     e.stop();

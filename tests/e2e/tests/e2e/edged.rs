@@ -91,6 +91,25 @@ async fn a_pod_created_in_the_api_runs_on_the_edge_and_is_deleted_cleanly() {
         "{info:?}"
     );
     assert!(info.kubelet_version.starts_with("kedge-v"));
+    // The node's own labels: its architecture and OS, and what its config asks for.
+    let labels = nodes
+        .get("edge-run")
+        .await
+        .unwrap()
+        .metadata
+        .labels
+        .unwrap_or_default();
+    assert_eq!(
+        labels
+            .get(kedge_e2e::edgerig::RIG_LABEL.0)
+            .map(String::as_str),
+        Some(kedge_e2e::edgerig::RIG_LABEL.1),
+        "{labels:?}"
+    );
+    assert_eq!(
+        labels.get("kubernetes.io/os").map(String::as_str),
+        Some("linux")
+    );
 
     let rt = CriRuntime::connect(&ctr.socket).await.unwrap();
     assert_eq!(rt.list_pod_sandboxes(None).await.unwrap().len(), 1);

@@ -265,9 +265,29 @@ async fn a_kubeedge_edgecore_gets_kubeedge_s_replies_from_our_cloudcore() {
     edge.send(&request_from(&cap, 2, None)).await;
     let joined = nodes.get(NODE).await.unwrap();
     assert!(joined.status.and_then(|s| s.capacity).is_none());
-    let r = edge.request(&request_from(&cap, 3, None)).await;
+    // The captured Node, with a label from the edge's nodeLabels and two a node may not set on
+    // itself (NodeRestriction; cloudcore writes with its own credentials, so it enforces that).
+    let mut registered = cap[2]["content"].clone();
+    for (k, v) in [
+        ("example.com/rack", "r7"),
+        ("node-restriction.kubernetes.io/pool", "trusted"),
+        ("node-role.kubernetes.io/control-plane", ""),
+    ] {
+        registered["metadata"]["labels"][k] = json!(v);
+    }
+    let r = edge.request(&request_from(&cap, 3, Some(registered))).await;
     assert_like(&r, captured_reply(&cap, 3), "node insert");
     let node = nodes.get(NODE).await.unwrap();
+    let labels = node.metadata.labels.clone().unwrap_or_default();
+    assert_eq!(
+        labels.get("example.com/rack").map(String::as_str),
+        Some("r7")
+    );
+    assert!(
+        !labels.contains_key("node-restriction.kubernetes.io/pool")
+            && !labels.contains_key("node-role.kubernetes.io/control-plane"),
+        "{labels:?}"
+    );
     let status = node.status.clone().unwrap_or_default();
     assert_eq!(
         status.capacity.unwrap_or_default()["pods"].0,
