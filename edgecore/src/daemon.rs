@@ -126,6 +126,8 @@ pub async fn run(cfg: EdgeCoreConfig) -> anyhow::Result<()> {
     let mut settings = EdgeHubSettings::new(hub_cfg.websocket.server.clone(), node.clone());
     settings.project_id = hub_cfg.project_id.clone();
     settings.heartbeat = Duration::from_secs(hub_cfg.heartbeat);
+    settings.read_deadline = Duration::from_secs(hub_cfg.websocket.read_deadline);
+    settings.write_deadline = Duration::from_secs(hub_cfg.websocket.write_deadline);
     settings.codec = WireCodec::new(hub_cfg.max_message_bytes);
     settings.handshake_timeout = Duration::from_secs(hub_cfg.websocket.handshake_timeout);
     let db_path = &cfg.database.data_source;

@@ -348,6 +348,20 @@ impl EdgeCoreConfig {
                 "must be at least 1 second".into(),
             ));
         }
+        for (field, seconds) in [
+            (
+                "modules.edgeHub.websocket.readDeadline",
+                hub.websocket.read_deadline,
+            ),
+            (
+                "modules.edgeHub.websocket.writeDeadline",
+                hub.websocket.write_deadline,
+            ),
+        ] {
+            if seconds == 0 {
+                return Err(bad(field, "must be at least 1 second".into()));
+            }
+        }
         if hub.max_message_bytes < 1024 {
             return Err(bad(
                 "modules.edgeHub.maxMessageBytes",
@@ -512,6 +526,10 @@ mod tests {
         assert_eq!(
             field_of("modules:\n  edged:\n    nodeLabels: [a]\n"),
             "modules.edged.nodeLabels"
+        );
+        assert_eq!(
+            field_of("modules:\n  edgeHub:\n    websocket:\n      writeDeadline: 0\n"),
+            "modules.edgeHub.websocket.writeDeadline"
         );
         for labels in [
             "node-restriction.kubernetes.io/pool: trusted",

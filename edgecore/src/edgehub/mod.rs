@@ -68,6 +68,11 @@ pub struct EdgeHubSettings {
     pub project_id: String,
     pub node: String,
     pub heartbeat: Duration,
+    /// How long after a keepalive is due the cloud may stay silent before the link counts as
+    /// dead (`edgeHub.websocket.readDeadline`).
+    pub read_deadline: Duration,
+    /// The longest one write to the link may take (`edgeHub.websocket.writeDeadline`).
+    pub write_deadline: Duration,
     pub codec: WireCodec,
     pub connect_timeout: Duration,
     pub handshake_timeout: Duration,
@@ -88,6 +93,8 @@ impl EdgeHubSettings {
             project_id: crate::config::DEFAULT_PROJECT_ID.to_owned(),
             node: node.into(),
             heartbeat: Duration::from_secs(15),
+            read_deadline: Duration::from_secs(20),
+            write_deadline: Duration::from_secs(15),
             codec: WireCodec::default(),
             connect_timeout: Duration::from_secs(2),
             handshake_timeout: Duration::from_secs(30),
@@ -371,8 +378,10 @@ impl<S: ObjectStore, O: Outbox> EdgeHub<S, O> {
     {
         let codec = self.settings.codec;
         let heartbeat = self.settings.heartbeat;
-        // The cloud answers our pings; silence for this long means the link is dead.
-        let silence_limit = heartbeat * 2 + Duration::from_secs(5);
+        let write_deadline = self.settings.write_deadline;
+        // The cloud answers our pings at once; nothing heard for `readDeadline` after a
+        // keepalive was due means the link is dead.
+        let silence_limit = heartbeat + self.settings.read_deadline;
         let (mut sink, mut stream) = ws.split();
         let mut ticker = tokio::time::interval(heartbeat);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -380,7 +389,6 @@ impl<S: ObjectStore, O: Outbox> EdgeHub<S, O> {
         // msg_id -> (outbox key, seq) of reports waiting for the cloud's ack.
         let mut reports = Reports::default();
         let mut last_heard = Instant::now();
-        let lost = |e: tokio_tungstenite::tungstenite::Error| LinkError::Lost(e.to_string());
         // Acks waiting for the store to commit. Stores apply in call order, so awaiting many at
         // once keeps the order and lets the store group-commit.
         let mut pending_acks: FuturesUnordered<PendingAck> = FuturesUnordered::new();
@@ -406,9 +414,9 @@ impl<S: ObjectStore, O: Outbox> EdgeHub<S, O> {
                 let frame = codec
                     .encode(&msg)
                     .map_err(|e| LinkError::Lost(e.to_string()))?;
-                sink.feed(frame).await.map_err(lost)?;
+                within(write_deadline, sink.feed(frame)).await?;
             }
-            sink.flush().await.map_err(lost)?;
+            within(write_deadline, sink.flush()).await?;
         }
 
         loop {
@@ -445,14 +453,14 @@ impl<S: ObjectStore, O: Outbox> EdgeHub<S, O> {
                         }
                     };
                     reports.sent(msg.header.id.clone(), entry.key, entry.seq);
-                    sink.feed(frame).await.map_err(lost)?;
+                    within(write_deadline, sink.feed(frame)).await?;
                 }
-                sink.flush().await.map_err(lost)?;
+                within(write_deadline, sink.flush()).await?;
             }
 
             tokio::select! {
                 _ = shutdown.cancelled() => {
-                    let _ = sink.close().await;
+                    let _ = within(write_deadline, sink.close()).await;
                     return Ok(());
                 }
                 _ = ticker.tick() => {
@@ -464,8 +472,8 @@ impl<S: ObjectStore, O: Outbox> EdgeHub<S, O> {
                         return Err(LinkError::Lost(format!("nothing from the cloud for {silence_limit:?}")));
                     }
                     let ka = codec.encode(&Message::keepalive()).map_err(|e| LinkError::Lost(e.to_string()))?;
-                    sink.feed(ka).await.map_err(lost)?;
-                    sink.send(tokio_tungstenite::tungstenite::Message::Ping(Default::default())).await.map_err(lost)?;
+                    within(write_deadline, sink.feed(ka)).await?;
+                    within(write_deadline, sink.send(tokio_tungstenite::tungstenite::Message::Ping(Default::default()))).await?;
                 }
                 changed = outbox_changes.changed() => {
                     if changed.is_err() {
@@ -479,13 +487,13 @@ impl<S: ObjectStore, O: Outbox> EdgeHub<S, O> {
                     let mut frame = Some(frame);
                     let mut written = 0;
                     while let Some(f) = frame.take() {
-                        sink.feed(encode_stream(&f)).await.map_err(lost)?;
+                        within(write_deadline, sink.feed(encode_stream(&f))).await?;
                         written += 1;
                         if written < stream::FRAMES_PER_TURN {
                             frame = stream_out.as_mut().and_then(|rx| rx.try_recv().ok());
                         }
                     }
-                    sink.flush().await.map_err(lost)?;
+                    within(write_deadline, sink.flush()).await?;
                 }
                 Some(req) = requests.recv() => {
                     // A caller that gave up while the link was down is not asked for again.
@@ -500,7 +508,7 @@ impl<S: ObjectStore, O: Outbox> EdgeHub<S, O> {
                         }
                     };
                     awaiting_replies.insert(req.message.header.id.clone(), req.reply);
-                    sink.send(frame).await.map_err(lost)?;
+                    within(write_deadline, sink.send(frame)).await?;
                 }
                 Some(ack) = pending_acks.next(), if !pending_acks.is_empty() => {
                     // One group commit completes many acks at once: write them in one flush.
@@ -510,14 +518,14 @@ impl<S: ObjectStore, O: Outbox> EdgeHub<S, O> {
                     }
                     for ack in ready {
                         let frame = codec.encode(&ack).map_err(|e| LinkError::Lost(e.to_string()))?;
-                        sink.feed(frame).await.map_err(lost)?;
+                        within(write_deadline, sink.feed(frame)).await?;
                     }
-                    sink.flush().await.map_err(lost)?;
+                    within(write_deadline, sink.flush()).await?;
                 }
                 frame = stream.next(), if pending_acks.len() < MAX_PENDING_ACKS => {
                     let frame = match frame {
                         None => return Ok(()),
-                        Some(Err(e)) => return Err(lost(e)),
+                        Some(Err(e)) => return Err(LinkError::Lost(e.to_string())),
                         Some(Ok(f)) => f,
                     };
                     last_heard = Instant::now();
@@ -550,7 +558,7 @@ impl<S: ObjectStore, O: Outbox> EdgeHub<S, O> {
                         Downstream::Done => {}
                         Downstream::Reply(reply) => {
                             let frame = codec.encode(&reply).map_err(|e| LinkError::Lost(e.to_string()))?;
-                            sink.send(frame).await.map_err(lost)?;
+                            within(write_deadline, sink.send(frame)).await?;
                         }
                         Downstream::Pending(ack) => pending_acks.push(ack),
                     }
@@ -755,6 +763,22 @@ fn error_reply(msg: &Message, why: String) -> Message {
     r
 }
 
+/// Every write to the link finishes within `deadline` or ends the session: a peer that stopped
+/// reading (a partition that drops packets fills the socket buffer) would otherwise block the
+/// session — and with it the silence check and shutdown — until TCP gives up, many minutes
+/// later.
+async fn within<F>(deadline: Duration, write: F) -> Result<(), LinkError>
+where
+    F: std::future::Future<Output = Result<(), tokio_tungstenite::tungstenite::Error>>,
+{
+    match tokio::time::timeout(deadline, write).await {
+        Ok(result) => result.map_err(|e| LinkError::Lost(e.to_string())),
+        Err(_) => Err(LinkError::Lost(format!(
+            "a write to the cloud took longer than {deadline:?} (writeDeadline)"
+        ))),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -816,5 +840,21 @@ mod tests {
         assert!(r.due(t0 + Duration::from_secs(31), Duration::from_secs(30)));
         assert_eq!(r.sent_up_to, 2);
         assert!(r.awaiting.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_write_the_peer_never_takes_ends_the_session_at_the_write_deadline() {
+        let started = tokio::time::Instant::now();
+        let blocked = std::future::pending::<Result<(), tokio_tungstenite::tungstenite::Error>>();
+        match within(Duration::from_secs(5), blocked).await {
+            Err(LinkError::Lost(why)) => assert!(why.contains("writeDeadline"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(started.elapsed(), Duration::from_secs(5));
+        assert!(
+            within(Duration::from_secs(5), async { Ok(()) })
+                .await
+                .is_ok()
+        );
     }
 }

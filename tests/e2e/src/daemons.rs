@@ -80,7 +80,7 @@ impl Setup {
         std::fs::write(
             &edgecore_config,
             format!(
-                "database:\n  dataSource: {d}/edge/edgecore.db\nmodules:\n  edgeHub:\n    heartbeat: 1\n    httpServer: https://{cloud_ip}:{https}\n    tlsCaFile: {d}/edge/ca.crt\n    tlsCertFile: {d}/edge/edge.crt\n    tlsPrivateKeyFile: {d}/edge/edge.key\n    websocket: {{server: {cloud_ip}:{ws}}}\n  edged:\n    hostnameOverride: {node}\n    tailoredKubeletConfig:\n      containerRuntimeEndpoint: unix://{d}/no-runtime.sock\n      podLogsDir: {d}/pods\n      rootDirectory: {d}/edged\n  metaManager:\n    metaServer: {{server: 127.0.0.1:{meta}}}\n  eventBus:\n    mqttServerInternal: tcp://127.0.0.1:{mqtt}\n  deviceTwin:\n    dmiSockPath: {d}/edge/dmi.sock\n",
+                "database:\n  dataSource: {d}/edge/edgecore.db\nmodules:\n  edgeHub:\n    heartbeat: 1\n    httpServer: https://{cloud_ip}:{https}\n    tlsCaFile: {d}/edge/ca.crt\n    tlsCertFile: {d}/edge/edge.crt\n    tlsPrivateKeyFile: {d}/edge/edge.key\n    websocket: {{server: {cloud_ip}:{ws}, readDeadline: 5, writeDeadline: 5}}\n  edged:\n    hostnameOverride: {node}\n    tailoredKubeletConfig:\n      containerRuntimeEndpoint: unix://{d}/no-runtime.sock\n      podLogsDir: {d}/pods\n      rootDirectory: {d}/edged\n  metaManager:\n    metaServer: {{server: 127.0.0.1:{meta}}}\n  eventBus:\n    mqttServerInternal: tcp://127.0.0.1:{mqtt}\n  deviceTwin:\n    dmiSockPath: {d}/edge/dmi.sock\n",
             ),
         )?;
         Ok(Setup {

@@ -95,6 +95,7 @@ impl RecordingStore {
 pub fn fast_settings(server: SocketAddr, node: &str) -> EdgeHubSettings {
     let mut s = EdgeHubSettings::new(server.to_string(), node);
     s.heartbeat = Duration::from_millis(500);
+    s.read_deadline = Duration::from_millis(5500);
     s.backoff_initial = Duration::from_millis(10);
     s.backoff_max = Duration::from_millis(100);
     s

@@ -134,6 +134,7 @@ async fn main() -> anyhow::Result<()> {
     for (i, c) in creds.into_iter().enumerate() {
         let mut s = EdgeHubSettings::new(addr.clone(), node_name(i));
         s.heartbeat = Duration::from_secs(args.heartbeat);
+        s.read_deadline = s.heartbeat + Duration::from_secs(5);
         let edge = EdgeHub::new(
             s,
             Arc::new(RwLock::new(c)),
