@@ -185,6 +185,7 @@ pub async fn run(cfg: CloudCoreConfig) -> anyhow::Result<()> {
             handshake_timeout: Duration::from_secs(10),
             queue_retention: Duration::from_secs(120),
             await_ack_record: true,
+            write_timeout: Duration::from_secs(hub_cfg.write_timeout),
         },
         node_cert_validity: Duration::from_secs(hub_cfg.edge_cert_signing_duration * 86_400),
         upstream_capacity: 4096,

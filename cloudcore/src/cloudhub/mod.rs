@@ -163,6 +163,11 @@ pub struct HubSettings {
     /// cluster ([`CloudHubHandle::apply_ack_record`]). cloudcore always sets it; a hub on its
     /// own (tests, benchmarks) has nobody to hand a record over and leaves it off.
     pub await_ack_record: bool,
+    /// The longest one write to a node may take (`modules.cloudHub.writeTimeout`, as
+    /// KubeEdge's): a node that stopped reading — partitioned, its packets dropped — fills the
+    /// socket buffer, and without a bound its session would stay "connected" (its Lease
+    /// renewed, the Node Ready) until TCP gives up many minutes later.
+    pub write_timeout: Duration,
 }
 
 impl Default for HubSettings {
@@ -175,6 +180,7 @@ impl Default for HubSettings {
             handshake_timeout: Duration::from_secs(10),
             queue_retention: Duration::from_secs(120),
             await_ack_record: false,
+            write_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -851,6 +857,7 @@ where
     let (mut sink, mut stream) = ws.split();
     let codec = hub.settings.codec;
     let keepalive = hub.settings.keepalive_timeout;
+    let write_timeout = hub.settings.write_timeout;
     let mut last_heard = Instant::now();
     loop {
         // Write everything that is due now.
@@ -870,20 +877,16 @@ where
                     continue;
                 }
             };
-            sink.feed(frame)
-                .await
-                .map_err(|e| format!("write to {node} failed: {e}"))?;
+            within(write_timeout, node, sink.feed(frame)).await?;
         }
-        sink.flush()
-            .await
-            .map_err(|e| format!("write to {node} failed: {e}"))?;
+        within(write_timeout, node, sink.flush()).await?;
 
         let retry_at = slot.queue().next_deadline();
         let keepalive_deadline = last_heard + keepalive;
         let wake_at = retry_at.map_or(keepalive_deadline, |r| r.min(keepalive_deadline));
         tokio::select! {
             _ = cancel.cancelled() => {
-                let _ = sink.send(close_frame(CloseCode::Away, "session replaced or server stopping")).await;
+                let _ = within(write_timeout, node, sink.send(close_frame(CloseCode::Away, "session replaced or server stopping"))).await;
                 return Ok(());
             }
             _ = slot.wake.notified() => {}
@@ -893,9 +896,7 @@ where
                 let mut frame = Some(frame);
                 let mut written = 0;
                 while let Some(f) = frame.take() {
-                    sink.feed(encode_stream(&f))
-                        .await
-                        .map_err(|e| format!("write to {node} failed: {e}"))?;
+                    within(write_timeout, node, sink.feed(encode_stream(&f))).await?;
                     written += 1;
                     if written < stream::FRAMES_PER_TURN {
                         frame = stream_out.as_mut().and_then(|rx| rx.try_recv().ok());
@@ -904,7 +905,7 @@ where
             }
             _ = tokio::time::sleep_until(wake_at.into()) => {
                 if Instant::now() >= last_heard + keepalive {
-                    let _ = sink.send(close_frame(CloseCode::Policy, "keepalive timeout")).await;
+                    let _ = within(write_timeout, node, sink.send(close_frame(CloseCode::Policy, "keepalive timeout"))).await;
                     return Err(format!("{node} sent nothing for {keepalive:?}"));
                 }
             }
@@ -918,7 +919,7 @@ where
                 match codec.decode(frame) {
                     Ok(Incoming::Message(msg)) if inventory::is_inventory(&msg) => {
                         if let Err(e) = handle_inventory(hub, &slot, node, session, &msg).await {
-                            let _ = sink.send(close_frame(CloseCode::Invalid, "malformed inventory")).await;
+                            let _ = within(write_timeout, node, sink.send(close_frame(CloseCode::Invalid, "malformed inventory"))).await;
                             return Err(format!("inventory from {node}: {e}"));
                         }
                     }
@@ -932,12 +933,25 @@ where
                     Ok(Incoming::Control) => {}
                     Ok(Incoming::Close(_)) => return Ok(()),
                     Err(e) => {
-                        let _ = sink.send(close_frame(CloseCode::Invalid, "malformed message")).await;
+                        let _ = within(write_timeout, node, sink.send(close_frame(CloseCode::Invalid, "malformed message"))).await;
                         return Err(format!("malformed frame from {node}: {e}"));
                     }
                 }
             }
         }
+    }
+}
+
+/// One write to a node, within `timeout` (see [`HubSettings::write_timeout`]).
+async fn within<F>(timeout: Duration, node: &str, write: F) -> Result<(), String>
+where
+    F: std::future::Future<Output = Result<(), tokio_tungstenite::tungstenite::Error>>,
+{
+    match tokio::time::timeout(timeout, write).await {
+        Ok(result) => result.map_err(|e| format!("write to {node} failed: {e}")),
+        Err(_) => Err(format!(
+            "a write to {node} took longer than {timeout:?} (writeTimeout); the node stopped reading"
+        )),
     }
 }
 

@@ -133,6 +133,8 @@ pub struct CloudHubConfig {
     pub advertise_address: Vec<String>,
     /// Seconds.
     pub keepalive_interval: u64,
+    /// Seconds one write to a node may take.
+    pub write_timeout: u64,
     pub max_message_bytes: usize,
     pub node_limit: u32,
     pub namespace: String,
@@ -151,6 +153,7 @@ impl Default for CloudHubConfig {
         CloudHubConfig {
             advertise_address: Vec::new(),
             keepalive_interval: 30,
+            write_timeout: 30,
             max_message_bytes: kedge_common::message::DEFAULT_MAX_MESSAGE_BYTES,
             node_limit: 10_000,
             namespace: "kubeedge".to_owned(),
@@ -288,6 +291,12 @@ impl CloudCoreConfig {
         if hub.keepalive_interval == 0 {
             return Err(bad(
                 "modules.cloudHub.keepaliveInterval",
+                "must be at least 1 second".into(),
+            ));
+        }
+        if hub.write_timeout == 0 {
+            return Err(bad(
+                "modules.cloudHub.writeTimeout",
                 "must be at least 1 second".into(),
             ));
         }
@@ -456,6 +465,10 @@ mod tests {
         assert_eq!(
             field_of("modules:\n  cloudHub:\n    keepaliveIntervall: 3\n"),
             "modules.cloudHub.keepaliveIntervall"
+        );
+        assert_eq!(
+            field_of("modules:\n  cloudHub:\n    writeTimeout: 0\n"),
+            "modules.cloudHub.writeTimeout"
         );
         assert_eq!(
             field_of("modules:\n  cloudHub:\n    websocket:\n      port: high\n"),

@@ -654,3 +654,42 @@ async fn a_report_too_large_to_send_stays_queued_without_breaking_the_link() {
         "the oversized report is kept, not dropped"
     );
 }
+
+/// A node that stops reading (its packets dropped somewhere) fills the socket buffers; the
+/// cloud ends its session at `writeTimeout` instead of keeping it "connected" (Lease renewed,
+/// Node Ready) until TCP gives up. The keepalive is far longer here, so only the write bound
+/// can end it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_stops_reading_is_disconnected_at_the_write_timeout() {
+    let settings = HubSettings {
+        keepalive_timeout: Duration::from_secs(120),
+        write_timeout: Duration::from_secs(1),
+        ..HubSettings::default()
+    };
+    let cloud = TestCloud::start(settings).await.unwrap();
+    let creds = cloud.node_credentials("stalled").unwrap();
+    let stalled = raw_connect(cloud.websocket_addr, &creds, "stalled")
+        .await
+        .unwrap();
+    let handle = cloud.handle.clone();
+    eventually("connected", T, || handle.is_connected("stalled")).await;
+    // 300 × 200 KB: far more than loopback's socket buffers hold.
+    let filler = "x".repeat(200 * 1024);
+    for i in 0..300u64 {
+        let name = format!("p{i:03}");
+        let mut msg = pod_msg("stalled", &name, i + 1);
+        msg.content["metadata"]["annotations"] = json!({ "filler": filler });
+        cloud.handle.enqueue(Some(pod_key(&name)), msg).unwrap();
+    }
+    let started = Instant::now();
+    eventually("the stalled session ended", Duration::from_secs(15), || {
+        !handle.is_connected("stalled")
+    })
+    .await;
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    drop(stalled);
+}
