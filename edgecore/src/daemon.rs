@@ -270,6 +270,10 @@ async fn start_devicetwin(
             bus,
             view,
             dmi,
+            user_publish: edgecore::devicetwin::UserPublish::from_config(
+                cfg.modules.event_bus.mqtt_qos,
+                cfg.modules.event_bus.mqtt_retain,
+            ),
         },
         inbound,
         local_rx,

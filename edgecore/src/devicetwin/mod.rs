@@ -104,6 +104,28 @@ pub struct DeviceTwinModule<O: Outbox> {
     pub view: Arc<RwLock<DeviceView>>,
     /// DMI, when mappers may use it.
     pub dmi: Option<Dmi>,
+    /// How cloud messages of the `user` group are published (`eventBus.mqttQOS` and
+    /// `mqttRetain`, as KubeEdge's EventBus); twin traffic is always QoS 1, not retained.
+    pub user_publish: UserPublish,
+}
+
+/// QoS and retain flag for cloud messages published to user topics.
+#[derive(Debug, Clone, Copy)]
+pub struct UserPublish {
+    pub qos: QoS,
+    pub retain: bool,
+}
+
+impl UserPublish {
+    /// From `eventBus.mqttQOS` (0, 1 or 2; validated with the config) and `mqttRetain`.
+    pub fn from_config(qos: u8, retain: bool) -> Self {
+        let qos = match qos {
+            0 => QoS::AtMostOnce,
+            1 => QoS::AtLeastOnce,
+            _ => QoS::ExactlyOnce,
+        };
+        UserPublish { qos, retain }
+    }
 }
 
 impl<O: Outbox> DeviceTwinModule<O> {
@@ -359,10 +381,12 @@ impl<O: Outbox> DeviceTwinModule<O> {
                 serde_json::Value::String(s) => s.clone().into_bytes(),
                 other => serde_json::to_vec(other).unwrap_or_default(),
             };
-            if let Err(e) = self
-                .bus
-                .publish(&msg.route.resource, payload, QoS::AtLeastOnce, false)
-            {
+            if let Err(e) = self.bus.publish(
+                &msg.route.resource,
+                payload,
+                self.user_publish.qos,
+                self.user_publish.retain,
+            ) {
                 tracing::warn!(topic = %msg.route.resource, error = %e, "cannot publish a cloud message");
             }
         } else {

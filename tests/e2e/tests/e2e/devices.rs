@@ -675,3 +675,87 @@ async fn the_example_mapper_moves_a_twin_towards_its_setpoint() {
     )
     .await;
 }
+
+/// Cloud messages of the `user` group (KubeEdge's router sends them) are published to the topic
+/// their resource names, with `eventBus.mqttQOS` and `mqttRetain`: a retained message reaches a
+/// subscriber that comes later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cloud_messages_for_user_topics_are_published_with_the_configured_qos_and_retain() {
+    use edgecore::devicetwin::store::TwinStore;
+    use edgecore::devicetwin::{DeviceTwinModule, DeviceView, UserPublish};
+    use edgecore::eventbus::{EventBusSettings, MqttMode};
+    use edgecore::metamanager::sqlite::SqliteStore;
+    use kedge_common::{Message, Operation};
+    use std::sync::{Arc, RwLock};
+
+    let dir = tempfile::tempdir().unwrap();
+    let port = kedge_e2e::procfs::free_port().unwrap();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let (bus, inbound) = edgecore::eventbus::start(
+        EventBusSettings {
+            mode: MqttMode::Internal,
+            internal: format!("tcp://127.0.0.1:{port}"),
+            external: String::new(),
+            client_id: "edgecore-user-topics".into(),
+            subscriptions: edgecore::devicetwin::subscriptions(),
+        },
+        shutdown.clone(),
+    )
+    .await
+    .unwrap();
+    let module = DeviceTwinModule {
+        node: NODE.into(),
+        store: SqliteStore::open(&dir.path().join("edge.db"))
+            .await
+            .unwrap(),
+        outbox: Arc::new(edgecore::edgehub::outbox::MemoryOutbox::new()),
+        twins: TwinStore::open(&dir.path().join("twins.db")).await.unwrap(),
+        bus,
+        view: Arc::new(RwLock::new(DeviceView::default())),
+        dmi: None,
+        user_publish: UserPublish::from_config(1, true),
+    };
+    let (cloud_tx, cloud_rx) = tokio::sync::mpsc::channel(8);
+    let (_local_tx, local_rx) = tokio::sync::mpsc::channel(8);
+    tokio::spawn(module.run(inbound, cloud_rx, local_rx, shutdown.clone()));
+    let msg = Message::new(
+        "router",
+        "user",
+        Operation::Other("publish".into()),
+        "factory/line-1/alerts",
+        json!({"level": "high"}),
+    );
+    cloud_tx.send(msg).await.unwrap();
+
+    // Subscribed only afterwards: the broker kept it.
+    let mut opts = MqttOptions::new("late-subscriber", "127.0.0.1", port);
+    opts.set_max_packet_size(1 << 20, 1 << 20);
+    let (client, mut events) = AsyncClient::new(opts, 10);
+    let got = tokio::time::timeout(Duration::from_secs(20), async {
+        let mut subscribed = false;
+        loop {
+            match events.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(_))) if !subscribed => {
+                    // Give the publish time to reach the broker before subscribing.
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    client
+                        .subscribe("factory/line-1/alerts", QoS::AtLeastOnce)
+                        .await
+                        .unwrap();
+                    subscribed = true;
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => return p,
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    })
+    .await
+    .expect("the retained user message never arrived");
+    assert_eq!(got.topic, "factory/line-1/alerts");
+    assert!(got.retain, "delivered as a retained message");
+    assert_eq!(got.qos, QoS::AtLeastOnce);
+    let body: Value = serde_json::from_slice(&got.payload).unwrap();
+    assert_eq!(body, json!({"level": "high"}));
+    shutdown.cancel();
+}
