@@ -62,6 +62,9 @@ pub struct Modules {
     pub cloud_hub: CloudHubConfig,
     pub edge_controller: EdgeControllerConfig,
     pub device_controller: Toggle,
+    /// Accepted for KubeEdge configs; no effect. What KubeEdge's SyncController does (finding
+    /// what an edge missed) is the inventory and the recorded acks (`edgecontroller::resync`),
+    /// which cannot be switched off.
     pub sync_controller: Toggle,
     pub cloud_stream: CloudStreamConfig,
     pub leader_election: LeaderElectionConfig,

@@ -69,6 +69,7 @@ impl Default for EdgeCoreConfig {
 #[serde(default, deny_unknown_fields, rename_all = "camelCase")]
 pub struct DatabaseConfig {
     pub driver_name: String,
+    /// Accepted for KubeEdge configs (an ORM alias there); no effect.
     pub alias_name: String,
     pub data_source: PathBuf,
 }
