@@ -3,7 +3,9 @@
 //! - Connects to `wss://<server>/<project>/<node>/events` with the node's certificate, sends a
 //!   keepalive every heartbeat, and reconnects with exponential backoff and jitter capped at
 //!   2 s, so a node is back within about 2 s of the cloud becoming reachable (KubeEdge's edgecore
-//!   waits for two heartbeats after five failures, 16–17 s here).
+//!   waits for two heartbeats after five failures, 16–17 s here). A cloud that refuses the node
+//!   (HTTP 4xx in the handshake: certificate revoked, Node deleted) is asked again from 5 s up
+//!   to a minute, and the reason is logged once as a warning.
 //! - `resource` messages go to the [`ObjectStore`]; the ack (`response`, content "OK") is sent
 //!   only after the store has them.
 //! - Upstream reports wait in the [`Outbox`] and are sent in order whenever the link is up, each
@@ -106,10 +108,22 @@ impl EdgeHubSettings {
     }
 }
 
+/// Back-off after the cloud refused this node: from 5 s up to a minute.
+const REFUSED_BACKOFF_INITIAL: Duration = Duration::from_secs(5);
+const REFUSED_BACKOFF_MAX: Duration = Duration::from_secs(60);
+
 #[derive(Debug, thiserror::Error)]
 pub enum LinkError {
     #[error("connecting to {server}: {reason}")]
     Connect { server: String, reason: String },
+    /// The cloud answered the handshake with a 4xx: it will not take this node as it is (its
+    /// certificate revoked, its Node deleted, …) until an administrator acts.
+    #[error("the cloud at {server} refused this node (HTTP {status}): {reason}")]
+    Refused {
+        server: String,
+        status: u16,
+        reason: String,
+    },
     #[error("link lost: {0}")]
     Lost(String),
     #[error("cloud sent a malformed frame: {0}")]
@@ -242,10 +256,19 @@ impl<S: ObjectStore, O: Outbox> EdgeHub<S, O> {
             return;
         };
         let mut backoff = Backoff::new(self.settings.backoff_initial, self.settings.backoff_max);
+        // A refusal stands until an administrator acts (`cloudcore node reset`, a new join):
+        // asking again every 2 s would only load the cloud, so refusals back off to a minute.
+        let mut refused_backoff = Backoff::new(REFUSED_BACKOFF_INITIAL, REFUSED_BACKOFF_MAX);
+        // The last failure logged as a warning; repeats go to debug, so a node that cannot
+        // reach the cloud says so once, not every 2 s.
+        let mut last_failure: Option<String> = None;
         while !shutdown.is_cancelled() {
+            let mut refused = false;
             match self.connect().await {
                 Ok((ws, inventory, kind)) => {
                     backoff.reset();
+                    refused_backoff.reset();
+                    last_failure = None;
                     self.cloud.send_replace(kind);
                     self.link.send_replace(LinkState::Connected);
                     tracing::info!(server = %self.settings.server, node = %self.settings.node, inventory, "connected to the cloud");
@@ -258,9 +281,23 @@ impl<S: ObjectStore, O: Outbox> EdgeHub<S, O> {
                         Err(e) => tracing::warn!(error = %e, "cloud link lost"),
                     }
                 }
-                Err(e) => tracing::debug!(error = %e, "cannot connect to the cloud"),
+                Err(e) => {
+                    refused = matches!(e, LinkError::Refused { .. });
+                    let text = e.to_string();
+                    if last_failure.as_deref() == Some(text.as_str()) {
+                        tracing::debug!(error = %text, "cannot connect to the cloud");
+                    } else {
+                        tracing::warn!(error = %text, "cannot connect to the cloud; retrying");
+                        last_failure = Some(text);
+                    }
+                }
             }
-            let delay = backoff.next_delay();
+            let delay = if refused {
+                refused_backoff.next_delay()
+            } else {
+                refused_backoff.reset();
+                backoff.next_delay()
+            };
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = tokio::time::sleep(delay) => {}
@@ -341,7 +378,22 @@ impl<S: ObjectStore, O: Outbox> EdgeHub<S, O> {
                 Some(s.codec.websocket_config()),
             )
             .await
-            .map_err(|e| fail(format!("WebSocket: {e}")))?;
+            .map_err(|e| match e {
+                tokio_tungstenite::tungstenite::Error::Http(resp)
+                    if resp.status().is_client_error() =>
+                {
+                    LinkError::Refused {
+                        server: s.server.clone(),
+                        status: resp.status().as_u16(),
+                        reason: resp
+                            .body()
+                            .as_deref()
+                            .map(|b| String::from_utf8_lossy(b).trim().to_owned())
+                            .unwrap_or_default(),
+                    }
+                }
+                other => fail(format!("WebSocket: {other}")),
+            })?;
             let kind = if resp.headers().get(inventory::PROTOCOL_HEADER).is_some() {
                 CloudKind::Kedge
             } else {

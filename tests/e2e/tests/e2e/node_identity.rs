@@ -202,10 +202,31 @@ async fn a_join_token_cannot_take_over_a_node_and_deleting_the_node_revokes_it()
     )
     .await;
     refused_with(rotated, 403, "does not exist");
-    // edgecore keeps trying; cloudcore never re-creates its Node.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // edgecore keeps trying, slowly (a refusal stands until an administrator acts) and saying
+    // why once; cloudcore never re-creates its Node.
+    let refusals = || {
+        std::fs::read_to_string(setup.dir.join("cloudcore.log"))
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains("connection refused") && l.contains("edge-owned"))
+            .count()
+    };
+    let before = refusals();
+    tokio::time::sleep(Duration::from_secs(4)).await;
     assert!(nodes.get_opt("edge-owned").await.unwrap().is_none());
     assert_eq!(connected_nodes(&setup).await, Some(0));
+    let attempts = refusals() - before;
+    assert!(
+        attempts <= 2,
+        "{attempts} refused attempts in 4 s; a refused edge backs off to a minute"
+    );
+    let edge_log = std::fs::read_to_string(setup.dir.join("edgecore.log")).unwrap();
+    let told: Vec<&str> = edge_log
+        .lines()
+        .filter(|l| l.contains("refused this node (HTTP 403)"))
+        .collect();
+    assert_eq!(told.len(), 1, "said once, at warning level: {told:?}");
+    assert!(told[0].contains("WARN"), "{}", told[0]);
 
     // Re-provisioning: a fresh join with a new token claims the name again.
     let fresh = join(&setup, &token(&setup, &[]), "edge-owned")
