@@ -351,6 +351,16 @@ async fn run_edged(
         Err(_) => ("unknown".to_owned(), String::new()),
     };
     tracing::info!(runtime = %runtime_name, version = %runtime_version, %endpoint, "edged connected to the container runtime");
+    tokio::spawn(edgecore::edged::image_gc::run(
+        runtime.clone(),
+        edgecore::edged::image_gc::ImageGcPolicy {
+            high_threshold_percent: k.image_gc_high_threshold_percent,
+            low_threshold_percent: k.image_gc_low_threshold_percent,
+            min_age: Duration::from_secs(k.image_minimum_gc_age),
+        },
+        edgecore::edged::image_gc::IMAGE_GC_PERIOD,
+        shutdown.clone(),
+    ));
     let host_ip = edgecore::edged::node::host_ip();
     let facts = NodeFacts {
         labels: cfg.modules.edged.node_labels.clone(),

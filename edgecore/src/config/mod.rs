@@ -187,6 +187,15 @@ pub struct TailoredKubeletConfig {
     pub root_directory: PathBuf,
     /// Seconds between node status reports (also sent at once when the cloud link returns).
     pub node_status_update_frequency: u64,
+    /// Image GC (see `edged::image_gc`): collect when the image filesystem is this full (100:
+    /// never), down to the low threshold, keeping images seen for less than the minimum age
+    /// (seconds).
+    #[serde(rename = "imageGCHighThresholdPercent")]
+    pub image_gc_high_threshold_percent: u8,
+    #[serde(rename = "imageGCLowThresholdPercent")]
+    pub image_gc_low_threshold_percent: u8,
+    #[serde(rename = "imageMinimumGCAge")]
+    pub image_minimum_gc_age: u64,
 }
 
 impl Default for TailoredKubeletConfig {
@@ -200,6 +209,9 @@ impl Default for TailoredKubeletConfig {
             pod_logs_dir: PathBuf::from("/var/log/pods"),
             root_directory: PathBuf::from("/var/lib/kedge/edged"),
             node_status_update_frequency: 10,
+            image_gc_high_threshold_percent: 85,
+            image_gc_low_threshold_percent: 80,
+            image_minimum_gc_age: 120,
         }
     }
 }
@@ -390,6 +402,25 @@ impl EdgeCoreConfig {
                 format!("`{name}` is not a valid node name: it {reason}"),
             ));
         }
+        let k = &self.modules.edged.tailored_kubelet_config;
+        if k.image_gc_high_threshold_percent > 100 {
+            return Err(bad(
+                "modules.edged.tailoredKubeletConfig.imageGCHighThresholdPercent",
+                format!(
+                    "must be 0-100 (100: no image GC), not {}",
+                    k.image_gc_high_threshold_percent
+                ),
+            ));
+        }
+        if k.image_gc_low_threshold_percent >= k.image_gc_high_threshold_percent {
+            return Err(bad(
+                "modules.edged.tailoredKubeletConfig.imageGCLowThresholdPercent",
+                format!(
+                    "must be below imageGCHighThresholdPercent ({}), not {}",
+                    k.image_gc_high_threshold_percent, k.image_gc_low_threshold_percent
+                ),
+            ));
+        }
         for (key, value) in &self.modules.edged.node_labels {
             if let Err(reason) = kedge_common::labels::validate(key, value) {
                 return Err(bad("modules.edged.nodeLabels", reason));
@@ -531,6 +562,18 @@ mod tests {
         assert_eq!(
             field_of("modules:\n  edgeHub:\n    websocket:\n      writeDeadline: 0\n"),
             "modules.edgeHub.websocket.writeDeadline"
+        );
+        assert_eq!(
+            field_of(
+                "modules:\n  edged:\n    tailoredKubeletConfig:\n      imageGCLowThresholdPercent: 90\n"
+            ),
+            "modules.edged.tailoredKubeletConfig.imageGCLowThresholdPercent"
+        );
+        assert_eq!(
+            field_of(
+                "modules:\n  edged:\n    tailoredKubeletConfig:\n      imageGCHighThresholdPercent: 101\n"
+            ),
+            "modules.edged.tailoredKubeletConfig.imageGCHighThresholdPercent"
         );
         for labels in [
             "node-restriction.kubernetes.io/pool: trusted",

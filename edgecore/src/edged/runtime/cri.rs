@@ -277,6 +277,54 @@ impl Runtime for CriRuntime {
         Ok(r.into_inner().image)
     }
 
+    async fn sandbox_image(&self) -> Result<Option<String>> {
+        let r = self
+            .runtime
+            .clone()
+            .status(api::StatusRequest { verbose: true })
+            .await
+            .map_err(call_err("Status"))?;
+        Ok(r.into_inner()
+            .info
+            .get("config")
+            .and_then(|c| serde_json::from_str::<serde_json::Value>(c).ok())
+            .and_then(|c| c.get("sandboxImage")?.as_str().map(str::to_owned)))
+    }
+
+    async fn list_images(&self) -> Result<Vec<api::Image>> {
+        let r = self
+            .images
+            .clone()
+            .list_images(api::ListImagesRequest { filter: None })
+            .await
+            .map_err(call_err("ListImages"))?;
+        Ok(r.into_inner().images)
+    }
+
+    async fn remove_image(&self, id: &str) -> Result<()> {
+        self.images
+            .clone()
+            .remove_image(api::RemoveImageRequest {
+                image: Some(api::ImageSpec {
+                    image: id.to_owned(),
+                    ..Default::default()
+                }),
+            })
+            .await
+            .map_err(call_err("RemoveImage"))?;
+        Ok(())
+    }
+
+    async fn image_fs_info(&self) -> Result<Vec<api::FilesystemUsage>> {
+        let r = self
+            .images
+            .clone()
+            .image_fs_info(api::ImageFsInfoRequest {})
+            .await
+            .map_err(call_err("ImageFsInfo"))?;
+        Ok(r.into_inner().image_filesystems)
+    }
+
     async fn pull_image(
         &self,
         image: &str,

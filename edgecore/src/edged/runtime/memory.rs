@@ -32,6 +32,9 @@ struct ContainerEntry {
     reason: String,
 }
 
+/// The size of an in-memory image unless set ([`MemoryRuntime::add_image_of_size`]).
+pub const MEMORY_IMAGE_SIZE: u64 = 1 << 20;
+
 #[derive(Debug, Default)]
 struct State {
     next_id: u64,
@@ -39,6 +42,10 @@ struct State {
     sandboxes: HashMap<String, SandboxEntry>,
     containers: HashMap<String, ContainerEntry>,
     images: HashSet<String>,
+    /// What `sandbox_image` answers.
+    sandbox_image: Option<String>,
+    /// Sizes of images other than the default [`MEMORY_IMAGE_SIZE`].
+    image_sizes: HashMap<String, u64>,
     pullable: HashSet<String>,
     /// Every call, in order (`"StartContainer <id>"`), for tests that check what edged did.
     calls: Vec<String>,
@@ -72,6 +79,23 @@ impl MemoryRuntime {
     /// Makes `image` present, as if pulled earlier.
     pub fn add_image(&self, image: &str) {
         self.state().images.insert(image.to_owned());
+    }
+
+    /// Makes `image` present with a size, as if pulled earlier.
+    pub fn add_image_of_size(&self, image: &str, bytes: u64) {
+        let mut s = self.state();
+        s.images.insert(image.to_owned());
+        s.image_sizes.insert(image.to_owned(), bytes);
+    }
+
+    /// The image sandboxes are made from, as containerd's config would say.
+    pub fn set_sandbox_image(&self, image: &str) {
+        self.state().sandbox_image = Some(image.to_owned());
+    }
+
+    /// Whether `image` is present.
+    pub fn has_image(&self, image: &str) -> bool {
+        self.state().images.contains(image)
     }
 
     /// Lets `image` be pulled (any other pull fails with NotFound, as for a missing image).
@@ -460,6 +484,64 @@ impl Runtime for MemoryRuntime {
             repo_tags: vec![image.to_owned()],
             ..Default::default()
         }))
+    }
+
+    async fn sandbox_image(&self) -> Result<Option<String>> {
+        Ok(self.state().sandbox_image.clone())
+    }
+
+    async fn list_images(&self) -> Result<Vec<api::Image>> {
+        let s = self.state();
+        let mut images: Vec<api::Image> = s
+            .images
+            .iter()
+            .map(|name| api::Image {
+                id: format!("sha256:{name}"),
+                repo_tags: vec![name.clone()],
+                size: s
+                    .image_sizes
+                    .get(name)
+                    .copied()
+                    .unwrap_or(MEMORY_IMAGE_SIZE),
+                ..Default::default()
+            })
+            .collect();
+        images.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(images)
+    }
+
+    async fn remove_image(&self, id: &str) -> Result<()> {
+        let mut s = self.state();
+        s.calls.push(format!("RemoveImage {id}"));
+        let name = id.strip_prefix("sha256:").unwrap_or(id).to_owned();
+        if s.images.remove(&name) {
+            s.image_sizes.remove(&name);
+            Ok(())
+        } else {
+            Err(not_found("image", id))
+        }
+    }
+
+    async fn image_fs_info(&self) -> Result<Vec<api::FilesystemUsage>> {
+        let s = self.state();
+        let used: u64 = s
+            .images
+            .iter()
+            .map(|name| {
+                s.image_sizes
+                    .get(name)
+                    .copied()
+                    .unwrap_or(MEMORY_IMAGE_SIZE)
+            })
+            .sum();
+        Ok(vec![api::FilesystemUsage {
+            timestamp: s.now.max(1),
+            fs_id: Some(api::FilesystemIdentifier {
+                mountpoint: "/memory/images".into(),
+            }),
+            used_bytes: Some(api::UInt64Value { value: used }),
+            inodes_used: None,
+        }])
     }
 
     async fn pull_image(

@@ -111,6 +111,16 @@ pub trait Runtime: Send + Sync + 'static {
 
     /// The image, if present on the node.
     fn image_status(&self, image: &str) -> impl Future<Output = Result<Option<api::Image>>> + Send;
+    /// The image the runtime makes sandboxes from, if it says (containerd: `sandboxImage` in
+    /// the config of a verbose `Status`). Image GC never removes it: an offline node could not
+    /// pull it back, and no pod could start.
+    fn sandbox_image(&self) -> impl Future<Output = Result<Option<String>>> + Send;
+    /// Every image on the node (image garbage collection).
+    fn list_images(&self) -> impl Future<Output = Result<Vec<api::Image>>> + Send;
+    /// Removes an image by id.
+    fn remove_image(&self, id: &str) -> impl Future<Output = Result<()>> + Send;
+    /// The filesystems images are stored on, with what the images use of them.
+    fn image_fs_info(&self) -> impl Future<Output = Result<Vec<api::FilesystemUsage>>> + Send;
     /// Pulls an image; returns the image reference the runtime resolved it to.
     fn pull_image(
         &self,

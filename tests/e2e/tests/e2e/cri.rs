@@ -446,3 +446,66 @@ async fn pod_sync_runs_init_then_app_and_restarts_a_crashing_container() {
         rt.remove_pod_sandbox(&sb.id).await.unwrap();
     }
 }
+
+/// Image GC on real containerd: with the image filesystem "full", an image a container uses
+/// (even an exited one) and the sandbox image (from containerd's config) stay; once the
+/// container is removed, its image goes. The filesystem figures containerd's mountpoint gives
+/// are read for real too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn image_gc_removes_only_unused_images_and_never_the_sandbox_image() {
+    use edgecore::edged::image_gc::{FsUsage, ImageGc, ImageGcPolicy};
+    use std::path::Path;
+    let ctr = TestContainerd::start().unwrap();
+    let rt = CriRuntime::connect(&ctr.socket).await.unwrap();
+    assert_eq!(
+        rt.sandbox_image().await.unwrap().as_deref(),
+        Some(ctr.pause_image.as_str())
+    );
+    let fs = rt.image_fs_info().await.unwrap();
+    let mountpoint = fs[0].fs_id.as_ref().unwrap().mountpoint.clone();
+    let real = FsUsage::of(Path::new(&mountpoint)).unwrap();
+    assert!(
+        real.capacity > 0 && real.available <= real.capacity,
+        "{real:?}"
+    );
+
+    // A container from busybox, exited.
+    let sandbox = rt
+        .run_pod_sandbox(sandbox_config(&ctr, "gc1", true))
+        .await
+        .unwrap();
+    let id = rt
+        .create_container(
+            &sandbox,
+            container_config(&ctr, "exit 0"),
+            sandbox_config(&ctr, "gc1", true),
+        )
+        .await
+        .unwrap();
+    let full = |_: &Path| {
+        Ok(FsUsage {
+            capacity: 1 << 30,
+            available: 0,
+        })
+    };
+    let mut gc = ImageGc::new(ImageGcPolicy {
+        high_threshold_percent: 50,
+        low_threshold_percent: 10,
+        min_age: Duration::ZERO,
+    });
+    let kept = gc.collect(&rt, full, Instant::now()).await.unwrap();
+    assert!(kept.removed.is_empty(), "{kept:?}");
+    assert!(rt.image_status(&ctr.busybox_image).await.unwrap().is_some());
+
+    rt.remove_container(&id).await.unwrap();
+    rt.stop_pod_sandbox(&sandbox).await.unwrap();
+    rt.remove_pod_sandbox(&sandbox).await.unwrap();
+    let collected = gc.collect(&rt, full, Instant::now()).await.unwrap();
+    assert_eq!(collected.removed.len(), 1, "{collected:?}");
+    assert!(collected.freed_bytes > 0);
+    assert!(rt.image_status(&ctr.busybox_image).await.unwrap().is_none());
+    assert!(
+        rt.image_status(&ctr.pause_image).await.unwrap().is_some(),
+        "the sandbox image stays"
+    );
+}
