@@ -362,8 +362,21 @@ async fn run_edged(
         shutdown.clone(),
     ));
     let host_ip = edgecore::edged::node::host_ip();
+    let image_fs = match runtime.image_fs_info().await {
+        Ok(fs) => fs
+            .into_iter()
+            .find_map(|f| f.fs_id.map(|id| std::path::PathBuf::from(id.mountpoint))),
+        Err(e) => {
+            tracing::warn!(error = %e, "the runtime does not say where its images are; DiskPressure watches edged's root directory only");
+            None
+        }
+    };
     let facts = NodeFacts {
         labels: cfg.modules.edged.node_labels.clone(),
+        signals: edgecore::edged::pressure::NodeSignals::new(
+            Some(k.root_directory.clone()),
+            image_fs,
+        ),
         ..NodeFacts::gather(&node, &host_ip, &runtime_name, &runtime_version)
     };
     // With KubeEdge's cloudcore the edge registers its Node and renews its Lease itself.

@@ -34,6 +34,7 @@ pub mod manager;
 pub mod node;
 pub mod node_status;
 pub mod pod_actions;
+pub mod pressure;
 pub mod probes;
 pub mod pull_secrets;
 pub mod qos;

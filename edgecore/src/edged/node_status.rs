@@ -14,10 +14,12 @@ use kedge_common::{Message, Operation};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
+use super::pressure::{NodeSignals, Pressure, Readings};
 use crate::edgehub::outbox::Outbox;
 
-/// What the node reports about itself, gathered once at start.
-#[derive(Debug, Clone, Default, PartialEq)]
+/// What the node reports about itself, gathered once at start (and where its pressure signals
+/// are read at each report).
+#[derive(Debug, Clone, Default)]
 pub struct NodeFacts {
     pub name: String,
     pub host_ip: String,
@@ -34,6 +36,9 @@ pub struct NodeFacts {
     /// `modules.edged.nodeLabels`: added to the Node's labels (never removed, as a kubelet's
     /// `--node-labels`; cloudcore applies only those a node may set on itself).
     pub labels: BTreeMap<String, String>,
+    /// Memory and disk signals for the pressure conditions and `ephemeral-storage` (nothing is
+    /// read where no path is set).
+    pub signals: NodeSignals,
 }
 
 fn read_trimmed(path: &str) -> String {
@@ -71,6 +76,7 @@ impl NodeFacts {
             boot_id: read_trimmed("/proc/sys/kernel/random/boot_id"),
             container_runtime_version: format!("{runtime}://{runtime_version}"),
             labels: BTreeMap::new(),
+            signals: NodeSignals::default(),
         }
     }
 }
@@ -86,9 +92,20 @@ fn condition(kind: &str, status: &str, reason: &str, message: &str, now: &Time) 
     }
 }
 
-/// The status for `facts` at `now`.
+/// The status for `facts` at `now`, with the pressure signals read now.
 pub fn node_status(facts: &NodeFacts, now: &Time) -> NodeStatus {
-    let capacity: BTreeMap<String, Quantity> = BTreeMap::from([
+    let (readings, pressure) = facts.signals.sample(std::time::Instant::now());
+    node_status_with(facts, &readings, pressure, now)
+}
+
+/// The status for `facts` with these readings and conditions.
+pub fn node_status_with(
+    facts: &NodeFacts,
+    readings: &Readings,
+    pressure: Pressure,
+    now: &Time,
+) -> NodeStatus {
+    let mut capacity: BTreeMap<String, Quantity> = BTreeMap::from([
         ("cpu".to_owned(), Quantity(facts.cpus.to_string())),
         (
             "memory".to_owned(),
@@ -96,6 +113,12 @@ pub fn node_status(facts: &NodeFacts, now: &Time) -> NodeStatus {
         ),
         ("pods".to_owned(), Quantity(facts.max_pods.to_string())),
     ]);
+    if let Some(nodefs) = readings.nodefs {
+        capacity.insert(
+            "ephemeral-storage".to_owned(),
+            Quantity(format!("{}Ki", nodefs.capacity / 1024)),
+        );
+    }
     let mut addresses = Vec::new();
     if !facts.host_ip.is_empty() {
         addresses.push(NodeAddress {
@@ -112,20 +135,40 @@ pub fn node_status(facts: &NodeFacts, now: &Time) -> NodeStatus {
         capacity: Some(capacity),
         addresses: Some(addresses),
         conditions: Some(vec![
-            condition(
-                "MemoryPressure",
-                "False",
-                "KubeletHasSufficientMemory",
-                "kedge has sufficient memory available",
-                now,
-            ),
-            condition(
-                "DiskPressure",
-                "False",
-                "KubeletHasNoDiskPressure",
-                "kedge has no disk pressure",
-                now,
-            ),
+            if pressure.memory {
+                condition(
+                    "MemoryPressure",
+                    "True",
+                    "KubeletHasInsufficientMemory",
+                    "kedge has insufficient memory available",
+                    now,
+                )
+            } else {
+                condition(
+                    "MemoryPressure",
+                    "False",
+                    "KubeletHasSufficientMemory",
+                    "kedge has sufficient memory available",
+                    now,
+                )
+            },
+            if pressure.disk {
+                condition(
+                    "DiskPressure",
+                    "True",
+                    "KubeletHasDiskPressure",
+                    "kedge has disk pressure",
+                    now,
+                )
+            } else {
+                condition(
+                    "DiskPressure",
+                    "False",
+                    "KubeletHasNoDiskPressure",
+                    "kedge has no disk pressure",
+                    now,
+                )
+            },
             condition(
                 "PIDPressure",
                 "False",
@@ -268,5 +311,54 @@ mod tests {
             .unwrap();
         assert_eq!(r.last_transition_time, Some(t0));
         assert_eq!(r.last_heartbeat_time, Some(t1));
+    }
+
+    #[test]
+    fn pressure_and_ephemeral_storage_come_from_the_readings() {
+        let facts = NodeFacts::gather("edge-1", "192.0.2.10", "containerd", "1.6.20");
+        let t0 = Time(k8s_openapi::jiff::Timestamp::from_second(1_700_000_000).unwrap());
+        let readings = Readings {
+            nodefs: Some(super::super::pressure::FsStats {
+                capacity: 8 << 30,
+                available: 100 << 20,
+                inodes: 0,
+                inodes_free: 0,
+            }),
+            ..Readings::default()
+        };
+        let s = node_status_with(
+            &facts,
+            &readings,
+            Pressure {
+                memory: false,
+                disk: true,
+            },
+            &t0,
+        );
+        let cond = |t: &str| {
+            s.conditions
+                .as_ref()
+                .unwrap()
+                .iter()
+                .find(|c| c.type_ == t)
+                .map(|c| (c.status.clone(), c.reason.clone().unwrap()))
+                .unwrap()
+        };
+        assert_eq!(
+            cond("DiskPressure"),
+            ("True".into(), "KubeletHasDiskPressure".into())
+        );
+        assert_eq!(
+            cond("MemoryPressure"),
+            ("False".into(), "KubeletHasSufficientMemory".into())
+        );
+        assert_eq!(cond("Ready").0, "True");
+        assert_eq!(
+            s.capacity.as_ref().unwrap()["ephemeral-storage"].0,
+            "8388608Ki"
+        );
+        // Without a readable root directory: no ephemeral-storage, no pressure.
+        let s = node_status(&facts, &t0);
+        assert!(!s.capacity.unwrap().contains_key("ephemeral-storage"));
     }
 }

@@ -78,6 +78,21 @@ async fn a_pod_created_in_the_api_runs_on_the_edge_and_is_deleted_cleanly() {
         ready && status.node_info.is_some()
     })
     .await;
+    // Capacity includes the root directory's filesystem, read for real.
+    let capacity = nodes
+        .get("edge-run")
+        .await
+        .unwrap()
+        .status
+        .unwrap()
+        .capacity
+        .unwrap_or_default();
+    assert!(
+        capacity
+            .get("ephemeral-storage")
+            .is_some_and(|q| q.0.ends_with("Ki") && q.0 != "0Ki"),
+        "{capacity:?}"
+    );
     let info = nodes
         .get("edge-run")
         .await
