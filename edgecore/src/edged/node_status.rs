@@ -98,6 +98,31 @@ pub fn node_status(facts: &NodeFacts, now: &Time) -> NodeStatus {
     node_status_with(facts, &readings, pressure, now)
 }
 
+/// What pods may use, as the kubelet computes it with no reservations configured: capacity
+/// less the hard eviction thresholds (`memory.available<100Mi`, `nodefs.available<10%`).
+fn allocatable(
+    facts: &NodeFacts,
+    readings: &Readings,
+    capacity: &BTreeMap<String, Quantity>,
+) -> BTreeMap<String, Quantity> {
+    let mut allocatable = capacity.clone();
+    let memory = u64::try_from(facts.memory_bytes)
+        .unwrap_or(0)
+        .saturating_sub(super::pressure::MEMORY_AVAILABLE_MIN);
+    allocatable.insert(
+        "memory".to_owned(),
+        Quantity(format!("{}Ki", memory / 1024)),
+    );
+    if let Some(nodefs) = readings.nodefs {
+        let usable = nodefs.capacity - nodefs.capacity / 10;
+        allocatable.insert(
+            "ephemeral-storage".to_owned(),
+            Quantity(format!("{}Ki", usable / 1024)),
+        );
+    }
+    allocatable
+}
+
 /// The status for `facts` with these readings and conditions.
 pub fn node_status_with(
     facts: &NodeFacts,
@@ -131,7 +156,7 @@ pub fn node_status_with(
         address: facts.name.clone(),
     });
     NodeStatus {
-        allocatable: Some(capacity.clone()),
+        allocatable: Some(allocatable(facts, readings, &capacity)),
         capacity: Some(capacity),
         addresses: Some(addresses),
         conditions: Some(vec![
@@ -357,6 +382,12 @@ mod tests {
             s.capacity.as_ref().unwrap()["ephemeral-storage"].0,
             "8388608Ki"
         );
+        // Allocatable: less the hard eviction thresholds, as the kubelet's.
+        let allocatable = s.allocatable.as_ref().unwrap();
+        assert_eq!(allocatable["ephemeral-storage"].0, "7549747Ki");
+        let memory_ki = facts.memory_bytes / 1024 - 100 * 1024;
+        assert_eq!(allocatable["memory"].0, format!("{memory_ki}Ki"));
+        assert_eq!(allocatable["cpu"], s.capacity.as_ref().unwrap()["cpu"]);
         // Without a readable root directory: no ephemeral-storage, no pressure.
         let s = node_status(&facts, &t0);
         assert!(!s.capacity.unwrap().contains_key("ephemeral-storage"));
