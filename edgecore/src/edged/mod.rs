@@ -27,6 +27,7 @@
 pub mod backoff;
 pub mod cri_config;
 pub mod env;
+pub mod hosts;
 pub mod image_gc;
 pub mod kubeedge_node;
 pub mod kubeedge_objects;

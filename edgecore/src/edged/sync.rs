@@ -12,6 +12,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use super::backoff::RestartBackoff;
 use super::cri_config::{self, NodeSettings, POD_UID_LABEL};
 use super::env::{ObjectSource, PodContext};
+use super::hosts;
 use super::pod_actions::{self, ContainerInfo, RuntimePod, SandboxInfo};
 use super::probes::{self, ContainerProbeView};
 use super::pull_secrets;
@@ -359,6 +360,13 @@ pub async fn sync_pod<R: Runtime>(
                     None
                 }
             };
+            let hosts_file = match pod_hosts_file(pod, node, &observed.sandbox_ip).await {
+                Ok(f) => f,
+                Err(e) => {
+                    tracing::warn!(container = %container.name, error = %e, "cannot write the pod's /etc/hosts");
+                    None
+                }
+            };
             let config = match cri_config::container_config(
                 pod,
                 container,
@@ -373,6 +381,18 @@ pub async fn sync_pod<R: Runtime>(
                 if let Some((container_path, host_path)) = &message_file {
                     c.mounts.push(api::Mount {
                         container_path: container_path.clone(),
+                        host_path: host_path.display().to_string(),
+                        ..Default::default()
+                    });
+                }
+                if let Some(host_path) = &hosts_file
+                    && !c
+                        .mounts
+                        .iter()
+                        .any(|m| m.container_path == hosts::HOSTS_PATH)
+                {
+                    c.mounts.push(api::Mount {
+                        container_path: hosts::HOSTS_PATH.to_owned(),
                         host_path: host_path.display().to_string(),
                         ..Default::default()
                     });
@@ -762,6 +782,28 @@ pub fn final_status(pod: &Pod, observed: &Observed, host_ip: &str, wall_now: Tim
         c.ready = false;
     }
     status
+}
+
+/// The pod's `/etc/hosts` for a container about to be created (see [`hosts`]); none when the
+/// sandbox has no IP yet on a pod network.
+async fn pod_hosts_file(
+    pod: &Pod,
+    node: &NodeSettings,
+    sandbox_ip: &str,
+) -> std::io::Result<Option<std::path::PathBuf>> {
+    let host_network = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.host_network)
+        .unwrap_or(false);
+    if !host_network && sandbox_ip.is_empty() {
+        return Ok(None);
+    }
+    let uid = pod.metadata.uid.as_deref().unwrap_or_default();
+    let dir = volumes::pod_dir(&node.root_dir, uid);
+    hosts::ensure(&dir, pod, sandbox_ip, host_network, &node.cluster_domain)
+        .await
+        .map(Some)
 }
 
 fn pod_context(node: &NodeSettings, host_ip: &str, observed: &Observed) -> PodContext {

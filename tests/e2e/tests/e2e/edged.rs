@@ -34,6 +34,7 @@ async fn a_pod_created_in_the_api_runs_on_the_edge_and_is_deleted_cleanly() {
         &serde_json::from_value(json!({
             "metadata": {"name": "hello"},
             "spec": {"nodeName": "edge-run", "terminationGracePeriodSeconds": 5,
+                "hostAliases": [{"ip": "192.168.1.20", "hostnames": ["plc", "plc.local"]}],
                 "containers": [{"name": "main", "image": ctr.busybox_image,
                     "command": ["sh", "-c", "exec sleep 3600"]}]}
         }))
@@ -128,6 +129,22 @@ async fn a_pod_created_in_the_api_runs_on_the_edge_and_is_deleted_cleanly() {
 
     let rt = CriRuntime::connect(&ctr.socket).await.unwrap();
     assert_eq!(rt.list_pod_sandboxes(None).await.unwrap().len(), 1);
+    // The pod's /etc/hosts: itself by its IP, and its hostAliases.
+    let status = pods.get("hello").await.unwrap().status.unwrap();
+    let pod_ip = status.pod_ip.unwrap();
+    let id = status.container_statuses.unwrap()[0]
+        .container_id
+        .clone()
+        .unwrap()
+        .trim_start_matches("containerd://")
+        .to_owned();
+    let hosts = rt
+        .exec_sync(&id, vec!["cat".into(), "/etc/hosts".into()], 10)
+        .await
+        .unwrap();
+    let hosts = String::from_utf8_lossy(&hosts.stdout).into_owned();
+    assert!(hosts.contains(&format!("{pod_ip}\thello\n")), "{hosts}");
+    assert!(hosts.contains("192.168.1.20\tplc\tplc.local\n"), "{hosts}");
     pods.delete("hello", &DeleteParams::default())
         .await
         .unwrap();
