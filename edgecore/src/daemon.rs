@@ -373,6 +373,7 @@ async fn run_edged(
     };
     let facts = NodeFacts {
         labels: cfg.modules.edged.node_labels.clone(),
+        max_pods: k.max_pods,
         signals: edgecore::edged::pressure::NodeSignals::new(
             Some(k.root_directory.clone()),
             image_fs,

@@ -187,6 +187,8 @@ pub struct TailoredKubeletConfig {
     pub root_directory: PathBuf,
     /// Seconds between node status reports (also sent at once when the cloud link returns).
     pub node_status_update_frequency: u64,
+    /// The node's `pods` capacity (the scheduler places no more on it).
+    pub max_pods: u32,
     /// Image GC (see `edged::image_gc`): collect when the image filesystem is this full (100:
     /// never), down to the low threshold, keeping images seen for less than the minimum age
     /// (seconds).
@@ -209,6 +211,7 @@ impl Default for TailoredKubeletConfig {
             pod_logs_dir: PathBuf::from("/var/log/pods"),
             root_directory: PathBuf::from("/var/lib/kedge/edged"),
             node_status_update_frequency: 10,
+            max_pods: 110,
             image_gc_high_threshold_percent: 85,
             image_gc_low_threshold_percent: 80,
             image_minimum_gc_age: 120,
@@ -403,6 +406,12 @@ impl EdgeCoreConfig {
             ));
         }
         let k = &self.modules.edged.tailored_kubelet_config;
+        if k.max_pods == 0 {
+            return Err(bad(
+                "modules.edged.tailoredKubeletConfig.maxPods",
+                "must be at least 1".into(),
+            ));
+        }
         if k.image_gc_high_threshold_percent > 100 {
             return Err(bad(
                 "modules.edged.tailoredKubeletConfig.imageGCHighThresholdPercent",
@@ -506,11 +515,20 @@ mod tests {
     fn kubeedge_style_file_parses() {
         let text = "apiVersion: edgecore.config.kubeedge.io/v1alpha2\nkind: EdgeCore\n\
                     modules:\n  edgeHub:\n    heartbeat: 5\n    websocket:\n      server: cloud.example:10000\n\
-                    \x20 edged:\n    hostnameOverride: edge-1\n    nodeLabels:\n      zone: a\n";
+                    \x20 edged:\n    hostnameOverride: edge-1\n    nodeLabels:\n      zone: a\n    tailoredKubeletConfig:\n      maxPods: 20\n      imageGCHighThresholdPercent: 90\n";
         let cfg = EdgeCoreConfig::parse(p(), text).unwrap();
         assert_eq!(cfg.modules.edge_hub.heartbeat, 5);
         assert_eq!(cfg.modules.edged.hostname_override, "edge-1");
         assert_eq!(cfg.modules.edged.node_labels["zone"], "a");
+        let k = &cfg.modules.edged.tailored_kubelet_config;
+        assert_eq!(
+            (
+                k.max_pods,
+                k.image_gc_high_threshold_percent,
+                k.image_gc_low_threshold_percent
+            ),
+            (20, 90, 80)
+        );
         assert_eq!(cfg.modules.edge_hub.project_id, DEFAULT_PROJECT_ID);
     }
 
