@@ -17,6 +17,7 @@ use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use super::pressure::FsStats;
 use super::runtime::{Runtime, RuntimeError, api};
 
 /// When to collect and what may go.
@@ -38,33 +39,6 @@ impl Default for ImageGcPolicy {
             low_threshold_percent: 80,
             min_age: Duration::from_secs(120),
         }
-    }
-}
-
-/// Size and free space of a filesystem.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct FsUsage {
-    pub capacity: u64,
-    pub available: u64,
-}
-
-impl FsUsage {
-    /// Reads the filesystem holding `path`.
-    pub fn of(path: &Path) -> std::io::Result<FsUsage> {
-        let st = rustix::fs::statvfs(path).map_err(std::io::Error::from)?;
-        Ok(FsUsage {
-            capacity: st.f_blocks.saturating_mul(st.f_frsize),
-            available: st.f_bavail.saturating_mul(st.f_frsize),
-        })
-    }
-
-    /// Percent in use, rounded down, as the kubelet computes it.
-    pub fn used_percent(&self) -> u64 {
-        if self.capacity == 0 {
-            return 0;
-        }
-        let available = u128::from(self.available.min(self.capacity)) * 100;
-        100 - u64::try_from(available / u128::from(self.capacity)).unwrap_or(100)
     }
 }
 
@@ -160,7 +134,7 @@ impl ImageGc {
 
     /// Bytes to free so that `fs` goes down to the low threshold, if it is at or above the
     /// high one.
-    pub fn bytes_to_free(&self, fs: FsUsage) -> u64 {
+    pub fn bytes_to_free(&self, fs: FsStats) -> u64 {
         if self.policy.high_threshold_percent >= 100
             || fs.used_percent() < u64::from(self.policy.high_threshold_percent)
         {
@@ -199,7 +173,7 @@ impl ImageGc {
     pub async fn collect<R: Runtime>(
         &mut self,
         rt: &R,
-        fs: impl Fn(&Path) -> std::io::Result<FsUsage>,
+        fs: impl Fn(&Path) -> std::io::Result<FsStats>,
         now: Instant,
     ) -> Result<Collected, ImageGcError> {
         let images = rt.list_images().await?;
@@ -275,7 +249,7 @@ pub async fn run<R: Runtime>(
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        if let Err(e) = gc.collect(&*rt, FsUsage::of, Instant::now()).await {
+        if let Err(e) = gc.collect(&*rt, FsStats::of, Instant::now()).await {
             tracing::warn!(error = %e, "image GC failed; next round in {period:?}");
         }
     }
@@ -295,6 +269,10 @@ mod tests {
         }
     }
 
+    fn ids_of<'a>(images: &[&'a api::Image]) -> Vec<&'a str> {
+        images.iter().map(|i| i.id.as_str()).collect()
+    }
+
     fn container(image_ref: &str) -> api::Container {
         api::Container {
             image_ref: image_ref.into(),
@@ -306,9 +284,10 @@ mod tests {
     fn collection_starts_at_the_high_threshold_and_frees_down_to_the_low_one() {
         let gc = ImageGc::new(ImageGcPolicy::default());
         let gib = 1 << 30;
-        let fs = |used: u64| FsUsage {
+        let fs = |used: u64| FsStats {
             capacity: 100 * gib,
             available: (100 - used) * gib,
+            ..FsStats::default()
         };
         assert_eq!(gc.bytes_to_free(fs(84)), 0);
         assert_eq!(gc.bytes_to_free(fs(85)), 5 * gib);
@@ -318,14 +297,7 @@ mod tests {
             ..ImageGcPolicy::default()
         });
         assert_eq!(off.bytes_to_free(fs(100)), 0, "100 turns it off");
-        assert_eq!(
-            FsUsage {
-                capacity: 0,
-                available: 0
-            }
-            .used_percent(),
-            0
-        );
+        assert_eq!(FsStats::default().used_percent(), 0);
     }
 
     #[test]
@@ -362,11 +334,7 @@ mod tests {
         // Later: app:2's container is gone; app:1 still runs.
         let t1 = t0 + min;
         let in_use = gc.detect(&images, &[container("sha256:a")], Some("pause:3"), t1);
-        let ids: Vec<&str> = gc
-            .candidates(&images, &in_use, t1)
-            .iter()
-            .map(|i| i.id.as_str())
-            .collect();
+        let ids = ids_of(&gc.candidates(&images, &in_use, t1));
         // Both last used at t0 and first seen at t0: the id decides.
         assert_eq!(ids, ["sha256:b", "sha256:c"]);
         // app:3 is used at t2, then nothing is (app:1 last at t1): least recently used first.
@@ -374,21 +342,13 @@ mod tests {
         gc.detect(&images, &[container("app:3")], Some("pause:3"), t2);
         let t3 = t2 + Duration::from_secs(1);
         let in_use = gc.detect(&images, &[], Some("pause:3"), t3);
-        let ids: Vec<&str> = gc
-            .candidates(&images, &in_use, t3)
-            .iter()
-            .map(|i| i.id.as_str())
-            .collect();
+        let ids = ids_of(&gc.candidates(&images, &in_use, t3));
         assert_eq!(ids, ["sha256:b", "sha256:a", "sha256:c"]);
         // An image that disappeared is forgotten; one that comes back is new again.
         let fewer = &images[1..];
         gc.detect(fewer, &[], Some("pause:3"), t3);
         let in_use = gc.detect(&images, &[], Some("pause:3"), t3);
-        let ids: Vec<&str> = gc
-            .candidates(&images, &in_use, t3)
-            .iter()
-            .map(|i| i.id.as_str())
-            .collect();
+        let ids = ids_of(&gc.candidates(&images, &in_use, t3));
         assert_eq!(ids, ["sha256:b", "sha256:c"], "sha256:a is new again");
     }
 
@@ -440,9 +400,10 @@ mod tests {
         });
         // 100 MiB disk, 95 used: 45 MiB to free, so two 30 MiB images go.
         let full = |_: &Path| {
-            Ok(FsUsage {
+            Ok(FsStats {
                 capacity: 100 << 20,
                 available: 5 << 20,
+                ..FsStats::default()
             })
         };
         let t0 = Instant::now();
@@ -461,9 +422,10 @@ mod tests {
         assert!(rt.has_image("old:3") && rt.has_image("live:1") && rt.has_image("pause:3"));
         // Below the high threshold nothing goes.
         let fine = |_: &Path| {
-            Ok(FsUsage {
+            Ok(FsStats {
                 capacity: 100 << 20,
                 available: 50 << 20,
+                ..FsStats::default()
             })
         };
         let calm = gc

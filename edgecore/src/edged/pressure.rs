@@ -44,6 +44,15 @@ impl FsStats {
         })
     }
 
+    /// Percent of the space in use, rounded down, as the kubelet computes it.
+    pub fn used_percent(&self) -> u64 {
+        if self.capacity == 0 {
+            return 0;
+        }
+        let available = u128::from(self.available.min(self.capacity)) * 100;
+        100 - u64::try_from(available / u128::from(self.capacity)).unwrap_or(100)
+    }
+
     /// Whether less than `percent` of the space, or less than `inodes_percent` of the inodes,
     /// is free. A filesystem without inode counts (some report 0) is judged by space alone.
     fn short(&self, percent: u64, inodes_percent: u64) -> bool {

@@ -453,7 +453,8 @@ async fn pod_sync_runs_init_then_app_and_restarts_a_crashing_container() {
 /// are read for real too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn image_gc_removes_only_unused_images_and_never_the_sandbox_image() {
-    use edgecore::edged::image_gc::{FsUsage, ImageGc, ImageGcPolicy};
+    use edgecore::edged::image_gc::{ImageGc, ImageGcPolicy};
+    use edgecore::edged::pressure::FsStats;
     use std::path::Path;
     let ctr = TestContainerd::start().unwrap();
     let rt = CriRuntime::connect(&ctr.socket).await.unwrap();
@@ -463,7 +464,7 @@ async fn image_gc_removes_only_unused_images_and_never_the_sandbox_image() {
     );
     let fs = rt.image_fs_info().await.unwrap();
     let mountpoint = fs[0].fs_id.as_ref().unwrap().mountpoint.clone();
-    let real = FsUsage::of(Path::new(&mountpoint)).unwrap();
+    let real = FsStats::of(Path::new(&mountpoint)).unwrap();
     assert!(
         real.capacity > 0 && real.available <= real.capacity,
         "{real:?}"
@@ -483,9 +484,10 @@ async fn image_gc_removes_only_unused_images_and_never_the_sandbox_image() {
         .await
         .unwrap();
     let full = |_: &Path| {
-        Ok(FsUsage {
+        Ok(FsStats {
             capacity: 1 << 30,
             available: 0,
+            ..FsStats::default()
         })
     };
     let mut gc = ImageGc::new(ImageGcPolicy {
