@@ -64,28 +64,14 @@ fn valid_name(s: &str) -> bool {
             .all(|&c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
 }
 
-/// A DNS-1123 subdomain: lowercase labels joined by dots, at most 253 characters.
-fn valid_subdomain(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 253
-        && s.split('.').all(|part| {
-            let b = part.as_bytes();
-            !b.is_empty()
-                && b.len() <= 63
-                && b[0].is_ascii_alphanumeric()
-                && b[b.len() - 1].is_ascii_alphanumeric()
-                && b.iter()
-                    .all(|&c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-')
-        })
-}
-
 /// Checks a label as the API server would; the error says what is wrong.
 pub fn validate(key: &str, value: &str) -> Result<(), String> {
     let name = match key.split_once('/') {
         Some((prefix, name)) => {
-            if !valid_subdomain(prefix) {
+            // A DNS-1123 subdomain, as a node name is.
+            if let Err(reason) = crate::resource::validate_node_name(prefix) {
                 return Err(format!(
-                    "label key `{key}`: the prefix must be a lowercase DNS subdomain"
+                    "label key `{key}`: the prefix must be a DNS subdomain; it {reason}"
                 ));
             }
             name
