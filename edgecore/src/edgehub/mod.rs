@@ -108,6 +108,10 @@ impl EdgeHubSettings {
     }
 }
 
+/// Inventory chunks stay this small although a frame may be larger: each write to the link
+/// must finish within `writeDeadline`, and 256 KiB does on a link of 140 kbit/s.
+const INVENTORY_CHUNK_BYTES: usize = 256 * 1024;
+
 /// Back-off after the cloud refused this node: from 5 s up to a minute.
 const REFUSED_BACKOFF_INITIAL: Duration = Duration::from_secs(5);
 const REFUSED_BACKOFF_MAX: Duration = Duration::from_secs(60);
@@ -623,7 +627,11 @@ impl<S: ObjectStore, O: Outbox> EdgeHub<S, O> {
     /// holds, one message saying so (the cloud then relies on what it knows from acks).
     async fn inventory_messages(&self) -> Vec<Message> {
         let started = Instant::now();
-        let limit = self.settings.codec.max_frame_bytes();
+        let limit = self
+            .settings
+            .codec
+            .max_frame_bytes()
+            .min(INVENTORY_CHUNK_BYTES);
         let built = match self.store.inventory().await {
             Ok(items) => inventory::to_messages(&items, limit)
                 .map(|msgs| (items.len(), msgs))
