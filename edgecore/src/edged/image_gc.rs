@@ -233,8 +233,8 @@ impl ImageGc {
 /// How often the kubelet collects images.
 pub const IMAGE_GC_PERIOD: Duration = Duration::from_secs(300);
 
-/// Collects every `period` until `shutdown` (the first round after one period: images present
-/// at start count as first seen then).
+/// Collects at start and then every `period` until `shutdown`. The first round only records
+/// what exists: every image counts as first seen then, so none is old enough to go yet.
 pub async fn run<R: Runtime>(
     rt: std::sync::Arc<R>,
     policy: ImageGcPolicy,
