@@ -16,6 +16,11 @@ pub fn host_ip() -> String {
     String::new()
 }
 
+/// CPUs this process may use (the node's `cpu` capacity).
+pub fn cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
 /// Total memory in bytes (`MemTotal` of /proc/meminfo); 0 if unknown.
 pub fn memory_bytes() -> i64 {
     std::fs::read_to_string("/proc/meminfo")

@@ -59,7 +59,7 @@ impl NodeFacts {
         NodeFacts {
             name: name.to_owned(),
             host_ip: host_ip.to_owned(),
-            cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            cpus: super::node::cpus(),
             memory_bytes: super::node::memory_bytes(),
             max_pods: 110,
             kernel_version: read_trimmed("/proc/sys/kernel/osrelease"),

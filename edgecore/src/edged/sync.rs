@@ -814,8 +814,13 @@ fn pod_context(node: &NodeSettings, host_ip: &str, observed: &Observed) -> PodCo
             .filter(|i| !i.is_empty())
             .into_iter()
             .collect(),
-        node_allocatable_milli_cpu: 0,
-        node_allocatable_memory: node.node_memory_bytes,
+        // The node's allocatable, as the node status reports it: what a container without a
+        // limit may use (`resourceFieldRef` to an unset limit resolves to it, as the kubelet's).
+        node_allocatable_milli_cpu: super::node::cpus() as i64 * 1000,
+        node_allocatable_memory: node
+            .node_memory_bytes
+            .saturating_sub(super::pressure::MEMORY_AVAILABLE_MIN as i64)
+            .max(0),
     }
 }
 
@@ -1021,6 +1026,22 @@ mod tests {
 
     fn t(s: i64) -> Time {
         Time(k8s_openapi::jiff::Timestamp::from_second(1_700_000_000 + s).unwrap())
+    }
+
+    #[test]
+    fn an_unset_limit_resolves_to_the_nodes_allocatable() {
+        let observed = Observed {
+            pod: RuntimePod::default(),
+            sandbox_ip: "10.233.0.5".into(),
+            statuses: HashMap::new(),
+        };
+        let ctx = pod_context(&node(), "192.0.2.10", &observed);
+        assert_eq!(
+            ctx.node_allocatable_milli_cpu,
+            super::super::node::cpus() as i64 * 1000
+        );
+        assert!(ctx.node_allocatable_milli_cpu >= 1000);
+        assert_eq!(ctx.node_allocatable_memory, (8 << 30) - (100 << 20));
     }
 
     async fn sync_at(
