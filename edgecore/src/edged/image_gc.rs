@@ -178,10 +178,9 @@ impl ImageGc {
     ) -> Result<Collected, ImageGcError> {
         let images = rt.list_images().await?;
         let containers = rt.list_containers(None).await?;
-        let sandbox_image = rt.sandbox_image().await.unwrap_or_else(|e| {
-            tracing::debug!(error = %e, "the runtime does not say its sandbox image");
-            None
-        });
+        // A runtime that cannot answer now may answer next round; collecting without knowing
+        // the sandbox image could remove it, and an offline node could not pull it back.
+        let sandbox_image = rt.sandbox_image().await?;
         let in_use = self.detect(&images, &containers, sandbox_image.as_deref(), now);
         let mountpoint = rt
             .image_fs_info()
