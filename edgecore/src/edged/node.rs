@@ -21,15 +21,21 @@ pub fn cpus() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
+/// A field of /proc/meminfo in bytes (`MemTotal`, `MemAvailable`), if readable.
+pub fn meminfo_bytes(field: &str) -> Option<u64> {
+    let prefix = format!("{field}:");
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|kb| kb.parse::<u64>().ok())
+        .map(|kb| kb * 1024)
+}
+
 /// Total memory in bytes (`MemTotal` of /proc/meminfo); 0 if unknown.
 pub fn memory_bytes() -> i64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("MemTotal:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|kb| kb.parse::<i64>().ok())
-        .map_or(0, |kb| kb * 1024)
+    meminfo_bytes("MemTotal").map_or(0, |b| i64::try_from(b).unwrap_or(i64::MAX))
 }
 
 #[cfg(test)]

@@ -119,17 +119,6 @@ impl PressureTracker {
     }
 }
 
-/// `MemAvailable` of /proc/meminfo, in bytes.
-fn memory_available() -> Option<u64> {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()?
-        .lines()
-        .find_map(|l| l.strip_prefix("MemAvailable:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|kb| kb.parse::<u64>().ok())
-        .map(|kb| kb * 1024)
-}
-
 /// Where the signals are read, and the tracker shared by everything that reports the node's
 /// status (clones share it).
 #[derive(Debug, Clone, Default)]
@@ -152,7 +141,7 @@ impl NodeSignals {
     pub fn read(&self) -> Readings {
         let fs = |p: &Option<PathBuf>| p.as_deref().and_then(|p| FsStats::of(p).ok());
         Readings {
-            memory_available: memory_available(),
+            memory_available: super::node::meminfo_bytes("MemAvailable"),
             nodefs: fs(&self.root_dir),
             imagefs: fs(&self.image_fs),
         }
